@@ -1,0 +1,360 @@
+"""``histolite`` command line: one command per pipeline step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import typer
+
+from histolite.errors import HistoliteError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    help="Small, accurate, deployable classifiers for H&E histology images.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: download, check, split, synthetic.")
+stain_app = typer.Typer(no_args_is_help=True, help="Stain normalisation.")
+models_app = typer.Typer(no_args_is_help=True, help="Model registry.")
+app.add_typer(data_app, name="data")
+app.add_typer(stain_app, name="stain")
+app.add_typer(models_app, name="models")
+
+SET_HELP = (
+    "Override a config value with a dotted key, e.g. --set trainer.max_epochs=3 (repeatable)."
+)
+
+
+# ---------------------------------------------------------------- data
+@data_app.command("list")
+def data_list() -> None:
+    """List registered datasets."""
+    from histolite.data.registry import list_datasets
+
+    for spec in list_datasets():
+        typer.echo(f"{spec.name:<12} {spec.description}")
+
+
+@data_app.command("download")
+def data_download(
+    name: str = typer.Argument(..., help="Registered dataset name, e.g. kather2016."),
+    to: Path = typer.Option(..., "--to", help="Destination folder."),
+    source: Path | None = typer.Option(
+        None, "--source", help="Use an archive you already downloaded (verified like a download)."
+    ),
+) -> None:
+    """Download (or take a local copy of) a dataset archive, verify its checksum, extract it."""
+    from histolite.data.registry import download_dataset
+
+    extracted = download_dataset(name, to, source=source)
+    typer.echo(f"extracted to {extracted}")
+
+
+@data_app.command("check")
+def data_check(
+    root: Path = typer.Argument(..., help="Image folder ROOT/<class>/<image>."),
+) -> None:
+    """Read every image; print class counts and every unreadable, wrong-mode or odd-size file."""
+    from histolite.data.check import check_images
+    from histolite.data.folder import scan_image_folder
+
+    images = scan_image_folder(root)
+    report = check_images(images.samples, images.classes)
+    typer.echo(f"{root}: {len(images.samples)} images, {len(images.classes)} classes")
+    for line in report.summary_lines():
+        typer.echo(line)
+    if report.problems:
+        raise typer.Exit(1)
+
+
+@data_app.command("split")
+def data_split(
+    root: Path = typer.Argument(..., help="Image folder ROOT/<class>/<image>."),
+    out: Path = typer.Option(..., "--out", help="CSV to write (path,label,group,split)."),
+    val: float = typer.Option(0.15, help="Validation fraction."),
+    test: float = typer.Option(0.15, help="Test fraction."),
+    seed: int = typer.Option(42, help="Random seed (same seed, same split, on every machine)."),
+    group_regex: str | None = typer.Option(
+        None,
+        "--group-regex",
+        help="Regex on file names; its first group is the slide/patient key. Whole groups stay "
+        "in one split (no leakage).",
+    ),
+) -> None:
+    """Write a reproducible stratified (or group-aware) train/val/test split CSV."""
+    from collections import Counter
+
+    from histolite.data.folder import scan_image_folder
+    from histolite.data.splits import make_split, write_split_csv
+
+    images = scan_image_folder(root, group_regex=group_regex)
+    splits = make_split(images, val=val, test=test, seed=seed, grouped=group_regex is not None)
+    write_split_csv(out, images, splits)
+    counts = Counter(splits)
+    groups = {
+        name: len({s.group for s, n in zip(images.samples, splits, strict=True) if n == name})
+        for name in counts
+    }
+    typer.echo(
+        f"wrote {out}: "
+        + ", ".join(
+            f"{name} {counts[name]} images / {groups[name]} groups"
+            for name in ("train", "val", "test")
+            if name in counts
+        )
+    )
+
+
+@data_app.command("synthetic")
+def data_synthetic(
+    out: Path = typer.Option(..., "--out", help="Folder to write ROOT/<class>/<image>.png into."),
+    images_per_class: int = typer.Option(60, help="Images per class."),
+    size: int = typer.Option(64, help="Tile size in pixels."),
+    slides: int = typer.Option(6, help="Simulated slides (stain variants)."),
+    seed: int = typer.Option(0, help="Seed; same arguments give the same pixels."),
+) -> None:
+    """Generate the built-in synthetic H&E-like dataset."""
+    from histolite.data.synthetic import generate_synthetic_dataset
+
+    generate_synthetic_dataset(
+        out, images_per_class=images_per_class, image_size=size, slides=slides, seed=seed
+    )
+    typer.echo(f"wrote synthetic dataset to {out}")
+
+
+# ---------------------------------------------------------------- stain
+@stain_app.command("normalize")
+def stain_normalize(
+    inputs: list[Path] = typer.Argument(..., help="Images to normalise."),
+    target: Path = typer.Option(
+        ..., "--target", help="Reference image, or saved statistics (.json)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output folder (same file names)."),
+    save_target: Path | None = typer.Option(None, help="Also save the target statistics as JSON."),
+    ignore_background: bool = typer.Option(
+        False, help="Statistics from tissue only; leave bright background untouched."
+    ),
+) -> None:
+    """Reinhard stain normalisation of images to a target."""
+    import torch
+    from tqdm import tqdm
+
+    from histolite.data.images import load_rgb, save_rgb
+    from histolite.fileio import atomic_path
+    from histolite.stain import ReinhardNormalizer
+
+    normalizer = ReinhardNormalizer.from_file(target, ignore_background=ignore_background)
+    if save_target:
+        normalizer.save(save_target)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in tqdm(inputs, desc="normalising", disable=len(inputs) < 2):
+        pixels = torch.from_numpy(load_rgb(path)).permute(2, 0, 1)
+        result = normalizer(pixels).permute(1, 2, 0).numpy()
+        destination = out / path.name
+        with atomic_path(destination) as tmp:
+            save_rgb(result, tmp.with_suffix(path.suffix))
+            tmp.with_suffix(path.suffix).replace(tmp)
+    typer.echo(f"normalised {len(inputs)} image(s) into {out}")
+
+
+# ---------------------------------------------------------------- patches
+@app.command("patches")
+def patches(
+    images: list[Path] = typer.Argument(..., help="Large images to cut."),
+    size: int = typer.Option(..., "--size", help="Patch side in pixels."),
+    stride: int | None = typer.Option(
+        None, "--stride", help="Step between patches (default: size)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    min_tissue: float = typer.Option(0.0, help="Drop patches with less tissue than this fraction."),
+) -> None:
+    """Cut images into a grid of patches; writes PNGs and patches.csv (coordinates)."""
+    from tqdm import tqdm
+
+    from histolite.data.patches import extract_patches, write_patch_index
+
+    step = stride or size
+    rows = []
+    for image in tqdm(images, desc="cutting", disable=len(images) < 2):
+        for path in extract_patches(image, out, size, step, min_tissue):
+            y, x = (int(part[1:]) for part in path.stem.rsplit("_", 2)[1:])
+            rows.append((path, image, y, x, size))
+    write_patch_index(out / "patches.csv", rows)
+    typer.echo(f"wrote {len(rows)} patches from {len(images)} image(s) to {out}")
+
+
+# ---------------------------------------------------------------- models
+@models_app.command("list")
+def models_list(
+    all_names: bool = typer.Option(False, "--all", help="Every timm/torchvision name (no sizes)."),
+    pattern: str | None = typer.Option(None, "--filter", help="Substring to filter names by."),
+    num_classes: int = typer.Option(8, help="Classes used for the parameter count."),
+) -> None:
+    """Models with parameter counts and weight size in MB."""
+    from histolite.models import FEATURED_BACKBONES, model_size, registered_models
+    from histolite.models.registry import _timm_names, _torchvision_names
+
+    if all_names:
+        names = sorted(set(registered_models()) | _timm_names() | _torchvision_names())
+        for name in names:
+            if pattern is None or pattern in name:
+                typer.echo(name)
+        return
+    typer.echo(f"{'name':<20} {'source':<12} {'parameters':>12} {'size MB':>9}")
+    from histolite.models import model_source
+
+    for name in [*registered_models(), *FEATURED_BACKBONES]:
+        if pattern is not None and pattern not in name:
+            continue
+        size = model_size(name, num_classes)
+        typer.echo(
+            f"{name:<20} {model_source(name):<12} {size.parameters:>12,} {size.size_mb:>9.2f}"
+        )
+    typer.echo("(any other timm or torchvision name works too; --all lists them)")
+
+
+# ---------------------------------------------------------------- train / evaluate / predict
+def _trainer_overrides(
+    accelerator: str | None, devices: str | None, num_nodes: int | None, strategy: str | None
+) -> list[str]:
+    pairs = {
+        "accelerator": accelerator,
+        "devices": devices,
+        "num_nodes": num_nodes,
+        "strategy": strategy,
+    }
+    return [f"trainer.{k}={v}" for k, v in pairs.items() if v is not None]
+
+
+def _evaluate_test_split(run_dir: Path) -> None:
+    """After training, report on the run's own held-out test split, if it has one."""
+    from histolite.data.splits import read_split_csv
+    from histolite.evaluate import evaluate_run
+    from histolite.runspec import is_rank_zero
+
+    split_csv = run_dir / "split.csv"
+    if not is_rank_zero() or not split_csv.is_file():
+        return
+    if not read_split_csv(split_csv).subset("test").samples:
+        return
+    report = evaluate_run(run_dir, split_csv, run_dir / "reports" / "test", split="test")
+    typer.echo(
+        f"test split: accuracy {report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f} "
+        f"(report in {run_dir / 'reports' / 'test'})"
+    )
+
+
+@app.command("train")
+def train(
+    config: Path | None = typer.Argument(None, help="Experiment YAML (optional with --resume)."),
+    out: Path = typer.Option(..., "--out", help="Run directory to create (or resume)."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue RUN from its last checkpoint."),
+    accelerator: str | None = typer.Option(None, help="Lightning accelerator: cpu, gpu, auto."),
+    devices: str | None = typer.Option(None, help="Lightning devices, e.g. 2 or auto."),
+    num_nodes: int | None = typer.Option(None, "--num-nodes", help="Nodes for multi-node DDP."),
+    strategy: str | None = typer.Option(None, help="Lightning strategy, e.g. ddp."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Train a classifier from a config into a run directory."""
+    from histolite.train import resolve_config, train_run
+
+    cfg = resolve_config(
+        config,
+        [*overrides, *_trainer_overrides(accelerator, devices, num_nodes, strategy)],
+        out,
+        resume,
+    )
+    train_run(cfg, out, resume=resume, progress=progress)
+    _evaluate_test_split(out)
+    typer.echo(f"run written to {out}")
+
+
+@app.command("evaluate")
+def evaluate(
+    run: Path = typer.Argument(..., help="Run directory from `histolite train`."),
+    data: Path = typer.Option(..., "--data", help="Image folder, or a split CSV."),
+    out: Path = typer.Option(..., "--out", help="Report folder."),
+    split: str = typer.Option("test", help="Which split of a split CSV to evaluate."),
+    checkpoint: str = typer.Option("best", help="best, last, or a checkpoint file name."),
+    batch_size: int = typer.Option(64, help="Inference batch size."),
+) -> None:
+    """Write report.json, classification_report.csv, confusion matrices and training curves."""
+    from histolite.evaluate import evaluate_run
+
+    report = evaluate_run(run, data, out, split=split, checkpoint=checkpoint, batch_size=batch_size)
+    typer.echo(
+        f"{report['level']}-level: accuracy {report['accuracy']:.4f}, balanced accuracy "
+        f"{report['balanced_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f} "
+        f"(n={report['n']})"
+    )
+    if "image_level" in report:
+        for method, metrics in report["image_level"].items():
+            typer.echo(f"image-level ({method}): accuracy {metrics['accuracy']:.4f}")
+    typer.echo(f"report written to {out}")
+
+
+@app.command("predict")
+def predict(
+    run: Path = typer.Argument(..., help="Run directory."),
+    images: list[Path] = typer.Argument(..., help="Images to classify."),
+    checkpoint: str = typer.Option("best", help="best, last, or a checkpoint file name."),
+) -> None:
+    """Classify images; prints one JSON line per image (file, class, probabilities)."""
+    from histolite.data.images import load_rgb
+    from histolite.evaluate.inference import predict_image
+    from histolite.evaluate.loading import load_run
+
+    loaded = load_run(run, checkpoint)
+    for path in images:
+        probs = predict_image(loaded, load_rgb(path))
+        best = int(probs.argmax())
+        typer.echo(
+            json.dumps(
+                {
+                    "file": str(path),
+                    "class": loaded.spec.classes[best],
+                    "probabilities": {
+                        c: round(float(p), 6)
+                        for c, p in zip(loaded.spec.classes, probs, strict=True)
+                    },
+                }
+            )
+        )
+
+
+@app.command("demo")
+def demo(
+    out: Path = typer.Option(Path("demo_output"), "--out", help="Folder for data, runs, reports."),
+    quick: bool = typer.Option(False, help="Tiny sizes, for smoke tests."),
+) -> None:
+    """Synthetic data -> teacher and student -> evaluation -> comparison table."""
+    from histolite.demo import run_demo
+
+    run_demo(out, quick=quick)
+
+
+def main() -> None:
+    """Entry point: user errors print one clear line, not a traceback."""
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    # Lightning's banner lines (GPU available, tips) are noise in a CLI; warnings still show.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    try:
+        app()
+    except HistoliteError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

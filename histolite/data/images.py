@@ -1,0 +1,129 @@
+"""Reading images as 8-bit RGB, with explicit, documented conversions.
+
+H&E classifiers expect colour: grayscale input is almost always a mistake (a mask, a wrong
+channel), so it is rejected rather than silently replicated. Alpha is composited onto white (the
+slide background), 16-bit data is scaled to 8 bit, palette images are expanded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from histolite.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
+TIFF_EXTENSIONS = frozenset({".tif", ".tiff"})
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a visible file with a supported image extension."""
+    return (
+        path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _to_rgb_uint8(array: np.ndarray, path: Path) -> np.ndarray:
+    """Convert a decoded array to HxWx3 uint8 or raise naming the file and what was found."""
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 2)):
+        raise DataError(
+            f"{path}: grayscale image (shape {array.shape}); H&E classifiers need RGB colour images"
+        )
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise DataError(f"{path}: unsupported image shape {array.shape}; expected HxWx3 RGB")
+    if array.dtype == np.uint16:
+        array = ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise DataError(f"{path}: unsupported pixel type {array.dtype}; expected 8- or 16-bit RGB")
+    if array.shape[2] == 4:
+        alpha = array[..., 3:4].astype(np.float32) / 255.0
+        rgb = array[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        array = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    try:
+        array = tifffile.imread(path, key=0)
+    except Exception as exc:  # tifffile raises many types for broken files
+        raise DataError(f"{path}: unreadable TIFF ({exc})") from exc
+    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[2] not in (3, 4):
+        array = np.moveaxis(array, 0, -1)  # planar (CxHxW) storage
+    return np.asarray(array)
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                img: Image.Image = opened
+                mode = img.mode
+                if mode == "P":
+                    img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+                elif mode in ("I;16", "I;16B", "I;16L", "I", "F", "1", "L", "LA"):
+                    raise DataError(
+                        f"{path}: grayscale image (mode {mode}); "
+                        "H&E classifiers need RGB colour images"
+                    )
+                elif mode == "CMYK" or mode == "YCbCr":
+                    img = img.convert("RGB")
+                return np.array(img)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable or truncated image ({exc})") from exc
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: image too large to decode safely ({exc})") from exc
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as an HxWx3 uint8 RGB array.
+
+    Raises:
+        DataError: the file is missing, unreadable, truncated, grayscale or of an unsupported type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise DataError(
+            f"{path}: unsupported extension {path.suffix!r}; "
+            f"expected one of {', '.join(sorted(IMAGE_EXTENSIONS))}"
+        )
+    array = _read_tiff(path) if path.suffix.lower() in TIFF_EXTENSIONS else _read_pil(path)
+    return _to_rgb_uint8(array, path)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) read from the file header, without decoding pixels."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in TIFF_EXTENSIONS:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.pages[0].shape
+            return (shape[0], shape[1]) if shape[-1] in (3, 4) else (shape[1], shape[2])
+        with Image.open(path) as img:
+            width, height = img.size
+        return height, width
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read image size ({exc})") from exc
+
+
+def save_rgb(array: np.ndarray, path: str | Path) -> None:
+    """Write an HxWx3 uint8 array; format from the extension (TIFF through tifffile)."""
+    path = Path(path)
+    if path.suffix.lower() in TIFF_EXTENSIONS:
+        import tifffile
+
+        tifffile.imwrite(path, array, photometric="rgb")
+    else:
+        Image.fromarray(array).save(path)

@@ -1,0 +1,227 @@
+"""Dataset registry: where each public dataset comes from and how to verify and unpack it.
+
+Entries are plain data (no code), in the spirit of timm's model registry. Downloads stream to a
+temporary file, are verified by checksum, and only then are extracted; nothing half written is
+left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from histolite.errors import DataError
+from histolite.fileio import atomic_path
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a dataset is, where to get it, and how its files are laid out."""
+
+    name: str
+    description: str
+    url: str | None = None
+    filename: str | None = None
+    md5: str | None = None
+    sha384: str | None = None
+    size_bytes: int | None = None
+    classes: tuple[str, ...] = ()
+    group_regex: str | None = None
+    citation: str = ""
+    licence: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+_DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Add a dataset; names are unique."""
+    if spec.name in _DATASETS:
+        raise ValueError(f"dataset {spec.name!r} is already registered")
+    _DATASETS[spec.name] = spec
+    return spec
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    try:
+        return _DATASETS[name]
+    except KeyError:
+        raise DataError(
+            f"unknown dataset {name!r}; known datasets: {', '.join(sorted(_DATASETS))}"
+        ) from None
+
+
+def list_datasets() -> list[DatasetSpec]:
+    return [_DATASETS[n] for n in sorted(_DATASETS)]
+
+
+register_dataset(
+    DatasetSpec(
+        name="folder",
+        description="Any image folder ROOT/<class>/<image> (.png .jpg .jpeg .tif .tiff).",
+    )
+)
+
+register_dataset(
+    DatasetSpec(
+        name="kather2016",
+        description="Kather et al. 2016 colorectal texture tiles: 5,000 tiles, 150 px, 8 classes.",
+        url="https://zenodo.org/records/53169/files/Kather_texture_2016_image_tiles_5000.zip?download=1",
+        filename="Kather_texture_2016_image_tiles_5000.zip",
+        md5="0ddbebfc56344752028fda72602aaade",
+        sha384="7d86abe1d04e68b77c055820c2a4c582a1d25d2983e38ab724eac75affce8b7cb2cbf5ba68848dcfd9d84005d87d6790",
+        classes=(
+            "01_TUMOR",
+            "02_STROMA",
+            "03_COMPLEX",
+            "04_LYMPHO",
+            "05_DEBRIS",
+            "06_MUCOSA",
+            "07_ADIPOSE",
+            "08_EMPTY",
+        ),
+        group_regex=r"(CRC-Prim-HE-\d+)",
+        citation=(
+            "Kather JN et al. Multi-class texture analysis in colorectal cancer histology. "
+            "Sci Rep 6, 27988 (2016). doi:10.1038/srep27988; data doi:10.5281/zenodo.53169"
+        ),
+        licence="CC BY 4.0",
+        notes=(
+            "Tiles from one CRC-Prim-HE-NN slide are correlated; 08_EMPTY comes almost entirely "
+            "from slide 06, so slide-grouped splits cannot be class-balanced. The literature "
+            "protocol is a "
+            "stratified random split.",
+        ),
+    )
+)
+
+
+def file_digests(path: Path) -> dict[str, str]:
+    """md5 and sha384 of a file, read once."""
+    md5, sha384 = hashlib.md5(usedforsecurity=False), hashlib.sha384()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            md5.update(chunk)
+            sha384.update(chunk)
+    return {"md5": md5.hexdigest(), "sha384": sha384.hexdigest()}
+
+
+def verify_archive(path: Path, spec: DatasetSpec) -> None:
+    """Check size and checksums against the registry entry; raise naming what differs."""
+    if spec.size_bytes is not None and path.stat().st_size != spec.size_bytes:
+        raise DataError(
+            f"{path}: size {path.stat().st_size} bytes, expected {spec.size_bytes} for "
+            f"{spec.name}; the download is incomplete or a different file"
+        )
+    digests = file_digests(path)
+    for algo in ("md5", "sha384"):
+        expected = getattr(spec, algo)
+        if expected and digests[algo] != expected:
+            raise DataError(
+                f"{path}: {algo} {digests[algo]} does not match {expected} for {spec.name}; "
+                "the file is corrupt or not the official archive"
+            )
+
+
+def _download(url: str, target: Path, progress: bool) -> None:
+    import httpx
+
+    with atomic_path(target) as tmp:
+        try:
+            with httpx.stream("GET", url, follow_redirects=True, timeout=60.0) as response:
+                response.raise_for_status()
+                total = int(response.headers.get("content-length", 0)) or None
+                with (
+                    tmp.open("wb") as fh,
+                    tqdm(
+                        total=total,
+                        unit="B",
+                        unit_scale=True,
+                        desc=target.name,
+                        disable=not progress,
+                    ) as bar,
+                ):
+                    for chunk in response.iter_bytes(1 << 20):
+                        fh.write(chunk)
+                        bar.update(len(chunk))
+        except httpx.HTTPError as exc:
+            raise DataError(f"download of {url} failed: {exc}") from exc
+
+
+def safe_extract_zip(archive: Path, dest: Path) -> None:
+    """Extract a zip, refusing members that would land outside ``dest`` (zip-slip)."""
+    dest = dest.resolve()
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.infolist():
+                target = (dest / member.filename).resolve()
+                if not target.is_relative_to(dest):
+                    raise DataError(
+                        f"{archive}: member {member.filename!r} escapes the target folder"
+                    )
+            staging = dest.parent / f".{dest.name}.extracting"
+            if staging.exists():
+                shutil.rmtree(staging)
+            zf.extractall(staging)
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"{archive}: not a valid zip archive ({exc})") from exc
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in staging.iterdir():
+        final = dest / item.name
+        if final.exists():
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        item.rename(final)
+    staging.rmdir()
+
+
+def download_dataset(
+    name: str,
+    to: str | Path,
+    *,
+    source: str | Path | None = None,
+    progress: bool = True,
+    spec: DatasetSpec | None = None,
+) -> Path:
+    """Fetch (or take ``source``, a local copy of the archive), verify, and extract into ``to``.
+
+    Args:
+        name: registry name.
+        to: destination folder; the archive is kept there as well.
+        source: an already downloaded archive; it is verified like a download.
+        spec: use this entry instead of the registry's (tests, mirrors).
+
+    Returns:
+        The extracted folder, ready for ``scan_image_folder``.
+    """
+    spec = spec or get_dataset(name)
+    if not spec.url or not spec.filename:
+        raise DataError(f"dataset {spec.name!r} has no download; point data.root at your folder")
+    to = Path(to)
+    to.mkdir(parents=True, exist_ok=True)
+    archive = to / spec.filename
+    if source is not None:
+        source = Path(source)
+        if not source.is_file():
+            raise DataError(f"{source}: archive not found")
+        verify_archive(source, spec)
+        if source.resolve() != archive.resolve():
+            with atomic_path(archive) as tmp:
+                shutil.copyfile(source, tmp)
+    elif archive.is_file():
+        verify_archive(archive, spec)
+    else:
+        _download(spec.url, archive, progress)
+        try:
+            verify_archive(archive, spec)
+        except DataError:
+            archive.unlink()
+            raise
+    extracted = to / Path(spec.filename).stem
+    safe_extract_zip(archive, extracted)
+    return extracted

@@ -1,0 +1,191 @@
+"""Reproducible train/val/test splits and the split CSV that training and evaluation read.
+
+Randomness comes from NumPy's PCG64 seeded explicitly, over inputs sorted by path, so the same
+seed gives the same split on every machine and file system.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from histolite.data.folder import LabelledImages, Sample
+from histolite.errors import DataError
+from histolite.fileio import atomic_path
+
+SPLIT_NAMES = ("train", "val", "test")
+CSV_COLUMNS = ("path", "label", "group", "split")
+
+
+@dataclass(frozen=True)
+class SplitFractions:
+    val: float
+    test: float
+
+    def __post_init__(self) -> None:
+        for name, value in (("val", self.val), ("test", self.test)):
+            if not 0.0 <= value < 1.0:
+                raise DataError(f"{name} fraction must be in [0, 1), got {value}")
+        if self.val + self.test >= 1.0:
+            raise DataError(
+                f"val + test fractions must leave a training part, got {self.val} + {self.test}"
+            )
+
+
+def _allocate(n: int, fractions: SplitFractions) -> tuple[int, int]:
+    """Counts for (val, test) out of n, each at least one when asked for and n allows it."""
+    n_val = round(n * fractions.val)
+    n_test = round(n * fractions.test)
+    if fractions.val > 0 and n_val == 0 and n >= 3:
+        n_val = 1
+    if fractions.test > 0 and n_test == 0 and n >= 3:
+        n_test = 1
+    while n_val + n_test >= n and (n_val or n_test):
+        if n_test >= n_val and n_test:
+            n_test -= 1
+        else:
+            n_val -= 1
+    return n_val, n_test
+
+
+def stratified_split(samples: Sequence[Sample], fractions: SplitFractions, seed: int) -> list[str]:
+    """Per-class random split; returns the split name of each sample, in input order."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    by_class: dict[int, list[int]] = defaultdict(list)
+    order = sorted(range(len(samples)), key=lambda i: str(samples[i].path))
+    for i in order:
+        by_class[samples[i].label].append(i)
+    result = ["train"] * len(samples)
+    for label in sorted(by_class):
+        indices = np.array(by_class[label])
+        rng.shuffle(indices)
+        n_val, n_test = _allocate(len(indices), fractions)
+        for i in indices[:n_val]:
+            result[i] = "val"
+        for i in indices[n_val : n_val + n_test]:
+            result[i] = "test"
+    return result
+
+
+def grouped_split(samples: Sequence[Sample], fractions: SplitFractions, seed: int) -> list[str]:
+    """Whole groups (slides, patients) go to one split, so no group leaks across splits.
+
+    Groups are visited in a seeded random order and each goes to the split furthest below its
+    target share of images. Class balance is not guaranteed; a split missing a class is warned
+    about.
+    """
+    rng = np.random.Generator(np.random.PCG64(seed))
+    sizes: dict[str, int] = defaultdict(int)
+    for s in samples:
+        sizes[s.group] += 1
+    groups = np.array(sorted(sizes))
+    if len(groups) < 2 and (fractions.val or fractions.test):
+        raise DataError(
+            f"grouped split needs at least 2 groups, found {len(groups)}; check data.group_regex"
+        )
+    rng.shuffle(groups)
+    total = len(samples)
+    targets = {"val": fractions.val * total, "test": fractions.test * total}
+    filled = {"val": 0, "test": 0}
+    assignment: dict[str, str] = {}
+    for group in groups:
+        deficits = {name: targets[name] - filled[name] for name in targets if targets[name] > 0}
+        best = max(deficits, key=lambda name: deficits[name], default=None)
+        if best is not None and deficits[best] >= sizes[group] / 2:
+            assignment[group] = best
+            filled[best] += sizes[group]
+        else:
+            assignment[group] = "train"
+    result = [assignment[s.group] for s in samples]
+    classes_in = {
+        name: {s.label for s, r in zip(samples, result, strict=True) if r == name}
+        for name in SPLIT_NAMES
+    }
+    all_labels = {s.label for s in samples}
+    for name in SPLIT_NAMES:
+        if classes_in[name] and classes_in[name] != all_labels:
+            warnings.warn(
+                f"grouped split: the {name} split lacks {len(all_labels - classes_in[name])} "
+                "class(es); groups are not spread evenly over classes",
+                stacklevel=2,
+            )
+    return result
+
+
+def make_split(
+    images: LabelledImages,
+    *,
+    val: float,
+    test: float,
+    seed: int,
+    grouped: bool,
+) -> list[str]:
+    """Split names for every sample of ``images`` (grouped or stratified)."""
+    fractions = SplitFractions(val=val, test=test)
+    splitter = grouped_split if grouped else stratified_split
+    return splitter(images.samples, fractions, seed)
+
+
+def write_split_csv(path: str | Path, images: LabelledImages, splits: Sequence[str]) -> Path:
+    """Write ``path,label,group,split`` rows; paths are relative to the CSV's folder."""
+    path = Path(path)
+    base = path.resolve().parent
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_COLUMNS)
+        for sample, split in zip(images.samples, splits, strict=True):
+            rel = os.path.relpath(sample.path.resolve(), base)
+            writer.writerow((Path(rel).as_posix(), sample.class_name, sample.group, split))
+    return path
+
+
+@dataclass(frozen=True)
+class SplitTable:
+    """A split CSV read back: classes (sorted, or as given) and samples per split."""
+
+    classes: tuple[str, ...]
+    rows: tuple[tuple[Sample, str], ...]
+
+    def subset(self, split: str) -> LabelledImages:
+        return LabelledImages(
+            classes=self.classes, samples=tuple(s for s, name in self.rows if name == split)
+        )
+
+
+def read_split_csv(path: str | Path, classes: Sequence[str] | None = None) -> SplitTable:
+    """Read a split CSV; every problem names the file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: split CSV not found")
+    base = path.resolve().parent
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(
+                f"{path}: missing column(s) {missing}; expected header {','.join(CSV_COLUMNS)}"
+            )
+        raw = list(reader)
+    if not raw:
+        raise DataError(f"{path}: no rows")
+    names = sorted({r["label"] for r in raw}) if classes is None else list(classes)
+    index = {name: i for i, name in enumerate(names)}
+    rows = []
+    for line, r in enumerate(raw, start=2):
+        if r["split"] not in SPLIT_NAMES:
+            raise DataError(
+                f"{path}:{line}: split {r['split']!r} is not one of {', '.join(SPLIT_NAMES)}"
+            )
+        if r["label"] not in index:
+            raise DataError(f"{path}:{line}: label {r['label']!r} is not among classes {names}")
+        file = Path(r["path"])
+        file = file if file.is_absolute() else base / file
+        rows.append((Sample(file, index[r["label"]], r["label"], r["group"]), r["split"]))
+    return SplitTable(classes=tuple(names), rows=tuple(rows))

@@ -1,0 +1,80 @@
+"""Tensor transforms (torchvision.transforms.v2) and train-set mean/std.
+
+Samples flow as uint8 (3, H, W) tensors until the last step, which turns them into float in
+[0, 1]; mean/std normalisation happens inside the model (``NormalizedClassifier``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2
+
+Transform = Callable[[Tensor], Tensor]
+
+
+class RandomRot90(torch.nn.Module):
+    """Rotate by a random multiple of 90 degrees: tissue has no canonical orientation."""
+
+    def forward(self, image: Tensor) -> Tensor:
+        k = int(torch.randint(0, 4, ()).item())
+        return torch.rot90(image, k, dims=(-2, -1)) if k else image
+
+
+def build_train_transform(image_size: int, augment: Any) -> Transform:
+    """Resize, then the augmentations switched on in ``augment`` (an AugmentConfig)."""
+    steps: list[Any] = [v2.Resize((image_size, image_size), antialias=True)]
+    if augment.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if augment.vflip:
+        steps.append(v2.RandomVerticalFlip())
+    if augment.rot90:
+        steps.append(RandomRot90())
+    if augment.rotation_degrees > 0:
+        steps.append(v2.RandomRotation(augment.rotation_degrees, fill=255))
+    jitter = augment.color_jitter
+    if jitter is not None:
+        steps.append(
+            v2.ColorJitter(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
+        )
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    return v2.Compose(steps)
+
+
+def build_eval_transform(image_size: int) -> Transform:
+    return v2.Compose(
+        [
+            v2.Resize((image_size, image_size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+
+
+def compute_mean_std(
+    dataset: Dataset[tuple[Tensor, int]],
+    max_samples: int = 2000,
+    batch_size: int = 64,
+    num_workers: int = 0,
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std over up to ``max_samples`` evenly spaced images (eval transform)."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError("cannot compute mean/std of an empty dataset")
+    step = max(1, n // max_samples)
+    subset = Subset(dataset, list(range(0, n, step))[:max_samples])
+    loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for images, _ in loader:
+        flat = images.double().transpose(0, 1).reshape(3, -1)
+        total += flat.sum(dim=1)
+        total_sq += (flat**2).sum(dim=1)
+        count += flat.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()

@@ -1,0 +1,89 @@
+"""Batched prediction over images or patches, with a progress bar."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from histolite.data.datasets import ImageDataset
+from histolite.data.folder import Sample
+from histolite.data.patches import index_patches
+from histolite.data.transforms import build_eval_transform
+from histolite.evaluate.loading import LoadedRun
+
+
+@dataclass
+class Predictions:
+    """Per item (image or patch): probabilities, true label, and source image index."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+    image_index: np.ndarray
+    patch_level: bool
+
+
+def predict(
+    run: LoadedRun,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Predictions:
+    """Softmax probabilities for every image, or every grid patch when the run used patches."""
+    patches = None
+    if run.spec.patches is not None:
+        p = run.spec.patches
+        patches = index_patches(
+            samples, p["size"], p.get("stride") or p["size"], p.get("min_tissue", 0.0)
+        )
+    dataset = ImageDataset(
+        samples, build_eval_transform(run.spec.image_size), stain=run.stain, patches=patches
+    )
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    device = next(run.model.parameters()).device
+    chunks, labels = [], []
+    with torch.inference_mode():
+        for x, y in tqdm(loader, desc="predicting", disable=not progress, leave=False):
+            chunks.append(torch.softmax(run.model(x.to(device)), dim=1).float().cpu().numpy())
+            labels.append(y.numpy())
+    image_index = np.array([dataset.source_index(i) for i in range(len(dataset))], dtype=np.int64)
+    return Predictions(
+        probs=np.concatenate(chunks) if chunks else np.zeros((0, run.spec.num_classes)),
+        labels=np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
+        image_index=image_index,
+        patch_level=patches is not None,
+    )
+
+
+def predict_image(run: LoadedRun, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities for one HxWx3 uint8 image (patch mean if the run used patches)."""
+    from histolite.data.patches import grid_positions
+
+    transform = build_eval_transform(run.spec.image_size)
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+    if run.spec.patches is not None:
+        size = run.spec.patches["size"]
+        stride = run.spec.patches.get("stride") or size
+        crops = [
+            tensor[:, y : y + size, x : x + size]
+            for y, x in grid_positions(tensor.shape[1], tensor.shape[2], size, stride)
+        ]
+        if not crops:  # smaller than one patch: classify the whole image
+            crops = [tensor]
+    else:
+        crops = [tensor]
+    if run.stain is not None:
+        crops = [run.stain(c) for c in crops]
+    device = next(run.model.parameters()).device
+    probs = []
+    with torch.inference_mode():
+        for start in range(0, len(crops), batch_size):
+            batch = torch.stack([transform(c) for c in crops[start : start + batch_size]])
+            probs.append(torch.softmax(run.model(batch.to(device)), dim=1).float().cpu())
+    return torch.cat(probs).mean(dim=0).numpy()

@@ -1,0 +1,62 @@
+"""Rebuild a trained classifier from a run directory, without unpickling anything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from histolite.errors import HistoliteError
+from histolite.models import NormalizedClassifier, create_model
+from histolite.runspec import RunSpec, checkpoint_path
+from histolite.stain import ReinhardNormalizer, ReinhardStats
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    spec: RunSpec
+    model: NormalizedClassifier
+    stain: ReinhardNormalizer | None
+
+
+def model_state_from_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The ``model.*`` tensors of a Lightning checkpoint, loaded with ``weights_only=True``."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise HistoliteError(f"{path}: cannot read checkpoint ({exc})") from exc
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise HistoliteError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    prefix = "model."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def stain_from_spec(spec: RunSpec) -> ReinhardNormalizer | None:
+    if spec.stain is None:
+        return None
+    stats = ReinhardStats.from_dict(spec.stain, source="run.json stain")
+    return ReinhardNormalizer(stats, ignore_background=bool(spec.stain.get("ignore_background")))
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None = None) -> LoadedRun:
+    """Model (eval mode) + preprocessing of a run; ``checkpoint`` is best, last or a file name."""
+    run_dir = Path(run_dir)
+    spec = RunSpec.load(run_dir)
+    net = create_model(
+        spec.model_name,
+        spec.num_classes,
+        head=spec.head,  # type: ignore[arg-type]
+        head_dropout=spec.head_dropout,
+    )
+    model = NormalizedClassifier(net, spec.mean, spec.std)
+    path = checkpoint_path(run_dir, checkpoint)
+    state = model_state_from_checkpoint(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise HistoliteError(f"{path}: weights do not fit {spec.model_name} ({exc})") from exc
+    model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return LoadedRun(run_dir, spec, model, stain_from_spec(spec))

@@ -1,0 +1,148 @@
+"""``histolite evaluate``: the report bundle for a run on a folder or a split CSV."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histolite.data.folder import Sample, scan_image_folder
+from histolite.data.patches import aggregate_patch_predictions
+from histolite.data.splits import read_split_csv
+from histolite.errors import DataError
+from histolite.evaluate.inference import Predictions, predict
+from histolite.evaluate.loading import LoadedRun, load_run
+from histolite.evaluate.metrics import classification_metrics
+from histolite.evaluate.plots import plot_confusion_matrix, plot_training_curves
+from histolite.fileio import atomic_path, write_json
+from histolite.runinfo import fingerprint_files, run_metadata
+
+
+def load_eval_samples(
+    data: str | Path, classes: tuple[str, ...], split: str = "test"
+) -> list[Sample]:
+    """Samples from an image folder (all of it) or from one split of a split CSV."""
+    data = Path(data)
+    if data.suffix.lower() == ".csv":
+        table = read_split_csv(data, classes=classes)
+        samples = list(table.subset(split).samples)
+        if not samples:
+            raise DataError(f"{data}: no rows with split {split!r}")
+        return samples
+    return list(scan_image_folder(data, classes=classes).samples)
+
+
+def _write_predictions_csv(
+    path: Path, samples: list[Sample], probs: np.ndarray, classes: tuple[str, ...]
+) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "true", "predicted", *[f"p_{c}" for c in classes]])
+        for sample, p in zip(samples, probs, strict=True):
+            writer.writerow(
+                [
+                    str(sample.path),
+                    sample.class_name,
+                    classes[int(p.argmax())],
+                    *[f"{v:.6f}" for v in p],
+                ]
+            )
+
+
+def _write_class_report_csv(path: Path, metrics: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["class", "precision", "recall", "f1", "support"])
+        for name, row in metrics["per_class"].items():
+            writer.writerow(
+                [
+                    name,
+                    f"{row['precision']:.4f}",
+                    f"{row['recall']:.4f}",
+                    f"{row['f1']:.4f}",
+                    row["support"],
+                ]
+            )
+        total = sum(r["support"] for r in metrics["per_class"].values())
+        writer.writerow(["accuracy", "", "", f"{metrics['accuracy']:.4f}", total])
+        writer.writerow(["macro_f1", "", "", f"{metrics['macro_f1']:.4f}", total])
+        writer.writerow(["weighted_f1", "", "", f"{metrics['weighted_f1']:.4f}", total])
+
+
+def build_report(run: LoadedRun, samples: list[Sample], preds: Predictions) -> dict[str, Any]:
+    classes = run.spec.classes
+    metrics = classification_metrics(preds.labels, preds.probs.argmax(axis=1), classes)
+    report: dict[str, Any] = {"level": "patch" if preds.patch_level else "image", **metrics}
+    if preds.patch_level:
+        images = aggregate_patch_predictions(preds.image_index.tolist(), preds.probs)
+        truth = [samples[r.image_index].label for r in images]
+        report["image_level"] = {
+            "majority_vote": classification_metrics(
+                truth, [r.majority_vote for r in images], classes
+            ),
+            "mean_probability": classification_metrics(
+                truth, [r.mean_probability for r in images], classes
+            ),
+        }
+    return report
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    split: str = "test",
+    checkpoint: str = "best",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict ``data`` with the run's model and write the report bundle into ``out``."""
+    run = load_run(run_dir, checkpoint)
+    samples = load_eval_samples(data, run.spec.classes, split)
+    preds = predict(run, samples, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    report = build_report(run, samples, preds)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report["run"] = str(Path(run_dir))
+    report["checkpoint"] = checkpoint
+    report["data"] = str(data)
+    report["split"] = split if Path(data).suffix.lower() == ".csv" else None
+    write_json(out / "report.json", report)
+    _write_class_report_csv(out / "classification_report.csv", report)
+    if preds.patch_level:
+        image_probs = np.stack(
+            [
+                r.mean_probs
+                for r in aggregate_patch_predictions(preds.image_index.tolist(), preds.probs)
+            ]
+        )
+        _write_predictions_csv(out / "predictions.csv", samples, image_probs, run.spec.classes)
+    else:
+        _write_predictions_csv(out / "predictions.csv", samples, preds.probs, run.spec.classes)
+    plot_confusion_matrix(
+        report["confusion_matrix"],
+        run.spec.classes,
+        out / "confusion_matrix.png",
+        title=f"{run.spec.model_name}: {report['level']} level",
+    )
+    if preds.patch_level:
+        plot_confusion_matrix(
+            report["image_level"]["mean_probability"]["confusion_matrix"],
+            run.spec.classes,
+            out / "confusion_matrix_image_level.png",
+            title=f"{run.spec.model_name}: image level (mean probability)",
+        )
+    plot_training_curves(Path(run_dir), out / "training_curves.png")
+    write_json(
+        out / "metadata.json",
+        run_metadata(
+            dataset_fingerprint=fingerprint_files((str(s.path), s.class_name) for s in samples),
+            run=str(Path(run_dir).resolve()),
+            checkpoint=checkpoint,
+        ),
+    )
+    return report

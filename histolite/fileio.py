@@ -1,0 +1,62 @@
+"""Atomic file writes: an output is either complete or absent, never half written."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; rename it over ``target`` only on success.
+
+    The temporary file lives in the same directory so the final ``os.replace`` is atomic.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    """Write text atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_json(target: str | Path, data: Any) -> Path:
+    """Write JSON atomically (indented, keys in insertion order, NaN refused)."""
+    return write_text(target, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def write_with(target: str | Path, writer: Callable[[Path], object]) -> Path:
+    """Call ``writer(tmp_path)`` and atomically move its result to ``target``."""
+    with atomic_path(target) as tmp:
+        writer(tmp)
+    return Path(target)
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file, naming it in the error if it is missing or malformed."""
+    from histolite.errors import HistoliteError
+
+    path = Path(path)
+    if not path.is_file():
+        raise HistoliteError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise HistoliteError(f"{path}: not valid JSON ({exc})") from exc

@@ -1,0 +1,86 @@
+"""Lightning module for supervised classification."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from histolite.config import OptimizerConfig, SchedulerConfig
+from histolite.train.optim import build_optimizer, build_scheduler
+
+
+class ClassifierModule(L.LightningModule):
+    """Cross-entropy training of ``model``; logs loss/accuracy per epoch for train and val.
+
+    Subclasses change the objective by overriding :meth:`training_loss` only.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerConfig,
+        scheduler: SchedulerConfig,
+        *,
+        max_epochs: int,
+        monitor: str = "val_acc",
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.channels_last = channels_last
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.optimizer_cfg = optimizer
+        self.scheduler_cfg = scheduler
+        self.max_epochs = max_epochs
+        self.monitor = monitor
+        self.label_smoothing = label_smoothing
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def _log_metrics(self, stage: str, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        acc = (logits.argmax(dim=1) == y).float().mean()
+        kwargs: dict[str, Any] = {
+            "on_step": False,
+            "on_epoch": True,
+            "sync_dist": True,
+            "batch_size": len(y),
+        }
+        self.log(f"{stage}_loss", loss, prog_bar=stage == "val", **kwargs)
+        self.log(f"{stage}_acc", acc, prog_bar=True, **kwargs)
+
+    def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss, student logits) for one batch."""
+        logits = self(x)
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss, logits = self.training_loss(x, y)
+        self._log_metrics("train", loss, logits, y)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self._log_metrics("val", F.cross_entropy(logits, y), logits, y)
+
+    def on_train_epoch_start(self) -> None:
+        optimizer = self.optimizers()
+        if isinstance(optimizer, list):  # pragma: no cover - one optimizer is configured
+            optimizer = optimizer[0]
+        lr = optimizer.param_groups[0]["lr"]
+        self.log("lr", torch.tensor(lr), on_step=False, on_epoch=True, sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.model.parameters(), self.optimizer_cfg)
+        scheduler = build_scheduler(optimizer, self.scheduler_cfg, self.max_epochs, self.monitor)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

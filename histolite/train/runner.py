@@ -1,0 +1,248 @@
+"""Run a training job into a run directory.
+
+Run layout::
+
+    RUN/config.yaml         resolved config (what was actually used)
+    RUN/metadata.json       version, git commit, torch, platform, seed, dataset fingerprint
+    RUN/run.json            model + preprocessing contract for inference (RunSpec)
+    RUN/split.csv           the exact split (path, label, group, split)
+    RUN/checkpoints/        best.ckpt, last.ckpt (+ scheduled ones)
+    RUN/logs/csvN/          metrics.csv per (re)start; RUN/logs/tbN/ TensorBoard
+    RUN/train_summary.json  best score, epochs, wall time
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+
+from histolite.config import TrainConfig, dump_config, load_config
+from histolite.data.folder import LabelledImages
+from histolite.data.splits import write_split_csv
+from histolite.errors import HistoliteError
+from histolite.fileio import write_json, write_text
+from histolite.models import NormalizedClassifier, create_model
+from histolite.runinfo import run_metadata
+from histolite.runspec import CHECKPOINT_DIR, RUN_SPEC_FILE, RunSpec, is_rank_zero
+from histolite.train.data import (
+    ImageDataModule,
+    PreparedData,
+    build_stain,
+    normalisation_stats,
+    prepare_data,
+    stain_spec,
+)
+from histolite.train.module import ClassifierModule
+
+ModuleBuilder = Callable[[nn.Module, TrainConfig, RunSpec], L.LightningModule]
+
+
+def default_module(model: nn.Module, cfg: TrainConfig, spec: RunSpec) -> L.LightningModule:
+    return ClassifierModule(
+        model,
+        cfg.optimizer,
+        cfg.scheduler,
+        max_epochs=cfg.trainer.max_epochs,
+        monitor=cfg.trainer.monitor,
+        label_smoothing=cfg.trainer.label_smoothing,
+        channels_last=cfg.trainer.channels_last,
+    )
+
+
+def resolve_config(
+    config_path: str | Path | None,
+    overrides: Sequence[str],
+    out: Path,
+    resume: bool,
+    model: type[TrainConfig] = TrainConfig,
+) -> TrainConfig:
+    """The config to run: the file + overrides, or on resume the run's saved config + overrides."""
+    if resume:
+        saved = out / "config.yaml"
+        if not saved.is_file():
+            raise HistoliteError(f"{out}: nothing to resume (no config.yaml); start a new run")
+        return load_config(saved, list(overrides), model)
+    # DDP workers start after rank 0 has written the run files: only rank 0 guards the folder.
+    if (out / RUN_SPEC_FILE).exists() and is_rank_zero():
+        raise HistoliteError(
+            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    if config_path is None:
+        raise HistoliteError("a CONFIG file is required unless --resume is given")
+    return load_config(config_path, list(overrides), model)
+
+
+def build_classifier(spec: RunSpec, cfg: TrainConfig) -> NormalizedClassifier:
+    net = create_model(
+        cfg.model.name,
+        spec.num_classes,
+        pretrained=cfg.model.pretrained,
+        weights=cfg.model.weights,
+        head=cfg.model.head,
+        head_dropout=cfg.model.head_dropout,
+    )
+    return NormalizedClassifier(net, spec.mean, spec.std)
+
+
+def _write_run_files(
+    out: Path, cfg: TrainConfig, spec: RunSpec, prepared: PreparedData, extra_meta: dict[str, Any]
+) -> None:
+    write_text(out / "config.yaml", dump_config(cfg))
+    spec.save(out)
+    write_split_csv(
+        out / "split.csv",
+        LabelledImages(prepared.classes, tuple(prepared.all_samples)),
+        prepared.split_names(),
+    )
+    if prepared.skipped:
+        write_json(
+            out / "skipped_files.json", [{"path": p, "problem": w} for p, w in prepared.skipped]
+        )
+    write_json(
+        out / "metadata.json",
+        run_metadata(
+            seed=cfg.seed,
+            dataset_fingerprint=prepared.fingerprint(),
+            split_counts={k: len(v) for k, v in prepared.splits.items()},
+            skipped_files=len(prepared.skipped),
+            **extra_meta,
+        ),
+    )
+
+
+def _run_spec(cfg: TrainConfig, prepared: PreparedData, out: Path, resume: bool) -> RunSpec:
+    if resume and (out / RUN_SPEC_FILE).is_file():
+        return RunSpec.load(out)  # reuse the stored mean/std: computed once per run
+    stain = build_stain(cfg.data)
+    mean, std = normalisation_stats(cfg.data, prepared.splits["train"], stain)
+    return RunSpec(
+        model_name=cfg.model.name,
+        classes=prepared.classes,
+        image_size=cfg.data.image_size,
+        mean=tuple(mean),
+        std=tuple(std),
+        head=cfg.model.head,
+        head_dropout=cfg.model.head_dropout,
+        stain=stain_spec(cfg.data),
+        patches=cfg.data.patches.model_dump() if cfg.data.patches else None,
+    )
+
+
+def checkpoint_callbacks(directory: Path, monitor: str | None) -> list[ModelCheckpoint]:
+    """``last.ckpt`` every epoch (for --resume) and, with validation data, ``best.ckpt``.
+
+    Two callbacks because Lightning 2.6 only refreshes ``save_last`` in epochs where the
+    monitored checkpoint was saved too, which would make a resume lose epochs.
+    """
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=directory,
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            enable_version_counter=False,
+        )
+    ]
+    if monitor is not None:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=directory,
+                filename="best",
+                monitor=monitor,
+                mode="max" if monitor.endswith("acc") else "min",
+                save_top_k=1,
+                enable_version_counter=False,
+            )
+        )
+    return callbacks
+
+
+def _next_log_version(out: Path) -> int:
+    logs = out / "logs"
+    return len(list(logs.glob("csv*"))) if logs.is_dir() else 0
+
+
+def train_run(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    module_builder: ModuleBuilder = default_module,
+    extra_callbacks: Sequence[Callback] = (),
+    extra_metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Train per ``cfg`` into ``out``; ``resume`` continues from ``out/checkpoints/last.ckpt``."""
+    out = Path(out)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    prepared = prepare_data(cfg.data, cfg.seed, progress=progress and is_rank_zero())
+    spec = _run_spec(cfg, prepared, out, resume)
+    if is_rank_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        _write_run_files(out, cfg, spec, prepared, extra_metadata or {})
+
+    model = build_classifier(spec, cfg)
+    module = module_builder(model, cfg, spec)
+    datamodule = ImageDataModule(prepared, cfg.data, cfg.augment, build_stain(cfg.data))
+    has_val = datamodule.val_set is not None
+    monitor = cfg.trainer.monitor if has_val else None
+    checkpoints = checkpoint_callbacks(out / CHECKPOINT_DIR, monitor)
+    version = _next_log_version(out)
+    trainer = L.Trainer(
+        default_root_dir=out,
+        max_epochs=cfg.trainer.max_epochs,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision,  # type: ignore[arg-type]
+        deterministic=cfg.trainer.deterministic,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        limit_train_batches=cfg.trainer.limit_train_batches,
+        enable_progress_bar=progress and cfg.trainer.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[*checkpoints, *extra_callbacks],
+        logger=[
+            CSVLogger(out, name="logs", version=f"csv{version}"),
+            TensorBoardLogger(out, name="logs", version=f"tb{version}", default_hp_metric=False),
+        ],
+    )
+    last = out / CHECKPOINT_DIR / "last.ckpt"
+    if resume and not last.is_file():
+        raise HistoliteError(f"{last}: no checkpoint to resume from")
+    started = time.perf_counter()
+    trainer.fit(
+        module,
+        datamodule=datamodule,
+        ckpt_path=last if resume else None,
+        weights_only=True if resume else None,
+    )
+    elapsed = time.perf_counter() - started
+    if trainer.is_global_zero:
+        best = checkpoints[-1] if monitor else None
+        score = best.best_model_score if best is not None else None
+        write_json(
+            out / "train_summary.json",
+            {
+                "epochs_completed": trainer.current_epoch,
+                "monitor": monitor,
+                "best_score": float(score) if score is not None else None,
+                "train_seconds_this_session": round(elapsed, 2),
+                "resumed": resume,
+                "devices": trainer.num_devices,
+                "num_nodes": trainer.num_nodes,
+                "world_size": trainer.world_size,
+            },
+        )
+        if best is None and last.exists():  # no validation data: the last epoch is the model
+            shutil.copyfile(last, out / CHECKPOINT_DIR / "best.ckpt")
+    return out

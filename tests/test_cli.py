@@ -1,0 +1,228 @@
+"""The command line end to end, and the errors users see for bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+from PIL import Image
+
+from histolite.cli import main
+
+
+def run_cli(
+    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, str, str]:
+    """Run ``histolite ARGS`` in-process through the real entry point."""
+    monkeypatch.setattr(sys, "argv", ["histolite", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_end_to_end_synthetic_train_evaluate_predict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    code, out, _ = run_cli(
+        [
+            "data",
+            "synthetic",
+            "--out",
+            str(data),
+            "--images-per-class",
+            "12",
+            "--size",
+            "32",
+            "--slides",
+            "3",
+        ],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0 and "wrote synthetic dataset" in out
+
+    code, out, _ = run_cli(["data", "check", str(data)], capsys, monkeypatch)
+    assert code == 0 and "no problems found" in out and "tumor: 12" in out
+
+    split = tmp_path / "split.csv"
+    code, out, _ = run_cli(
+        [
+            "data",
+            "split",
+            str(data),
+            "--out",
+            str(split),
+            "--val",
+            "0.2",
+            "--test",
+            "0.2",
+            "--group-regex",
+            r"(slide\d+)",
+        ],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0 and split.is_file() and "groups" in out
+
+    config = write_config(tmp_path / "cfg.yaml", data)
+    run = tmp_path / "run"
+    code, out, err = run_cli(
+        [
+            "train",
+            str(config),
+            "--out",
+            str(run),
+            "--set",
+            f"data.split_csv={split}",
+            "--set",
+            "data.root=null",
+            "--set",
+            "trainer.max_epochs=2",
+            "--no-progress",
+        ],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0, err
+    assert "test split: accuracy" in out and (run / "reports" / "test" / "report.json").is_file()
+
+    code, out, _ = run_cli(
+        ["evaluate", str(run), "--data", str(data), "--out", str(tmp_path / "rep")],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0 and "image-level: accuracy" in out
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["n"] == 6 * 12
+
+    images = sorted((data / "lympho").iterdir())[:2]
+    code, out, _ = run_cli(["predict", str(run), *map(str, images)], capsys, monkeypatch)
+    lines = [json.loads(line) for line in out.strip().splitlines()]
+    assert code == 0 and len(lines) == 2
+    assert set(lines[0]) == {"file", "class", "probabilities"}
+    assert abs(sum(lines[0]["probabilities"].values()) - 1) < 1e-3
+
+
+def test_other_commands(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    synthetic_dir: Path,
+) -> None:
+    code, out, _ = run_cli(["models", "list", "--filter", "resnet"], capsys, monkeypatch)
+    assert code == 0 and "resnet8" in out and "77," in out and "resnet50" in out
+
+    code, out, _ = run_cli(["data", "list"], capsys, monkeypatch)
+    assert "kather2016" in out
+
+    tiles = sorted((synthetic_dir / "tumor").iterdir())[:2]
+    target = sorted((synthetic_dir / "stroma").iterdir())[0]
+    code, out, _ = run_cli(
+        [
+            "stain",
+            "normalize",
+            *map(str, tiles),
+            "--target",
+            str(target),
+            "--out",
+            str(tmp_path / "norm"),
+            "--save-target",
+            str(tmp_path / "t.json"),
+        ],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0 and sorted(p.name for p in (tmp_path / "norm").iterdir()) == [
+        t.name for t in tiles
+    ]
+    assert (tmp_path / "t.json").is_file()
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (100, 60), (150, 80, 170)).save(big)
+    code, out, _ = run_cli(
+        ["patches", str(big), "--size", "32", "--stride", "16", "--out", str(tmp_path / "patches")],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0 and "wrote 10 patches" in out  # 2 rows x 5 cols
+    assert (tmp_path / "patches" / "patches.csv").read_text().count("\n") == 11
+
+
+def _folder(root: Path, classes: dict[str, int], mode: str = "RGB") -> Path:
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.new(mode, (32, 32), 120 if mode == "L" else (150, 80, 170)).save(
+                root / name / f"{i}.png"
+            )
+    return root
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "corrupt",
+        "empty",
+        "single_class",
+        "grayscale",
+        "unknown_model",
+        "malformed_yaml",
+        "unknown_key",
+        "missing_run",
+    ],
+)
+def test_bad_input_gives_one_clear_error(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _folder(tmp_path / "data", {"a": 3, "b": 3})
+    config = write_config(tmp_path / "cfg.yaml", data)
+    args = ["train", str(config), "--out", str(tmp_path / "run"), "--no-progress"]
+    expected = ""
+    if case == "corrupt":
+        (data / "a" / "bad.png").write_bytes(b"garbage")
+        expected = "bad.png"
+    elif case == "empty":
+        config = write_config(tmp_path / "cfg.yaml", _mkdir(tmp_path / "empty"))
+        args[1], expected = str(config), "no class folders"
+    elif case == "single_class":
+        config = write_config(tmp_path / "cfg.yaml", _folder(tmp_path / "one", {"only": 3}))
+        args[1], expected = str(config), "at least 2 classes"
+    elif case == "grayscale":
+        _folder(data, {"a": 1}, mode="L")
+        expected = "grayscale"
+    elif case == "unknown_model":
+        args += ["--set", "model.name=resnet_8"]
+        expected = "unknown model 'resnet_8'; did you mean resnet8"
+    elif case == "malformed_yaml":
+        config.write_text("data: {root: [\n")
+        expected = "malformed YAML"
+    elif case == "unknown_key":
+        args += ["--set", "trainer.epochs=3"]
+        expected = "trainer.epochs: unknown key"
+    elif case == "missing_run":
+        args = [
+            "evaluate",
+            str(tmp_path / "nope"),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "r"),
+        ]
+        expected = "not a histolite run"
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 2
+    assert err.startswith("error: ") and expected in err
+    assert "Traceback" not in err
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path

@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+from histolite.config import TrainConfig, apply_overrides, dump_config, load_config
+from histolite.errors import ConfigError
+
+RECIPES = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_validates(path: Path) -> None:
+    cfg = load_config(path, ["data.root=/tmp/somewhere"])
+    assert isinstance(cfg, TrainConfig)
+
+
+def test_overrides_are_typed(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  root: /x\n")
+    cfg = load_config(
+        path,
+        [
+            "trainer.max_epochs=3",
+            "augment.vflip=true",
+            "data.stain={target: t.json}",
+            "model.weights=null",
+        ],
+    )
+    assert cfg.trainer.max_epochs == 3 and cfg.augment.vflip is True
+    assert cfg.data.stain.target == "t.json"
+    roundtrip = load_config(None, [f"data.root={cfg.data.root}"])
+    assert roundtrip.data.root == "/x"
+    assert "max_epochs: 3" in dump_config(cfg)
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  root: /x\n  imgsize: 3\n")
+    with pytest.raises(ConfigError, match=r"data\.imgsize: unknown key"):
+        load_config(path)
+    path.write_text("data:\n  root: /x\n")
+    with pytest.raises(ConfigError, match=r"trainer\.epochs: unknown key"):
+        load_config(path, ["trainer.epochs=3"])
+
+
+def test_bad_values_and_malformed_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  root: /x\noptimizer:\n  name: rmsprop\n")
+    with pytest.raises(ConfigError, match=r"optimizer\.name"):
+        load_config(path)
+    path.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(path)
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(path)
+    path.write_text("seed: 1\n")
+    with pytest.raises(ConfigError, match=r"data\.root"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["no_equals_sign"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")

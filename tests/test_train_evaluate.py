@@ -1,0 +1,176 @@
+"""Training, resuming, evaluating and predicting on tiny synthetic data (CPU, seconds)."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_config
+from PIL import Image
+
+from histolite.config import load_config
+from histolite.errors import DataError, HistoliteError
+from histolite.evaluate import evaluate_run, load_run
+from histolite.evaluate.inference import predict_image
+from histolite.evaluate.plots import read_epoch_metrics
+from histolite.runspec import RunSpec
+from histolite.train import resolve_config, train_run
+
+
+def _train(
+    tmp_path: Path,
+    data_root: Path,
+    name: str = "run",
+    overrides: list[str] | None = None,
+    **sections: dict,
+) -> Path:
+    cfg_path = write_config(tmp_path / f"{name}.yaml", data_root, **sections)
+    out = tmp_path / name
+    cfg = resolve_config(cfg_path, overrides or [], out, resume=False)
+    return train_run(cfg, out, progress=False)
+
+
+def test_run_directory_holds_everything(tmp_path: Path, synthetic_dir: Path) -> None:
+    run = _train(
+        tmp_path, synthetic_dir, overrides=["data.test_fraction=0.25", "trainer.max_epochs=2"]
+    )
+    for name in (
+        "config.yaml",
+        "metadata.json",
+        "run.json",
+        "split.csv",
+        "train_summary.json",
+        "checkpoints/best.ckpt",
+        "checkpoints/last.ckpt",
+        "logs/csv0/metrics.csv",
+    ):
+        assert (run / name).is_file(), name
+    assert list((run / "logs" / "tb0").glob("events.out.tfevents.*"))
+    meta = json.loads((run / "metadata.json").read_text())
+    for key in (
+        "histolite_version",
+        "git_commit",
+        "torch_version",
+        "platform",
+        "seed",
+        "dataset_fingerprint",
+    ):
+        assert key in meta
+    assert meta["seed"] == 0 and len(meta["dataset_fingerprint"]) == 64
+    spec = RunSpec.load(run)
+    assert spec.classes == ("adipose", "lympho", "stroma", "tumor")
+    assert all(0.0 < m < 1.0 for m in spec.mean) and all(s > 0 for s in spec.std)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["epochs_completed"] == 2
+    assert load_config(run / "config.yaml").trainer.max_epochs == 2
+    with (run / "split.csv").open() as fh:
+        splits = {row["split"] for row in csv.DictReader(fh)}
+    assert splits == {"train", "val", "test"}
+
+    report_dir = tmp_path / "report"
+    report = evaluate_run(run, run / "split.csv", report_dir, progress=False)
+    assert set(report) >= {
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "weighted_f1",
+        "per_class",
+        "confusion_matrix",
+        "classes",
+    }
+    assert report["n"] == 16 and report["level"] == "image"
+    assert np.sum(report["confusion_matrix"]) == 16
+    assert set(report["per_class"]["tumor"]) == {"precision", "recall", "f1", "support"}
+    for name in (
+        "report.json",
+        "classification_report.csv",
+        "confusion_matrix.png",
+        "training_curves.png",
+        "predictions.csv",
+        "metadata.json",
+    ):
+        assert (report_dir / name).is_file(), name
+    with Image.open(report_dir / "confusion_matrix.png") as img:
+        assert img.size[0] > 300
+
+    # the same checkpoint gives the same probabilities through predict_image
+    loaded = load_run(run, device="cpu")
+    tile = np.array(Image.open(sorted((synthetic_dir / "tumor").iterdir())[0]).convert("RGB"))
+    probs = predict_image(loaded, tile)
+    assert probs.shape == (4,) and abs(probs.sum() - 1) < 1e-5
+
+
+def test_training_learns_the_synthetic_task(tmp_path: Path, synthetic_dir: Path) -> None:
+    run = _train(
+        tmp_path, synthetic_dir, overrides=["trainer.max_epochs=6", "data.test_fraction=0.25"]
+    )
+    report = evaluate_run(run, run / "split.csv", tmp_path / "rep", progress=False)
+    assert report["accuracy"] >= 0.6  # chance is 0.25
+
+
+def test_resume_continues_without_losing_epochs(tmp_path: Path, synthetic_dir: Path) -> None:
+    run = _train(tmp_path, synthetic_dir, overrides=["trainer.max_epochs=1"])
+    first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert first["epoch"] == 0
+    cfg = resolve_config(None, ["trainer.max_epochs=3"], run, resume=True)
+    train_run(cfg, run, resume=True, progress=False)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2
+    epochs = read_epoch_metrics(run)["train_loss"]
+    assert sorted(epochs) == [0, 1, 2]
+    assert json.loads((run / "train_summary.json").read_text())["resumed"] is True
+    with pytest.raises(HistoliteError, match="already holds a run"):
+        resolve_config(tmp_path / "run.yaml", [], run, resume=False)
+
+
+def test_patch_training_reports_patch_and_image_level(tmp_path: Path, synthetic_dir: Path) -> None:
+    run = _train(
+        tmp_path,
+        synthetic_dir,
+        overrides=[
+            "data.patches={size: 16, stride: 8}",
+            "data.image_size=16",
+            "data.test_fraction=0.25",
+        ],
+    )
+    spec = RunSpec.load(run)
+    assert spec.patches == {"size": 16, "stride": 8, "min_tissue": 0.0}
+    report = evaluate_run(run, run / "split.csv", tmp_path / "rep", progress=False)
+    assert report["level"] == "patch"
+    assert report["n"] == 16 * 9  # 16 test images x 3 x 3 patches
+    for method in ("majority_vote", "mean_probability"):
+        assert report["image_level"][method]["n"] == 16
+    assert (tmp_path / "rep" / "confusion_matrix_image_level.png").is_file()
+
+
+def test_stain_normalisation_is_part_of_the_run(tmp_path: Path, synthetic_dir: Path) -> None:
+    target = sorted((synthetic_dir / "stroma").iterdir())[0]
+    run = _train(tmp_path, synthetic_dir, overrides=[f"data.stain={{target: {target}}}"])
+    spec = RunSpec.load(run)
+    assert spec.stain is not None and spec.stain["method"] == "reinhard"
+    assert load_run(run).stain is not None
+
+
+def _copy_dataset(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_unreadable_files_refused_or_skipped_and_recorded(
+    tmp_path: Path, synthetic_dir: Path
+) -> None:
+    data = _copy_dataset(synthetic_dir, tmp_path / "data")
+    (data / "tumor" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    Image.new("L", (32, 32)).save(data / "stroma" / "gray.png")
+    with pytest.raises(
+        DataError, match=r"2 unreadable image\(s\)(.|\n)*broken.png(.|\n)*skip_unreadable"
+    ):
+        _train(tmp_path, data, name="refused")
+    run = _train(tmp_path, data, name="skipped", overrides=["data.skip_unreadable=true"])
+    skipped = json.loads((run / "skipped_files.json").read_text())
+    assert sorted(Path(s["path"]).name for s in skipped) == ["broken.png", "gray.png"]
+    assert json.loads((run / "metadata.json").read_text())["skipped_files"] == 2
