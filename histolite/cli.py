@@ -270,9 +270,65 @@ def train(
         out,
         resume,
     )
+    if cfg.distill is not None:
+        typer.echo(
+            "note: the config has a distill section; `train` trains the student alone "
+            "(the same-budget baseline). Use `histolite distill` to distil.",
+            err=True,
+        )
     train_run(cfg, out, resume=resume, progress=progress)
     _evaluate_test_split(out)
     typer.echo(f"run written to {out}")
+
+
+@app.command("distill")
+def distill(
+    config: Path | None = typer.Argument(None, help="Student YAML with a distill section."),
+    out: Path = typer.Option(..., "--out", help="Run directory to create (or resume)."),
+    teacher: Path | None = typer.Option(
+        None, "--teacher", help="Teacher run directory (remembered for --resume)."
+    ),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue RUN from its last checkpoint."),
+    accelerator: str | None = typer.Option(None, help="Lightning accelerator: cpu, gpu, auto."),
+    devices: str | None = typer.Option(None, help="Lightning devices, e.g. 2 or auto."),
+    num_nodes: int | None = typer.Option(None, "--num-nodes", help="Nodes for multi-node DDP."),
+    strategy: str | None = typer.Option(None, help="Lightning strategy, e.g. ddp."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Distil a teacher run into a student (vanilla or multi-part KD)."""
+    from histolite.config import DistillConfig
+    from histolite.train import resolve_config
+    from histolite.train.distill import distill_run
+
+    if teacher is None and not resume:
+        raise HistoliteError("--teacher TEACHER_RUN is required (unless --resume)")
+    cfg = resolve_config(
+        config,
+        [*overrides, *_trainer_overrides(accelerator, devices, num_nodes, strategy)],
+        out,
+        resume,
+        model=DistillConfig,
+    )
+    distill_run(cfg, teacher, out, resume=resume, progress=progress)
+    _evaluate_test_split(out)
+    typer.echo(f"run written to {out}")
+
+
+@app.command("compare")
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Run directories (teacher, students, ...)."),
+    data: Path = typer.Option(..., "--data", help="Image folder, or a split CSV."),
+    out: Path = typer.Option(..., "--out", help="Folder for compare.md, compare.json, reports."),
+    split: str = typer.Option("test", help="Which split of a split CSV to use."),
+    names: list[str] = typer.Option([], "--name", help="Row names, one per run, in order."),
+) -> None:
+    """One table of several runs on the same test data (Markdown + JSON)."""
+    from histolite.evaluate.compare import compare_runs, format_comparison
+
+    rows = compare_runs(runs, data, out, split=split, names=names or None)
+    typer.echo(format_comparison(rows))
+    typer.echo(f"written to {out / 'compare.md'} and {out / 'compare.json'}")
 
 
 @app.command("evaluate")
@@ -308,7 +364,7 @@ def predict(
     """Classify images; prints one JSON line per image (file, class, probabilities)."""
     from histolite.data.images import load_rgb
     from histolite.evaluate.inference import predict_image
-    from histolite.evaluate.loading import load_run
+    from histolite.models.loading import load_run
 
     loaded = load_run(run, checkpoint)
     for path in images:

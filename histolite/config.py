@@ -112,6 +112,26 @@ class TrainerConfig(_Strict):
         default=True, description="NHWC memory format: ~1.7x faster convolutions on CPU"
     )
     limit_train_batches: float | int | None = None
+    checkpoint_every: int | None = Field(
+        default=5,
+        ge=1,
+        description="keep checkpoints/epoch_NNN.ckpt every N epochs (multi-part KD)",
+    )
+    checkpoint_at: list[int] | None = Field(
+        default=None, description="explicit epochs to keep instead of checkpoint_every"
+    )
+
+
+class DistillSection(_Strict):
+    """Knowledge distillation from a teacher run."""
+
+    mode: Literal["vanilla", "multipart"] = "vanilla"
+    temperature: float = Field(default=4.0, gt=0.0)
+    kd_weight: float = Field(default=0.5, ge=0.0)
+    ce_weight: float = Field(default=1.0, ge=0.0)
+    teacher_checkpoint: str = Field(
+        default="best", description="vanilla: which teacher checkpoint (best, last, file name)"
+    )
 
 
 class TrainConfig(_Strict):
@@ -124,12 +144,22 @@ class TrainConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    distill: DistillSection | None = Field(
+        default=None,
+        description="used by `histolite distill`; `histolite train` trains the student alone",
+    )
 
     @model_validator(mode="after")
     def _check_data_source(self) -> TrainConfig:
         if self.data.root is None and self.data.split_csv is None:
             raise ValueError("set data.root (an image folder) or data.split_csv (a split CSV)")
         return self
+
+
+class DistillConfig(TrainConfig):
+    """A supervised config whose ``distill`` section is always present."""
+
+    distill: DistillSection = Field(default_factory=DistillSection)
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:

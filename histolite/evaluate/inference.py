@@ -14,7 +14,7 @@ from histolite.data.datasets import ImageDataset
 from histolite.data.folder import Sample
 from histolite.data.patches import index_patches
 from histolite.data.transforms import build_eval_transform
-from histolite.evaluate.loading import LoadedRun
+from histolite.models.loading import LoadedRun
 
 
 @dataclass

@@ -13,10 +13,10 @@ from histolite.data.patches import aggregate_patch_predictions
 from histolite.data.splits import read_split_csv
 from histolite.errors import DataError
 from histolite.evaluate.inference import Predictions, predict
-from histolite.evaluate.loading import LoadedRun, load_run
 from histolite.evaluate.metrics import classification_metrics
 from histolite.evaluate.plots import plot_confusion_matrix, plot_training_curves
 from histolite.fileio import atomic_path, write_json
+from histolite.models.loading import LoadedRun, load_run
 from histolite.runinfo import fingerprint_files, run_metadata
 
 

@@ -17,7 +17,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -41,6 +41,12 @@ from histolite.train.data import (
     stain_spec,
 )
 from histolite.train.module import ClassifierModule
+from histolite.train.schedule import (
+    AtEpochs,
+    CheckpointSchedule,
+    EveryNEpochs,
+    ScheduledCheckpoints,
+)
 
 ModuleBuilder = Callable[[nn.Module, TrainConfig, RunSpec], L.LightningModule]
 
@@ -55,6 +61,25 @@ def default_module(model: nn.Module, cfg: TrainConfig, spec: RunSpec) -> L.Light
         label_smoothing=cfg.trainer.label_smoothing,
         channels_last=cfg.trainer.channels_last,
     )
+
+
+ConfigT = TypeVar("ConfigT", bound=TrainConfig)
+
+
+@overload
+def resolve_config(
+    config_path: str | Path | None, overrides: Sequence[str], out: Path, resume: bool
+) -> TrainConfig: ...
+
+
+@overload
+def resolve_config(
+    config_path: str | Path | None,
+    overrides: Sequence[str],
+    out: Path,
+    resume: bool,
+    model: type[ConfigT],
+) -> ConfigT: ...
 
 
 def resolve_config(
@@ -165,6 +190,14 @@ def checkpoint_callbacks(directory: Path, monitor: str | None) -> list[ModelChec
     return callbacks
 
 
+def checkpoint_schedule(cfg: TrainConfig) -> CheckpointSchedule | None:
+    if cfg.trainer.checkpoint_at:
+        return AtEpochs(tuple(cfg.trainer.checkpoint_at))
+    if cfg.trainer.checkpoint_every:
+        return EveryNEpochs(cfg.trainer.checkpoint_every)
+    return None
+
+
 def _next_log_version(out: Path) -> int:
     logs = out / "logs"
     return len(list(logs.glob("csv*"))) if logs.is_dir() else 0
@@ -195,6 +228,13 @@ def train_run(
     has_val = datamodule.val_set is not None
     monitor = cfg.trainer.monitor if has_val else None
     checkpoints = checkpoint_callbacks(out / CHECKPOINT_DIR, monitor)
+    schedule = checkpoint_schedule(cfg)
+    if schedule is not None:
+        checkpoints_dir = out / CHECKPOINT_DIR
+        extra_callbacks = [
+            ScheduledCheckpoints(schedule, checkpoints_dir, cfg.trainer.max_epochs),
+            *extra_callbacks,
+        ]
     version = _next_log_version(out)
     trainer = L.Trainer(
         default_root_dir=out,

@@ -1,4 +1,7 @@
-"""Rebuild a trained classifier from a run directory, without unpickling anything."""
+"""Rebuild a trained classifier from a run directory, without unpickling anything.
+
+Lives in `models` so that training (a distillation teacher) and evaluation can both use it.
+"""
 
 from __future__ import annotations
 

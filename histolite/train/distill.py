@@ -1,0 +1,243 @@
+"""Knowledge distillation: a frozen teacher run guides a student, vanilla or multi-part.
+
+Vanilla KD mimics one teacher checkpoint for the whole run. Multi-part KD (Kather MixNet-L ->
+MixNet-S) walks the teacher's scheduled checkpoints: the student's training is cut into the
+same intervals (scaled if the student trains for a different number of epochs) and during
+interval i it mimics checkpoint C_i, ending on the final teacher. Which checkpoint applies is a
+pure function of the epoch, so ``--resume`` mid-interval reloads the right one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from histolite.config import DistillConfig, TrainConfig
+from histolite.errors import HistoliteError
+from histolite.fileio import read_json, write_json
+from histolite.models import NormalizedClassifier
+from histolite.models.loading import load_run, model_state_from_checkpoint
+from histolite.runspec import CHECKPOINT_DIR, RunSpec, checkpoint_path, is_rank_zero
+from histolite.train.losses import DistillationLoss
+from histolite.train.module import ClassifierModule
+from histolite.train.runner import train_run
+from histolite.train.schedule import read_schedule
+
+PLAN_FILE = "distill_plan.json"
+SWITCHES_FILE = "teacher_switches.json"
+
+
+@dataclass(frozen=True)
+class TeacherInterval:
+    """Student epochs ``first_epoch``..``last_epoch`` (0-based, inclusive) mimic ``checkpoint``."""
+
+    first_epoch: int
+    last_epoch: int
+    checkpoint: str
+    teacher_epochs_done: int | None
+
+
+def plan_intervals(
+    teacher_run: Path, mode: str, student_epochs: int, teacher_checkpoint: str = "best"
+) -> list[TeacherInterval]:
+    """Which teacher checkpoint the student follows in each of its epochs."""
+    if mode == "vanilla":
+        path = checkpoint_path(teacher_run, teacher_checkpoint)
+        return [TeacherInterval(0, student_epochs - 1, path.name, None)]
+    schedule = read_schedule(teacher_run / CHECKPOINT_DIR)
+    if not schedule:
+        raise HistoliteError(
+            f"{teacher_run}: no scheduled teacher checkpoints (checkpoints/schedule.json); "
+            "train the teacher with trainer.checkpoint_every=N for multi-part distillation"
+        )
+    teacher_total = schedule[-1][0]
+    intervals: list[TeacherInterval] = []
+    start = 0
+    for index, (done, path) in enumerate(schedule):
+        end = (
+            student_epochs
+            if index == len(schedule) - 1
+            else round(done * student_epochs / teacher_total)
+        )
+        if end <= start:  # fewer student epochs than checkpoints: later checkpoints win
+            continue
+        intervals.append(TeacherInterval(start, end - 1, path.name, done))
+        start = end
+    return intervals
+
+
+def interval_for_epoch(intervals: list[TeacherInterval], epoch: int) -> TeacherInterval:
+    for interval in intervals:
+        if interval.first_epoch <= epoch <= interval.last_epoch:
+            return interval
+    return intervals[-1]  # training extended past the plan (--resume with more epochs)
+
+
+class DistillModule(ClassifierModule):
+    """Student training with a frozen teacher on the same augmented batch.
+
+    The teacher is deliberately not a registered submodule: it gets no gradients, is not in the
+    optimizer, and is not written into the student's checkpoints.
+    """
+
+    teacher: NormalizedClassifier
+
+    def __init__(
+        self,
+        model: nn.Module,
+        teacher: NormalizedClassifier,
+        teacher_run: Path,
+        teacher_image_size: int,
+        intervals: list[TeacherInterval],
+        loss: DistillationLoss,
+        switches_file: Path,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, **kwargs)
+        teacher.requires_grad_(False).eval()
+        if self.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        object.__setattr__(self, "teacher", teacher)
+        self.teacher_run = teacher_run
+        self.teacher_image_size = teacher_image_size
+        self.intervals = intervals
+        self.kd = loss
+        self.switches_file = switches_file
+        self.loaded_checkpoint: str | None = None
+
+    def train(self, mode: bool = True) -> DistillModule:
+        super().train(mode)
+        self.teacher.eval()  # BatchNorm/dropout of the teacher stay frozen
+        return self
+
+    def _ensure_teacher(self, epoch: int) -> TeacherInterval:
+        interval = interval_for_epoch(self.intervals, epoch)
+        if interval.checkpoint != self.loaded_checkpoint:
+            path = self.teacher_run / CHECKPOINT_DIR / interval.checkpoint
+            if not path.is_file():
+                raise HistoliteError(f"{path}: teacher checkpoint missing (was it deleted?)")
+            self.teacher.load_state_dict(model_state_from_checkpoint(path))
+            self.loaded_checkpoint = interval.checkpoint
+            if is_rank_zero():
+                history = read_json(self.switches_file) if self.switches_file.is_file() else []
+                history.append(
+                    {
+                        "student_epoch": epoch,
+                        "checkpoint": interval.checkpoint,
+                        "teacher_epochs_done": interval.teacher_epochs_done,
+                    }
+                )
+                write_json(self.switches_file, history)
+        self.teacher.to(self.device).eval()
+        return interval
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        interval = self._ensure_teacher(self.current_epoch)
+        if interval.teacher_epochs_done is not None:
+            self.log(
+                "teacher_epochs_done",
+                float(interval.teacher_epochs_done),
+                on_epoch=True,
+                on_step=False,
+                sync_dist=True,
+            )
+
+    def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            teacher_x = x
+            if x.shape[-1] != self.teacher_image_size or x.shape[-2] != self.teacher_image_size:
+                size = (self.teacher_image_size, self.teacher_image_size)
+                teacher_x = F.interpolate(
+                    x, size=size, mode="bilinear", antialias=True, align_corners=False
+                )
+            if self.channels_last:
+                teacher_x = teacher_x.contiguous(memory_format=torch.channels_last)
+            teacher_logits = self.teacher(teacher_x)
+        student_logits = self(x)
+        return self.kd(student_logits, teacher_logits, y), student_logits
+
+
+def _teacher_dir_for_resume(out: Path) -> Path:
+    plan = out / PLAN_FILE
+    if not plan.is_file():
+        raise HistoliteError(f"{out}: no {PLAN_FILE}; pass --teacher TEACHER_RUN")
+    return Path(read_json(plan)["teacher_run"])
+
+
+def distill_run(
+    cfg: DistillConfig,
+    teacher_run: str | Path | None,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Distil ``teacher_run`` into the student described by ``cfg``; writes a normal run."""
+    out = Path(out)
+    teacher_dir = Path(teacher_run) if teacher_run is not None else _teacher_dir_for_resume(out)
+    teacher_spec = RunSpec.load(teacher_dir)
+    if resume and (out / PLAN_FILE).is_file():  # keep the original plan, even with more epochs
+        stored = read_json(out / PLAN_FILE)["intervals"]
+        intervals = [TeacherInterval(**item) for item in stored]
+    else:
+        intervals = plan_intervals(
+            teacher_dir, cfg.distill.mode, cfg.trainer.max_epochs, cfg.distill.teacher_checkpoint
+        )
+    teacher = load_run(teacher_dir, intervals[0].checkpoint, device="cpu").model
+
+    def build(model: nn.Module, config: TrainConfig, spec: RunSpec) -> DistillModule:
+        if tuple(spec.classes) != tuple(teacher_spec.classes):
+            raise HistoliteError(
+                f"teacher {teacher_dir} was trained on classes {list(teacher_spec.classes)}, "
+                f"but the data has {list(spec.classes)}; distil on the same classes"
+            )
+        loss = DistillationLoss(
+            cfg.distill.ce_weight,
+            cfg.distill.kd_weight,
+            cfg.distill.temperature,
+            config.trainer.label_smoothing,
+        )
+        return DistillModule(
+            model,
+            teacher,
+            teacher_dir,
+            teacher_spec.image_size,
+            intervals,
+            loss,
+            out / SWITCHES_FILE,
+            optimizer=config.optimizer,
+            scheduler=config.scheduler,
+            max_epochs=config.trainer.max_epochs,
+            monitor=config.trainer.monitor,
+            channels_last=config.trainer.channels_last,
+        )
+
+    if is_rank_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(
+            out / PLAN_FILE,
+            {
+                "teacher_run": str(teacher_dir.resolve()),
+                "teacher_model": teacher_spec.model_name,
+                "mode": cfg.distill.mode,
+                "intervals": [asdict(i) for i in intervals],
+            },
+        )
+    return train_run(
+        cfg,
+        out,
+        resume=resume,
+        progress=progress,
+        module_builder=build,
+        extra_metadata={
+            "teacher_run": str(teacher_dir.resolve()),
+            "teacher_model": teacher_spec.model_name,
+            "distill_mode": cfg.distill.mode,
+        },
+    )

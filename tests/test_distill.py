@@ -1,0 +1,269 @@
+"""Knowledge distillation: loss, frozen teacher, multi-part schedule, resume, errors, compare."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import write_config
+
+from histolite.config import DistillConfig
+from histolite.errors import HistoliteError
+from histolite.evaluate.compare import compare_runs
+from histolite.models import NormalizedClassifier, create_model
+from histolite.train import resolve_config, train_run
+from histolite.train.distill import (
+    SWITCHES_FILE,
+    DistillModule,
+    TeacherInterval,
+    distill_run,
+    plan_intervals,
+)
+from histolite.train.losses import DistillationLoss, kd_divergence
+from histolite.train.schedule import AtEpochs, EveryNEpochs
+
+
+def test_kd_loss_equals_hand_computation() -> None:
+    student = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    teacher = torch.tensor([[3.0, 1.0, -2.0], [-1.0, 0.0, 2.0]])
+    target = torch.tensor([0, 2])
+    temperature, ce_weight, kd_weight = 5.0, 1.0, 0.5
+
+    def softmax(z: np.ndarray) -> np.ndarray:
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    s, t = student.numpy().astype(np.float64), teacher.numpy().astype(np.float64)
+    p_t, p_s = softmax(t / temperature), softmax(s / temperature)
+    kl = np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=1).mean()
+    ce = -np.mean(np.log(softmax(s)[np.arange(2), target.numpy()]))
+    expected = ce_weight * ce + kd_weight * temperature**2 * kl
+
+    loss = DistillationLoss(ce_weight, kd_weight, temperature)(student, teacher, target)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert kd_divergence(student, teacher, temperature).item() == pytest.approx(
+        temperature**2 * kl, rel=1e-5
+    )
+    assert kd_divergence(teacher, teacher, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_checkpoint_schedules() -> None:
+    assert EveryNEpochs(5).epochs(50) == [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
+    assert EveryNEpochs(5).epochs(12) == [5, 10, 12]  # the final teacher is always kept
+    assert AtEpochs((3, 1, 99)).epochs(6) == [1, 3, 6]
+
+
+def _module(intervals: list[TeacherInterval], teacher_run: Path, tmp_path: Path) -> DistillModule:
+    from histolite.config import OptimizerConfig, SchedulerConfig
+
+    teacher = NormalizedClassifier(create_model("resnet8", 4), (0.5,) * 3, (0.25,) * 3)
+    student = NormalizedClassifier(create_model("resnet8", 4), (0.4,) * 3, (0.2,) * 3)
+    return DistillModule(
+        student,
+        teacher,
+        teacher_run,
+        24,
+        intervals,
+        DistillationLoss(),
+        tmp_path / "sw.json",
+        optimizer=OptimizerConfig(),
+        scheduler=SchedulerConfig(),
+        max_epochs=2,
+    )
+
+
+def test_gradients_reach_only_the_student_and_teacher_stays_frozen(tmp_path: Path) -> None:
+    module = _module([TeacherInterval(0, 1, "x.ckpt", None)], tmp_path, tmp_path)
+    module.train()
+    assert not module.teacher.training  # BatchNorm statistics must not move
+    before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    loss, logits = module.training_loss(x, y)  # teacher input resized 32 -> 24 px
+    loss.backward()
+    assert logits.shape == (4, 4)
+    assert all(p.grad is None for p in module.teacher.parameters())
+    assert all(p.grad is not None for p in module.model.parameters() if p.requires_grad)
+    assert all(torch.equal(before[k], v) for k, v in module.teacher.state_dict().items())
+    assert not any(k.startswith("teacher") for k in module.state_dict())
+    optimizer_params = {id(p) for p in module.configure_optimizers().param_groups[0]["params"]}
+    assert optimizer_params.isdisjoint({id(p) for p in module.teacher.parameters()})
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Path:
+    """A small teacher trained 4 epochs with checkpoints after epochs 2 and 4."""
+    tmp = tmp_path_factory.mktemp("teacher")
+    config = write_config(
+        tmp / "teacher.yaml",
+        synthetic_dir,
+        data={"test_fraction": 0.25},
+        model={"name": "resnet14"},
+    )
+    cfg = resolve_config(
+        config, ["trainer.max_epochs=4", "trainer.checkpoint_every=2"], tmp / "run", resume=False
+    )
+    return train_run(cfg, tmp / "run", progress=False)
+
+
+def _student_config(tmp_path: Path, data: Path, mode: str, epochs: int) -> DistillConfig:
+    config = write_config(
+        tmp_path / f"{mode}.yaml",
+        data,
+        data={"test_fraction": 0.25, "image_size": 24},
+        distill={"mode": mode, "temperature": 4.0},
+    )
+    cfg = resolve_config(
+        config, [f"trainer.max_epochs={epochs}"], tmp_path / mode, resume=False, model=DistillConfig
+    )
+    assert isinstance(cfg, DistillConfig)
+    return cfg
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.ckpt"))
+    }
+
+
+def test_multipart_switches_checkpoints_at_the_right_epochs(
+    tmp_path: Path, teacher_run: Path, synthetic_dir: Path
+) -> None:
+    assert sorted(_digest(teacher_run / "checkpoints")) == [
+        "best.ckpt",
+        "epoch_002.ckpt",
+        "epoch_004.ckpt",
+        "last.ckpt",
+    ]
+    before = _digest(teacher_run / "checkpoints")
+    cfg = _student_config(tmp_path, synthetic_dir, "multipart", epochs=4)
+    run = distill_run(cfg, teacher_run, tmp_path / "multipart", progress=False)
+    switches = json.loads((run / SWITCHES_FILE).read_text())
+    assert [(s["student_epoch"], s["checkpoint"]) for s in switches] == [
+        (0, "epoch_002.ckpt"),
+        (2, "epoch_004.ckpt"),
+    ]
+    assert _digest(teacher_run / "checkpoints") == before  # teacher untouched
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert not any(k.startswith("teacher") for k in state)
+    plan = json.loads((run / "distill_plan.json").read_text())
+    assert plan["mode"] == "multipart" and len(plan["intervals"]) == 2
+
+
+def test_student_with_fewer_epochs_gets_scaled_intervals(teacher_run: Path) -> None:
+    intervals = plan_intervals(teacher_run, "multipart", 2)
+    assert [(i.first_epoch, i.last_epoch, i.checkpoint) for i in intervals] == [
+        (0, 0, "epoch_002.ckpt"),
+        (1, 1, "epoch_004.ckpt"),
+    ]
+    longer = plan_intervals(teacher_run, "multipart", 10)
+    assert [(i.first_epoch, i.last_epoch) for i in longer] == [(0, 4), (5, 9)]
+    vanilla = plan_intervals(teacher_run, "vanilla", 10)
+    assert [(i.first_epoch, i.last_epoch, i.checkpoint) for i in vanilla] == [(0, 9, "best.ckpt")]
+
+
+class _StopAfter(L.Callback):
+    """Simulates an interruption: stop cleanly after ``epochs`` epochs."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize(("stop_after", "expected"), [(3, "epoch_004.ckpt"), (1, "epoch_002.ckpt")])
+def test_resume_mid_interval_restores_the_right_checkpoint(
+    tmp_path: Path,
+    teacher_run: Path,
+    synthetic_dir: Path,
+    stop_after: int,
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import histolite.train.distill as distill_module
+
+    cfg = _student_config(tmp_path, synthetic_dir, "multipart", epochs=4)
+    original = distill_module.train_run
+
+    def interrupted(*args: object, **kwargs: object) -> Path:
+        kwargs["extra_callbacks"] = [_StopAfter(stop_after)]
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(distill_module, "train_run", interrupted)
+    run = distill_run(cfg, teacher_run, tmp_path / "multipart", progress=False)
+    assert (
+        torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == stop_after - 1
+    )
+    monkeypatch.setattr(distill_module, "train_run", original)
+
+    resumed_cfg = resolve_config(None, [], run, resume=True, model=DistillConfig)
+    distill_run(resumed_cfg, None, run, resume=True, progress=False)  # teacher from the plan
+    switches = json.loads((run / SWITCHES_FILE).read_text())
+    resumed = [s for s in switches if s["student_epoch"] == stop_after]
+    assert resumed and resumed[0]["checkpoint"] == expected
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 3
+
+
+def test_missing_or_mismatched_teacher_is_a_clear_error(
+    tmp_path: Path, teacher_run: Path, synthetic_dir: Path
+) -> None:
+    cfg = _student_config(tmp_path, synthetic_dir, "vanilla", epochs=1)
+    with pytest.raises(HistoliteError, match="not a histolite run"):
+        distill_run(cfg, tmp_path / "no_teacher", tmp_path / "a", progress=False)
+    cfg.distill.teacher_checkpoint = "epoch_999"
+    with pytest.raises(HistoliteError, match=r"epoch_999\.ckpt: checkpoint not found"):
+        distill_run(cfg, teacher_run, tmp_path / "b", progress=False)
+    # a teacher without scheduled checkpoints cannot drive multi-part KD
+    plain = tmp_path / "plain_teacher"
+    config = write_config(tmp_path / "plain.yaml", synthetic_dir)
+    train_run(
+        resolve_config(config, ["trainer.checkpoint_every=null"], plain, resume=False),
+        plain,
+        progress=False,
+    )
+    with pytest.raises(HistoliteError, match="no scheduled teacher checkpoints"):
+        distill_run(
+            _student_config(tmp_path, synthetic_dir, "multipart", 1),
+            plain,
+            tmp_path / "c",
+            progress=False,
+        )
+    # different classes
+    import shutil
+
+    other = tmp_path / "other_data"
+    shutil.copytree(synthetic_dir, other)
+    shutil.rmtree(other / "adipose")
+    cfg = _student_config(tmp_path, other, "vanilla", epochs=1)
+    with pytest.raises(HistoliteError, match="trained on classes"):
+        distill_run(cfg, teacher_run, tmp_path / "d", progress=False)
+
+
+def test_compare_builds_one_table(tmp_path: Path, teacher_run: Path, synthetic_dir: Path) -> None:
+    student = distill_run(
+        _student_config(tmp_path, synthetic_dir, "vanilla", epochs=1),
+        teacher_run,
+        tmp_path / "vanilla",
+        progress=False,
+    )
+    rows = compare_runs(
+        [teacher_run, student],
+        teacher_run / "split.csv",
+        tmp_path / "cmp",
+        names=["teacher", "student_kd"],
+        progress=False,
+        speed_seconds=0.1,
+    )
+    assert [r["name"] for r in rows] == ["teacher", "student_kd"]
+    assert rows[0]["parameters"] > rows[1]["parameters"]
+    assert all(r["cpu_images_per_s_b1"] > 0 and r["cpu_images_per_s_b64"] > 0 for r in rows)
+    assert rows[0]["n"] == rows[1]["n"] == 16
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| teacher | resnet14 |" in table and "Per-class precision / recall / F1" in table
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())[1]["model"] == "resnet8"
