@@ -14,7 +14,7 @@ import torch
 
 from histolite.errors import DataError
 from histolite.fileio import read_json, write_json
-from histolite.stain.colour import lab_to_rgb, rgb_to_lab
+from histolite.stain.colour import F_TO_LAB, LAB_OFFSET, LAB_TO_F, f_to_rgb, rgb_to_f, rgb_to_lab
 
 # A flat (all-background) image has zero spread; this floor keeps the division finite.
 _MIN_STD = 1e-3
@@ -128,25 +128,54 @@ class ReinhardNormalizer:
         return write_json(path, self.target.to_dict())
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        batch, was_uint8, unbatched = _as_float_batch(images)
-        lab = rgb_to_lab(batch)
-        mask = lab[:, :1] < self.background_lightness if self.ignore_background else None
-        mean, std = lab_statistics(lab, mask)
-        target_mean = torch.tensor(self.target.mean, dtype=lab.dtype, device=lab.device).view(
-            1, 3, 1, 1
-        )
-        target_std = torch.tensor(self.target.std, dtype=lab.dtype, device=lab.device).view(
-            1, 3, 1, 1
-        )
-        normalised = (lab - mean) / std.clamp_min(_MIN_STD) * target_std + target_mean
-        if mask is not None:
-            normalised = torch.where(mask, normalised, lab)
-        out = lab_to_rgb(normalised)
-        if mask is not None:
-            has_tissue = mask.flatten(1).any(dim=1).view(-1, 1, 1, 1)
-            out = torch.where(has_tissue, out, batch)
+        """Normalise (3, H, W) or (B, 3, H, W); uint8 in -> uint8 out, float in -> float out.
+
+        Lab = A f + c is affine in f (see ``colour.py``), so matching Lab means and stds is
+        f' = K f + k with a per-image 3x3 ``K``: one batched matmul instead of a round trip
+        through Lab, and Lab statistics come from f's 3x3 covariance.
+        """
+        if images.ndim not in (3, 4) or images.shape[-3] != 3:
+            raise DataError(
+                f"expected a (3, H, W) or (B, 3, H, W) RGB tensor, got {tuple(images.shape)}"
+            )
+        unbatched = images.ndim == 3
+        batch = images.unsqueeze(0) if unbatched else images
+        was_uint8 = batch.dtype == torch.uint8
+        n, _, height, width = batch.shape
+        flat = batch.reshape(n, 3, height * width)
+        f = rgb_to_f(flat if was_uint8 else flat.to(torch.promote_types(flat.dtype, torch.float32)))
+        to_lab, to_f = F_TO_LAB.to(f), LAB_TO_F.to(f)
+        offset = LAB_OFFSET.to(f)
+
+        mask = None
+        if self.ignore_background:  # tissue: L = 116 fy - 16 below the background lightness
+            mask = f[:, 1:2] < (self.background_lightness + 16.0) / 116.0
+            weight = mask.to(f.dtype)
+            count = weight.sum(dim=-1).clamp_min(1.0)  # (n, 1)
+            mean_f = (f * weight).sum(dim=-1) / count
+            centred = (f - mean_f[..., None]) * weight
+        else:
+            count = torch.full((n, 1), float(height * width), dtype=f.dtype, device=f.device)
+            mean_f = f.mean(dim=-1)
+            centred = f - mean_f[..., None]
+        covariance = torch.bmm(centred, centred.transpose(1, 2)) / count[..., None]
+        lab_mean = mean_f @ to_lab.T + offset
+        lab_var = torch.einsum("ij,njk,ik->ni", to_lab, covariance, to_lab)
+        lab_std = lab_var.clamp_min(0.0).sqrt()
+
+        target_mean = torch.tensor(self.target.mean, dtype=f.dtype, device=f.device)
+        target_std = torch.tensor(self.target.std, dtype=f.dtype, device=f.device)
+        scale = target_std / lab_std.clamp_min(_MIN_STD)  # (n, 3)
+        shift = target_mean - lab_mean * scale
+        matrix = (to_f * scale[:, None, :]) @ to_lab  # to_f @ diag(scale) @ to_lab
+        bias = (scale * offset + shift - offset) @ to_f.T
+        normalised = torch.baddbmm(bias[..., None], matrix, f)
+        if mask is not None:  # background untouched; a tile without tissue passes through
+            normalised = torch.where(mask, normalised, f)
+        out = f_to_rgb(normalised)
         if was_uint8:
-            out = (out * 255.0).round().to(torch.uint8)
+            out = out.mul_(255.0).round_().to(torch.uint8)
+        out = out.reshape(n, 3, height, width)
         return out[0] if unbatched else out
 
     def __repr__(self) -> str:
