@@ -6,13 +6,13 @@ PIP := $(PY) -m pip
 # torch is capped at the versions on this machine's disk; a CPU-only machine may use any torch>=2.4.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[all,dev]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -32,3 +32,7 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf demo_output .pytest_cache .mypy_cache .ruff_cache
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format histolite tests benchmarks
+	$(VENV)/bin/ruff check --fix histolite tests benchmarks

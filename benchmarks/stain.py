@@ -72,8 +72,10 @@ def bench_device(device: str, batch: torch.Tensor, repeats: int) -> None:
         print("  torchstain not installed (pip install torchstain); comparison skipped")
     print(f"\n{device.upper()}: {n} tiles of {h}x{w}, median of {repeats} runs")
     for name, seconds in results.items():
-        print(f"  {name:<24} {n / seconds:9.1f} tiles/s {megapixels / seconds:9.2f} MP/s "
-              f"({seconds * 1000:.1f} ms/batch)")
+        print(
+            f"  {name:<24} {n / seconds:9.1f} tiles/s {megapixels / seconds:9.2f} MP/s "
+            f"({seconds * 1000:.1f} ms/batch)"
+        )
     if len(results) == 2:
         ratio = results["torchstain (per image)"] / results["histolite (batched)"]
         print(f"  histolite is {ratio:.2f}x torchstain's throughput")
@@ -86,8 +88,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     batch, source = load_tiles(args.batch, args.size)
-    print(f"inputs: {source}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"inputs: {source}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+        f"{platform.processor() or platform.machine()}"
+    )
     bench_device("cpu", batch, args.repeats)
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")

@@ -7,13 +7,24 @@ slide background), 16-bit data is scaled to 8 bit, palette images are expanded.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from histolite.errors import DataError
+
+
+class UnsupportedImage(DataError):
+    """Not an image format histolite reads (HTTP 415 when served)."""
+
+
+class ImageTooLarge(DataError):
+    """More pixels than allowed, e.g. a decompression bomb (HTTP 413 when served)."""
+
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 TIFF_EXTENSIONS = frozenset({".tif", ".tiff"})
@@ -45,23 +56,40 @@ def _to_rgb_uint8(array: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+def _read_tiff(
+    path: Path | BinaryIO, label: str | Path, max_pixels: int | None = None
+) -> np.ndarray:
     import tifffile
 
     try:
-        array = tifffile.imread(path, key=0)
+        with tifffile.TiffFile(path) as tif:
+            shape = tif.pages[0].shape
+            if max_pixels is not None and int(np.prod(shape[:2])) > max_pixels:
+                raise ImageTooLarge(
+                    f"{label}: {shape[0]}x{shape[1]} pixels exceeds the limit of {max_pixels}"
+                )
+            array = tif.pages[0].asarray()
+    except DataError:
+        raise
     except Exception as exc:  # tifffile raises many types for broken files
-        raise DataError(f"{path}: unreadable TIFF ({exc})") from exc
+        raise DataError(f"{label}: unreadable TIFF ({exc})") from exc
     if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[2] not in (3, 4):
         array = np.moveaxis(array, 0, -1)  # planar (CxHxW) storage
     return np.asarray(array)
 
 
-def _read_pil(path: Path) -> np.ndarray:
+def _read_pil(
+    path: Path | BinaryIO, label: str | Path, max_pixels: int | None = None
+) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
+                width, height = opened.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageTooLarge(
+                        f"{label}: {height}x{width} pixels exceeds the limit of {max_pixels}"
+                    )
                 opened.load()
                 img: Image.Image = opened
                 mode = img.mode
@@ -69,7 +97,7 @@ def _read_pil(path: Path) -> np.ndarray:
                     img = img.convert("RGBA" if "transparency" in img.info else "RGB")
                 elif mode in ("I;16", "I;16B", "I;16L", "I", "F", "1", "L", "LA"):
                     raise DataError(
-                        f"{path}: grayscale image (mode {mode}); "
+                        f"{label}: grayscale image (mode {mode}); "
                         "H&E classifiers need RGB colour images"
                     )
                 elif mode == "CMYK" or mode == "YCbCr":
@@ -77,10 +105,14 @@ def _read_pil(path: Path) -> np.ndarray:
                 return np.array(img)
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable or truncated image ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise UnsupportedImage(
+            f"{label}: not a recognised image format; expected PNG, JPEG or TIFF"
+        ) from exc
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: image too large to decode safely ({exc})") from exc
+        raise ImageTooLarge(f"{label}: image too large to decode safely ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{label}: unreadable or truncated image ({exc})") from exc
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
@@ -97,8 +129,37 @@ def load_rgb(path: str | Path) -> np.ndarray:
             f"{path}: unsupported extension {path.suffix!r}; "
             f"expected one of {', '.join(sorted(IMAGE_EXTENSIONS))}"
         )
-    array = _read_tiff(path) if path.suffix.lower() in TIFF_EXTENSIONS else _read_pil(path)
+    if path.suffix.lower() in TIFF_EXTENSIONS:
+        array = _read_tiff(path, path)
+    else:
+        array = _read_pil(path, path)
     return _to_rgb_uint8(array, path)
+
+
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"))
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def decode_rgb(data: bytes, name: str = "upload", max_pixels: int | None = None) -> np.ndarray:
+    """Decode image bytes (PNG, JPEG, TIFF; format from the content, not the name) to RGB uint8.
+
+    Raises:
+        UnsupportedImage: not an image format histolite reads.
+        ImageTooLarge: more than ``max_pixels`` pixels (checked from the header, before decoding).
+        DataError: corrupt, truncated or grayscale.
+    """
+    if not data:
+        raise DataError(f"{name}: empty file")
+    stream = io.BytesIO(data)
+    reader = _read_tiff if data[:4] in _TIFF_MAGIC else _read_pil
+    try:
+        array = reader(stream, name, max_pixels)
+    except UnsupportedImage as exc:
+        claimed = next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
+        if claimed is None:
+            raise
+        raise DataError(f"{name}: corrupt {claimed} data (unreadable or truncated)") from exc
+    return _to_rgb_uint8(array, Path(name))
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

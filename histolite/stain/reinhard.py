@@ -155,7 +155,8 @@ class ReinhardNormalizer:
             mean_f = (f * weight).sum(dim=-1) / count
             centred = (f - mean_f[..., None]) * weight
         else:
-            count = torch.full((n, 1), float(height * width), dtype=f.dtype, device=f.device)
+            # shaped from the input (not from n) so an ONNX trace keeps the batch dynamic
+            count = torch.ones_like(f[:, :1, 0]) * float(height * width)
             mean_f = f.mean(dim=-1)
             centred = f - mean_f[..., None]
         covariance = torch.bmm(centred, centred.transpose(1, 2)) / count[..., None]

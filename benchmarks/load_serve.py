@@ -1,0 +1,172 @@
+"""Load test of `histolite serve` on loopback: requests/s, latency percentiles, errors, memory.
+
+Starts the real server (uvicorn, ONNX Runtime) as a subprocess on 127.0.0.1, sends a bounded
+number of multipart uploads from concurrent async clients, stops on the request count or the
+time limit, and prints what it measured. Traffic never leaves this machine.
+
+    python benchmarks/load_serve.py --model MODEL_DIR [--requests 3000] [--concurrency 16]
+        [--time-limit 60] [--workers 1] [--image TILE.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HOST = "127.0.0.1"  # loopback only, by design
+KATHER = Path(__file__).resolve().parents[2] / "shared" / "data" / "kather2016"
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (uvicorn workers), in MB."""
+    total = 0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def default_image() -> Path:
+    tiles = sorted(KATHER.glob("04_LYMPHO/*.png"))
+    if tiles:
+        return tiles[0]
+    from histolite.data.synthetic import generate_synthetic_dataset
+
+    root = generate_synthetic_dataset(
+        Path(tempfile.mkdtemp()) / "tiles",
+        images_per_class=1,
+        image_size=150,
+        classes=("lympho",),
+        progress=False,
+    )
+    return next((root / "lympho").iterdir())
+
+
+async def run_load(
+    url: str, payload: bytes, name: str, total: int, concurrency: int, time_limit: float
+) -> tuple[list[float], dict[int, int], float]:
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    issued = 0
+    deadline = time.perf_counter() + time_limit
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal issued
+        while issued < total and time.perf_counter() < deadline:
+            issued += 1
+            started = time.perf_counter()
+            try:
+                response = await client.post(url, files={"files": (name, payload, "image/png")})
+                status = response.status_code
+            except httpx.HTTPError:
+                status = -1
+            latencies.append(time.perf_counter() - started)
+            statuses[status] = statuses.get(status, 0) + 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return latencies, statuses, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="exported model folder")
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds, at most")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--image", type=Path, default=None)
+    args = parser.parse_args()
+    image = args.image or default_image()
+    payload = image.read_bytes()
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    audit = Path(tempfile.mkdtemp()) / "audit.sqlite"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "histolite",
+            "serve",
+            str(args.model),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--workers",
+            str(args.workers),
+            "--audit-db",
+            str(audit),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ},
+    )
+    base = f"http://{HOST}:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None:
+                raise SystemExit(f"server exited: {server.stderr.read().decode()[-2000:]}")
+            time.sleep(0.1)
+        else:
+            raise SystemExit("server did not become ready in 30 s")
+        httpx.post(f"{base}/v1/predict", files={"files": (image.name, payload)})  # warm-up
+        memory_before = rss_mb(server.pid)
+        latencies, statuses, elapsed = asyncio.run(
+            run_load(
+                f"{base}/v1/predict",
+                payload,
+                image.name,
+                args.requests,
+                args.concurrency,
+                args.time_limit,
+            )
+        )
+        memory_after = rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    done = len(latencies)
+    errors = sum(n for status, n in statuses.items() if status != 200)
+    ms = sorted(1000 * x for x in latencies)
+    q = statistics.quantiles(ms, n=100) if len(ms) >= 2 else ms * 99
+    print(
+        f"model: {args.model} | image: {image.name} ({len(payload)} bytes) | "
+        f"server workers: {args.workers} | concurrency: {args.concurrency} | cpus: {os.cpu_count()}"
+    )
+    print(f"requests: {done} in {elapsed:.1f} s -> {done / elapsed:.1f} requests/s")
+    print(f"latency ms: p50 {q[49]:.1f}  p95 {q[94]:.1f}  p99 {q[98]:.1f}  max {ms[-1]:.1f}")
+    print(f"errors: {errors} (status counts: {dict(sorted(statuses.items()))})")
+    print(f"server memory (RSS): before {memory_before:.0f} MB, after {memory_after:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Run an exported model with ONNX Runtime and NumPy only (no torch): the serving path.
+
+An exported model folder holds ``model.onnx`` and ``model.json`` (the model card). The graph
+takes float32 RGB in [0, 1] of shape (N, 3, S, S) and returns class probabilities; stain
+normalisation is inside it. Images larger than one patch are cut into the card's grid and the
+patch probabilities are averaged, which also gives a per-patch heatmap.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from histolite.data.patches import grid_positions, patch_grid_shape
+from histolite.errors import HistoliteError
+
+MODEL_FILE = "model.onnx"
+CARD_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Aggregated probabilities plus the per-patch grid behind them."""
+
+    probabilities: np.ndarray  # (C,)
+    patch_probabilities: np.ndarray  # (rows, cols, C)
+    patch_size: int
+    stride: int
+
+    def top_class(self) -> int:
+        return int(self.probabilities.argmax())
+
+
+def load_card(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / CARD_FILE
+    if not path.is_file():
+        raise HistoliteError(
+            f"{model_dir}: not an exported model (no {CARD_FILE}); run "
+            "`histolite export RUN --out MODEL_DIR` first"
+        )
+    try:
+        card: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise HistoliteError(f"{path}: not valid JSON ({exc})") from exc
+    for key in ("classes", "input_size", "patch_size", "patch_stride"):
+        if key not in card:
+            raise HistoliteError(f"{path}: model card lacks {key!r}")
+    return card
+
+
+def image_to_batch(
+    pixels: np.ndarray, input_size: int, patch_size: int, stride: int
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Grid patches (or the whole image if smaller than a patch), resized, as (N, 3, S, S)."""
+    height, width = pixels.shape[:2]
+    rows, cols = patch_grid_shape(height, width, patch_size, stride)
+    if rows == 0:
+        crops, rows, cols = [pixels], 1, 1
+    else:
+        crops = [
+            pixels[y : y + patch_size, x : x + patch_size]
+            for y, x in grid_positions(height, width, patch_size, stride)
+        ]
+    batch = np.empty((len(crops), 3, input_size, input_size), dtype=np.float32)
+    for i, crop in enumerate(crops):
+        image = Image.fromarray(np.ascontiguousarray(crop))
+        if image.size != (input_size, input_size):
+            image = image.resize((input_size, input_size), Image.Resampling.BILINEAR)
+        batch[i] = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return batch, (rows, cols)
+
+
+class OnnxClassifier:
+    """One ONNX Runtime session shared by all requests (``run`` is thread-safe)."""
+
+    def __init__(
+        self, model_dir: str | Path, *, threads: int | None = None, max_batch: int = 64
+    ) -> None:
+        import onnxruntime as ort
+
+        self.model_dir = Path(model_dir)
+        self.card = load_card(self.model_dir)
+        path = self.model_dir / MODEL_FILE
+        if not path.is_file():
+            raise HistoliteError(f"{path}: model file missing")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.classes: list[str] = list(self.card["classes"])
+        self.input_size = int(self.card["input_size"])
+        self.patch_size = int(self.card["patch_size"])
+        self.stride = int(self.card["patch_stride"])
+        self.max_batch = max_batch
+        self._ready = threading.Event()
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        dummy = np.full((1, 3, self.input_size, self.input_size), 0.8, dtype=np.float32)
+        self.session.run(None, {self.input_name: dummy})
+        self._ready.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        chunks = [
+            self.session.run(None, {self.input_name: batch[i : i + self.max_batch]})[0]
+            for i in range(0, len(batch), self.max_batch)
+        ]
+        return np.concatenate(chunks).astype(np.float64)
+
+    def predict(self, pixels: np.ndarray) -> Prediction:
+        """Probabilities for one HxWx3 uint8 image."""
+        batch, (rows, cols) = image_to_batch(pixels, self.input_size, self.patch_size, self.stride)
+        probs = self.predict_batch(batch)
+        return Prediction(
+            probabilities=probs.mean(axis=0),
+            patch_probabilities=probs.reshape(rows, cols, -1),
+            patch_size=self.patch_size,
+            stride=self.stride,
+        )

@@ -1,0 +1,158 @@
+// histolite upload page: no framework, no CDN. Talks to /v1/model and /v1/predict.
+"use strict";
+
+const statusLine = document.getElementById("status");
+const results = document.getElementById("results");
+const template = document.getElementById("result-template");
+
+function setStatus(text, isError = false) {
+  statusLine.textContent = text;
+  statusLine.classList.toggle("error", isError);
+}
+
+function headers() {
+  const key = document.getElementById("api-key").value.trim();
+  return key ? { "X-API-Key": key } : {};
+}
+
+async function loadModel() {
+  try {
+    const card = await (await fetch("/v1/model")).json();
+    document.getElementById("model-line").textContent =
+      `Model ${card.name} v${card.version} (${card.model}, ${card.precision}) · ` +
+      `${card.classes.length} classes · input ${card.input_size} px · patches ${card.patch_size} px`;
+  } catch (err) {
+    document.getElementById("model-line").textContent = "Model card unavailable";
+  }
+}
+
+async function send(body, isJson, label) {
+  setStatus(`Classifying ${label}…`);
+  const init = { method: "POST", headers: headers(), body };
+  if (isJson) init.headers["Content-Type"] = "application/json";
+  const response = await fetch("/v1/predict", init);
+  const payload = await response.json().catch(() => ({ detail: response.statusText }));
+  if (!response.ok) {
+    throw new Error(`${response.status}: ${payload.detail || "request failed"}`);
+  }
+  return payload.predictions;
+}
+
+function drawImage(canvas, source) {
+  canvas.width = source.naturalWidth || source.width;
+  canvas.height = source.naturalHeight || source.height;
+  canvas.getContext("2d").drawImage(source, 0, 0);
+}
+
+function drawHeatmap(canvas, prediction, width, height) {
+  // Each patch is shaded by its probability of the predicted class.
+  canvas.width = width;
+  canvas.height = height;
+  const ctx = canvas.getContext("2d");
+  const grid = prediction.patches;
+  const classIndex = Object.keys(prediction.probabilities).indexOf(prediction.class);
+  const single = grid.rows * grid.cols === 1;
+  const size = single ? Math.min(width, height) : grid.size;
+  let cells = 0;
+  for (let r = 0; r < grid.rows; r++) {
+    for (let c = 0; c < grid.cols; c++) {
+      const p = grid.probabilities[r][c][classIndex];
+      ctx.fillStyle = `rgba(220, 30, 60, ${(0.55 * p).toFixed(3)})`;
+      ctx.fillRect(c * grid.stride, r * grid.stride, single ? width : size, single ? height : size);
+      ctx.strokeStyle = "rgba(255,255,255,0.6)";
+      ctx.strokeRect(c * grid.stride, r * grid.stride, single ? width : size, single ? height : size);
+      cells++;
+    }
+  }
+  canvas.dataset.cells = String(cells);
+}
+
+function render(prediction, imageSource) {
+  const node = template.content.firstElementChild.cloneNode(true);
+  node.dataset.class = prediction.class;
+  node.querySelector(".class-name").textContent = prediction.class;
+  node.querySelector(".class-prob").textContent = `${(100 * prediction.probability).toFixed(1)}%`;
+  node.querySelector(".meta").textContent =
+    `${prediction.filename || ""} · ${prediction.image_size.width}×${prediction.image_size.height} px · ` +
+    `${prediction.patches.rows}×${prediction.patches.cols} patches · ${prediction.time_ms} ms`;
+  const bars = node.querySelector(".bars");
+  const entries = Object.entries(prediction.probabilities).sort((a, b) => b[1] - a[1]);
+  for (const [name, p] of entries) {
+    const li = document.createElement("li");
+    if (name === prediction.class) li.classList.add("top");
+    li.innerHTML = `<span class="name"></span><span class="track"><span class="fill"></span></span><span class="value"></span>`;
+    li.querySelector(".name").textContent = name;
+    li.querySelector(".fill").style.width = `${(100 * p).toFixed(1)}%`;
+    li.querySelector(".value").textContent = `${(100 * p).toFixed(1)}%`;
+    bars.appendChild(li);
+  }
+  const imageCanvas = node.querySelector("canvas.image");
+  const heat = node.querySelector("canvas.heatmap");
+  if (imageSource) {
+    drawImage(imageCanvas, imageSource);
+  } else {
+    imageCanvas.width = prediction.image_size.width;
+    imageCanvas.height = prediction.image_size.height;
+  }
+  drawHeatmap(heat, prediction, prediction.image_size.width, prediction.image_size.height);
+  node.querySelector(".show-heatmap").addEventListener("change", (e) => {
+    heat.style.visibility = e.target.checked ? "visible" : "hidden";
+  });
+  results.prepend(node);
+}
+
+function loadPreview(file) {
+  // Browsers cannot show TIFF: the prediction is still drawn, over a blank canvas.
+  return new Promise((resolve) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => resolve(null);
+    img.src = URL.createObjectURL(file);
+  });
+}
+
+async function classifyFiles(files) {
+  if (!files.length) return;
+  const form = new FormData();
+  for (const file of files) form.append("files", file, file.name);
+  try {
+    const predictions = await send(form, false, `${files.length} image(s)`);
+    for (let i = 0; i < predictions.length; i++) render(predictions[i], await loadPreview(files[i]));
+    setStatus(`Done: ${predictions.length} image(s) classified.`);
+  } catch (err) {
+    setStatus(err.message, true);
+  }
+}
+
+document.getElementById("file-input").addEventListener("change", (e) => classifyFiles([...e.target.files]));
+
+const zone = document.getElementById("drop-zone");
+for (const type of ["dragenter", "dragover"]) {
+  zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.add("dragging"); });
+}
+for (const type of ["dragleave", "drop"]) {
+  zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.remove("dragging"); });
+}
+zone.addEventListener("drop", (e) => classifyFiles([...e.dataTransfer.files]));
+
+document.getElementById("url-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const url = document.getElementById("url-input").value.trim();
+  if (!url) return;
+  try {
+    const [prediction] = await send(JSON.stringify({ url }), true, url);
+    const img = await new Promise((resolve) => {
+      const im = new Image();
+      im.crossOrigin = "anonymous";
+      im.onload = () => resolve(im);
+      im.onerror = () => resolve(null);
+      im.src = url;
+    });
+    render(prediction, img);
+    setStatus("Done.");
+  } catch (err) {
+    setStatus(err.message, true);
+  }
+});
+
+loadModel();

@@ -1,0 +1,100 @@
+"""Deployment files: manifests parse and agree with the Dockerfile; its install step works."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO_ROOT
+
+from histolite.serve.app import ServeSettings
+
+DEPLOY = REPO_ROOT / "deploy"
+DOCKERFILE = (DEPLOY / "Dockerfile").read_text()
+
+
+def _manifests() -> dict[str, dict]:
+    docs = {}
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[doc["kind"]] = doc
+    return docs
+
+
+def test_manifests_parse_and_cover_the_deployment() -> None:
+    docs = _manifests()
+    assert set(docs) == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler"}
+    for doc in docs.values():
+        assert doc["apiVersion"] and doc["metadata"]["name"] == "histolite-serve"
+    assert docs["Service"]["spec"]["type"] == "LoadBalancer"
+    assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == "histolite-serve"
+
+
+def test_manifests_agree_with_the_dockerfile_and_the_app() -> None:
+    docs = _manifests()
+    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    documented_tag = re.search(r"docker build .* -t (\S+) ", DOCKERFILE)
+    assert documented_tag is not None and container["image"] == documented_tag.group(1)
+    exposed = int(re.search(r"^EXPOSE (\d+)", DOCKERFILE, re.M).group(1))  # type: ignore[union-attr]
+    assert container["ports"][0]["containerPort"] == exposed
+    assert f'--port", "{exposed}"' in DOCKERFILE
+    assert docs["Service"]["spec"]["ports"][0]["targetPort"] == container["ports"][0]["name"]
+    # probes hit routes the app really has
+    from fastapi.routing import APIRoute
+
+    import histolite.serve.app as app_module
+
+    source = Path(app_module.__file__).read_text()
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" and '"/readyz"' in source
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz" and '"/healthz"' in source
+    assert "/healthz" in DOCKERFILE
+    assert APIRoute  # the app is FastAPI
+    # resources, non-root, config keys the app reads
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    uid = docs["Deployment"]["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    assert f"USER {uid}" in DOCKERFILE and f"--uid {uid}" in DOCKERFILE
+    env_source = Path(app_module.__file__).read_text()
+    for key in docs["ConfigMap"]["data"]:
+        assert key in env_source, key
+    assert ServeSettings.from_env.__doc__
+
+
+def test_dockerfile_runs_the_tested_install_script() -> None:
+    assert "COPY deploy/install_serving.sh" in DOCKERFILE
+    assert "RUN sh /usr/local/bin/install_serving.sh /opt/venv /src" in DOCKERFILE
+    assert DOCKERFILE.count("FROM ") == 2  # multi-stage: the runtime stage copies the venv only
+    assert "COPY --from=build /opt/venv /opt/venv" in DOCKERFILE
+
+
+@pytest.mark.slow
+def test_install_script_builds_a_torch_free_serving_venv(tmp_path: Path) -> None:
+    """The Dockerfile's install step, run here in a fresh venv (needs the package index)."""
+    venv = tmp_path / "venv"
+    result = subprocess.run(
+        ["sh", str(DEPLOY / "install_serving.sh"), str(venv), str(REPO_ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    listing = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "list"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.lower()
+    assert "onnxruntime" in listing and "fastapi" in listing
+    assert "\ntorch " not in listing and "lightning" not in listing
+    help_text = subprocess.run(
+        [str(venv / "bin" / "histolite"), "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "model_dir" in help_text.lower()
+    assert sys.executable  # the test venv itself is untouched

@@ -1,0 +1,111 @@
+"""ONNX export: files, model card, parity with PyTorch, INT8, and failure leaves nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serving import export_small_model, train_small_run
+
+from histolite.data.images import load_rgb
+from histolite.errors import HistoliteError
+from histolite.evaluate.inference import predict_image
+from histolite.export.onnx import ExportError, export_run
+from histolite.export.runtime import OnnxClassifier
+from histolite.models.loading import load_run
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    train_small_run(root, synthetic_dir)
+    return root
+
+
+def test_fp32_export_matches_pytorch(workdir: Path, synthetic_dir: Path) -> None:
+    model_dir = export_small_model(workdir, synthetic_dir)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.onnx"]
+    card = json.loads((model_dir / "model.json").read_text())
+    for key in (
+        "name",
+        "version",
+        "classes",
+        "input_size",
+        "mean",
+        "std",
+        "stain",
+        "patch_size",
+        "patch_stride",
+        "metrics",
+        "parameters",
+        "size_bytes",
+        "training_data_fingerprint",
+        "intended_use",
+        "parity",
+    ):
+        assert key in card, key
+    assert card["classes"] == ["adipose", "lympho", "stroma", "tumor"]
+    assert card["patch_size"] == 32 and card["metrics"]["n"] == 16
+    assert card["parity"]["top1_agreement"] >= 0.99
+    assert card["parity"]["max_abs_probability_diff"] < 1e-4
+    # the served path gives the training path's probabilities
+    run = load_run(workdir / "run", device="cpu")
+    served = OnnxClassifier(model_dir)
+    tile = load_rgb(sorted((synthetic_dir / "lympho").iterdir())[0])
+    np.testing.assert_allclose(
+        served.predict(tile).probabilities, predict_image(run, tile), atol=1e-4
+    )
+
+
+def test_large_images_are_cut_into_the_patch_grid(workdir: Path, synthetic_dir: Path) -> None:
+    model_dir = workdir / "model"
+    served = OnnxClassifier(
+        model_dir if model_dir.exists() else export_small_model(workdir, synthetic_dir)
+    )
+    big = np.concatenate([load_rgb(p) for p in sorted((synthetic_dir / "tumor").iterdir())[:3]], 1)
+    prediction = served.predict(big)  # 32 x 96 -> 1 x 3 patches of 32 px
+    assert prediction.patch_probabilities.shape == (1, 3, 4)
+    np.testing.assert_allclose(
+        prediction.probabilities, prediction.patch_probabilities.reshape(3, 4).mean(0)
+    )
+
+
+def test_int8_export_is_smaller_and_passes_parity(workdir: Path, synthetic_dir: Path) -> None:
+    model_dir = export_small_model(workdir, synthetic_dir, int8=True)
+    card = json.loads((model_dir / "model.json").read_text())
+    fp32 = (
+        json.loads((workdir / "model" / "model.json").read_text())
+        if (workdir / "model").exists()
+        else None
+    )
+    assert card["precision"] == "int8" and card["parity"]["top1_agreement"] >= 0.99
+    assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.onnx"]
+    if fp32 is not None:
+        assert card["size_bytes"] < fp32["size_bytes"]
+
+
+def test_failed_parity_leaves_nothing_behind(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = OnnxClassifier.predict
+
+    def scrambled(self: OnnxClassifier, pixels: np.ndarray):  # type: ignore[no-untyped-def]
+        prediction = original(self, pixels)
+        object.__setattr__(prediction, "probabilities", prediction.probabilities[::-1].copy())
+        return prediction
+
+    monkeypatch.setattr(OnnxClassifier, "predict", scrambled)
+    with pytest.raises(ExportError, match="parity check failed"):
+        export_run(workdir / "run", workdir / "broken", progress=False, parity_samples=16)
+    assert not (workdir / "broken").exists()
+    assert not list(workdir.glob(".broken.*"))
+
+
+def test_existing_output_and_missing_run_are_refused(workdir: Path, tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(HistoliteError, match="already exists"):
+        export_run(workdir / "run", tmp_path / "taken", progress=False)
+    with pytest.raises(HistoliteError, match="not a histolite run"):
+        export_run(tmp_path / "nothing", tmp_path / "out", progress=False)

@@ -1,0 +1,117 @@
+"""The upload page in a real browser: Debian's chromium driven by Playwright, headless."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import KATHER_DIR, kather_available
+from serving import export_small_model
+
+from histolite.serve.app import ServeSettings, create_app
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+playwright_api = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(),
+    reason="Debian chromium not installed (apt-get install chromium); .ci/run installs it",
+)
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Iterator[str]:
+    import uvicorn
+
+    root = tmp_path_factory.mktemp("browser")
+    app = create_app(
+        ServeSettings(
+            model_dir=export_small_model(root, synthetic_dir), audit_db=root / "audit.sqlite"
+        )
+    )
+    port = _free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield url
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_upload_shows_class_bars_and_heatmap(
+    server: str, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    tile = sorted((synthetic_dir / "lympho").iterdir())[0]
+    expected = httpx.post(
+        f"{server}/v1/predict", files={"files": (tile.name, tile.read_bytes())}
+    ).json()
+    expected_class = expected["predictions"][0]["class"]
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server)
+            page.wait_for_function(
+                "document.getElementById('model-line').textContent.startsWith('Model')"
+            )
+            page.set_input_files("#file-input", str(tile))
+            result = page.wait_for_selector("article.result", timeout=20_000)
+            assert result is not None
+            assert page.inner_text("article.result .class-name") == expected_class
+            assert page.locator("article.result .bars li").count() == 4
+            assert page.get_attribute("article.result canvas.heatmap", "data-cells") == "1"
+            width = page.evaluate("document.querySelector('article.result canvas.image').width")
+            assert width == 32  # the uploaded image was drawn
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            # bad input shows the server's message, not a crash
+            bad = tmp_path / "bad.png"
+            bad.write_bytes(b"not an image")
+            page.set_input_files("#file-input", str(bad))
+            page.wait_for_selector("#status.error")
+            assert "415" in page.inner_text("#status")
+        finally:
+            browser.close()
+
+
+@pytest.mark.skipif(not kather_available(), reason="Kather tiles not present")
+def test_real_kather_tile_renders_a_patch_grid(server: str) -> None:
+    """A real 150 px H&E tile larger than the model's 32 px patches gives a 4 x 4 heatmap."""
+    tile = sorted((KATHER_DIR / "04_LYMPHO").iterdir())[0]
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server)
+            page.set_input_files("#file-input", str(tile))
+            page.wait_for_selector("article.result")
+            assert page.get_attribute("article.result canvas.heatmap", "data-cells") == "16"
+        finally:
+            browser.close()
