@@ -324,11 +324,12 @@ def compare(
     out: Path = typer.Option(..., "--out", help="Folder for compare.md, compare.json, reports."),
     split: str = typer.Option("test", help="Which split of a split CSV to use."),
     names: list[str] = typer.Option([], "--name", help="Row names, one per run, in order."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (8 dihedral views)."),
 ) -> None:
     """One table of several runs on the same test data (Markdown + JSON)."""
     from histolite.evaluate.compare import compare_runs, format_comparison
 
-    rows = compare_runs(runs, data, out, split=split, names=names or None)
+    rows = compare_runs(runs, data, out, split=split, names=names or None, tta=tta)
     typer.echo(format_comparison(rows))
     typer.echo(f"written to {out / 'compare.md'} and {out / 'compare.json'}")
 
@@ -341,11 +342,16 @@ def evaluate(
     split: str = typer.Option("test", help="Which split of a split CSV to evaluate."),
     checkpoint: str = typer.Option("best", help="best, last, or a checkpoint file name."),
     batch_size: int = typer.Option(64, help="Inference batch size."),
+    tta: bool = typer.Option(
+        False, "--tta", help="Average over the 8 flips/rotations of each image (8x slower)."
+    ),
 ) -> None:
     """Write report.json, classification_report.csv, confusion matrices and training curves."""
     from histolite.evaluate import evaluate_run
 
-    report = evaluate_run(run, data, out, split=split, checkpoint=checkpoint, batch_size=batch_size)
+    report = evaluate_run(
+        run, data, out, split=split, checkpoint=checkpoint, batch_size=batch_size, tta=tta
+    )
     typer.echo(
         f"{report['level']}-level: accuracy {report['accuracy']:.4f}, balanced accuracy "
         f"{report['balanced_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f} "

@@ -174,3 +174,18 @@ def test_unreadable_files_refused_or_skipped_and_recorded(
     skipped = json.loads((run / "skipped_files.json").read_text())
     assert sorted(Path(s["path"]).name for s in skipped) == ["broken.png", "gray.png"]
     assert json.loads((run / "metadata.json").read_text())["skipped_files"] == 2
+
+
+def test_test_time_augmentation_averages_the_eight_views() -> None:
+    from histolite.evaluate.inference import class_probabilities, dihedral_views
+    from histolite.models import create_model
+
+    x = torch.rand(2, 3, 16, 16)
+    views = dihedral_views(x)
+    assert len(views) == 8
+    assert len({tuple(v[0, 0].flatten()[:6].tolist()) for v in views}) == 8  # all distinct
+    model = create_model("resnet8", 3).eval()
+    with torch.no_grad():
+        expected = torch.stack([torch.softmax(model(v), 1) for v in views]).mean(0)
+        assert torch.allclose(class_probabilities(model, x, tta=True), expected)
+        assert torch.allclose(class_probabilities(model, x), torch.softmax(model(x), 1))

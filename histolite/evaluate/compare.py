@@ -38,6 +38,7 @@ def compare_runs(
     names: Sequence[str] | None = None,
     progress: bool = True,
     speed_seconds: float = 1.0,
+    tta: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate each run on the same data; write compare.md / compare.json into ``out``."""
     run_dirs = [Path(r) for r in runs]

@@ -27,6 +27,22 @@ class Predictions:
     patch_level: bool
 
 
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips/rotations of a (B, 3, H, W) batch: tissue has no preferred orientation."""
+    views = []
+    for k in range(4):
+        rotated = torch.rot90(x, k, dims=(-2, -1))
+        views += [rotated, torch.flip(rotated, dims=(-1,))]
+    return views
+
+
+def class_probabilities(model: torch.nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Softmax output; with ``tta``, averaged over the 8 dihedral views of each image."""
+    if not tta:
+        return torch.softmax(model(x), dim=1)
+    return torch.stack([torch.softmax(model(v), dim=1) for v in dihedral_views(x)]).mean(dim=0)
+
+
 def predict(
     run: LoadedRun,
     samples: Sequence[Sample],
@@ -34,6 +50,7 @@ def predict(
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = True,
+    tta: bool = False,
 ) -> Predictions:
     """Softmax probabilities for every image, or every grid patch when the run used patches."""
     patches = None
@@ -50,7 +67,7 @@ def predict(
     chunks, labels = [], []
     with torch.inference_mode():
         for x, y in tqdm(loader, desc="predicting", disable=not progress, leave=False):
-            chunks.append(torch.softmax(run.model(x.to(device)), dim=1).float().cpu().numpy())
+            chunks.append(class_probabilities(run.model, x.to(device), tta).float().cpu().numpy())
             labels.append(y.numpy())
     image_index = np.array([dataset.source_index(i) for i in range(len(dataset))], dtype=np.int64)
     return Predictions(

@@ -99,16 +99,20 @@ def evaluate_run(
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = True,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Predict ``data`` with the run's model and write the report bundle into ``out``."""
     run = load_run(run_dir, checkpoint)
     samples = load_eval_samples(data, run.spec.classes, split)
-    preds = predict(run, samples, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    preds = predict(
+        run, samples, batch_size=batch_size, num_workers=num_workers, progress=progress, tta=tta
+    )
     report = build_report(run, samples, preds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report["run"] = str(Path(run_dir))
     report["checkpoint"] = checkpoint
+    report["test_time_augmentation"] = "8 dihedral views" if tta else None
     report["data"] = str(data)
     report["split"] = split if Path(data).suffix.lower() == ".csv" else None
     write_json(out / "report.json", report)

@@ -264,7 +264,7 @@ def train_run(
         module,
         datamodule=datamodule,
         ckpt_path=last if resume else None,
-        weights_only=True if resume else None,
+        weights_only=True,  # checkpoints are loaded without unpickling objects
     )
     elapsed = time.perf_counter() - started
     if trainer.is_global_zero:
