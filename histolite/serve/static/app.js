@@ -57,7 +57,8 @@ function drawHeatmap(canvas, prediction, width, height) {
   for (let r = 0; r < grid.rows; r++) {
     for (let c = 0; c < grid.cols; c++) {
       const p = grid.probabilities[r][c][classIndex];
-      ctx.fillStyle = `rgba(220, 30, 60, ${(0.55 * p).toFixed(3)})`;
+      // green contrasts with pink/purple H&E; opacity = probability of the predicted class
+      ctx.fillStyle = `rgba(0, 190, 110, ${(0.6 * p).toFixed(3)})`;
       ctx.fillRect(c * grid.stride, r * grid.stride, single ? width : size, single ? height : size);
       ctx.strokeStyle = "rgba(255,255,255,0.6)";
       ctx.strokeRect(c * grid.stride, r * grid.stride, single ? width : size, single ? height : size);
@@ -95,6 +96,8 @@ function render(prediction, imageSource) {
     imageCanvas.height = prediction.image_size.height;
   }
   drawHeatmap(heat, prediction, prediction.image_size.width, prediction.image_size.height);
+  node.querySelector(".legend").textContent =
+    `heatmap: probability of ${prediction.class} in each ${prediction.patches.size} px patch`;
   node.querySelector(".show-heatmap").addEventListener("change", (e) => {
     heat.style.visibility = e.target.checked ? "visible" : "hidden";
   });
