@@ -49,17 +49,15 @@ class ReinhardStats:
         return cls(mean=mean, std=std)
 
 
-def _as_float_batch(images: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
-    """(B, 3, H, W) float in [0, 1]; remembers whether input was uint8 and unbatched."""
+def _as_batch(images: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
+    """(B, 3, H, W) view of the input; remembers whether it was uint8 and unbatched."""
     if images.ndim not in (3, 4) or images.shape[-3] != 3:
         raise DataError(
             f"expected a (3, H, W) or (B, 3, H, W) RGB tensor, got {tuple(images.shape)}"
         )
     unbatched = images.ndim == 3
     batch = images.unsqueeze(0) if unbatched else images
-    was_uint8 = batch.dtype == torch.uint8
-    batch = batch.float() / 255.0 if was_uint8 else batch.float()
-    return batch, was_uint8, unbatched
+    return batch, batch.dtype == torch.uint8, unbatched
 
 
 def lab_statistics(
@@ -106,8 +104,9 @@ class ReinhardNormalizer:
             if isinstance(image, np.ndarray)
             else image
         )
-        batch, _, _ = _as_float_batch(tensor)
-        mean, std = lab_statistics(rgb_to_lab(batch.double()))
+        batch, was_uint8, _ = _as_batch(tensor)
+        batch = batch.double() / 255.0 if was_uint8 else batch.double()
+        mean, std = lab_statistics(rgb_to_lab(batch))
         stats = ReinhardStats(
             mean=tuple(mean[0, :, 0, 0].tolist()),
             std=tuple(std[0, :, 0, 0].tolist()),
@@ -134,13 +133,7 @@ class ReinhardNormalizer:
         f' = K f + k with a per-image 3x3 ``K``: one batched matmul instead of a round trip
         through Lab, and Lab statistics come from f's 3x3 covariance.
         """
-        if images.ndim not in (3, 4) or images.shape[-3] != 3:
-            raise DataError(
-                f"expected a (3, H, W) or (B, 3, H, W) RGB tensor, got {tuple(images.shape)}"
-            )
-        unbatched = images.ndim == 3
-        batch = images.unsqueeze(0) if unbatched else images
-        was_uint8 = batch.dtype == torch.uint8
+        batch, was_uint8, unbatched = _as_batch(images)
         n, _, height, width = batch.shape
         flat = batch.reshape(n, 3, height * width)
         f = rgb_to_f(flat if was_uint8 else flat.to(torch.promote_types(flat.dtype, torch.float32)))
