@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -44,6 +46,22 @@ def rss_mb(pid: int) -> float:
         except OSError:
             continue
     return total / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (uvicorn workers)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError):
+            continue
+    return total / ticks
 
 
 def default_image() -> Path:
@@ -97,6 +115,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds, at most")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads/worker")
     parser.add_argument("--image", type=Path, default=None)
     args = parser.parse_args()
     image = args.image or default_image()
@@ -140,6 +159,8 @@ def main() -> None:
             raise SystemExit("server did not become ready in 30 s")
         httpx.post(f"{base}/v1/predict", files={"files": (image.name, payload)})  # warm-up
         memory_before = rss_mb(server.pid)
+        server_cpu_before = cpu_seconds(server.pid)
+        client_cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         latencies, statuses, elapsed = asyncio.run(
             run_load(
                 f"{base}/v1/predict",
@@ -151,6 +172,14 @@ def main() -> None:
             )
         )
         memory_after = rss_mb(server.pid)
+        server_cpu = cpu_seconds(server.pid) - server_cpu_before
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        client_cpu = (
+            usage.ru_utime
+            - client_cpu_before.ru_utime
+            + usage.ru_stime
+            - client_cpu_before.ru_stime
+        )
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -160,11 +189,16 @@ def main() -> None:
     q = statistics.quantiles(ms, n=100) if len(ms) >= 2 else ms * 99
     print(
         f"model: {args.model} | image: {image.name} ({len(payload)} bytes) | "
-        f"server workers: {args.workers} | concurrency: {args.concurrency} | cpus: {os.cpu_count()}"
+        f"server workers: {args.workers} | ORT threads: {args.threads or 'default'} | "
+        f"concurrency: {args.concurrency} | cpus: {os.cpu_count()}"
     )
     print(f"requests: {done} in {elapsed:.1f} s -> {done / elapsed:.1f} requests/s")
     print(f"latency ms: p50 {q[49]:.1f}  p95 {q[94]:.1f}  p99 {q[98]:.1f}  max {ms[-1]:.1f}")
     print(f"errors: {errors} (status counts: {dict(sorted(statuses.items()))})")
+    print(
+        f"CPU per request: server {1000 * server_cpu / done:.2f} ms, load client "
+        f"{1000 * client_cpu / done:.2f} ms (both on this machine's {os.cpu_count()} cores)"
+    )
     print(f"server memory (RSS): before {memory_before:.0f} MB, after {memory_after:.0f} MB")
 
 

@@ -101,6 +101,36 @@ class BodyLimit:
             await JSONResponse({"detail": str(exc)}, status_code=exc.status)(scope, receive, send)
 
 
+class RequestMetrics:
+    """Pure ASGI middleware recording status and latency per route (no BaseHTTPMiddleware cost)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.observe_request(
+                scope["method"], path, status, time.perf_counter() - started
+            )
+
+
 def _too_large(limit: int) -> Response:
     return JSONResponse({"detail": f"request body exceeds {limit} bytes"}, status_code=413)
 
@@ -142,16 +172,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     # added first, so it runs inside the metrics middleware and its 413s are counted
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
 
-    @app.middleware("http")
-    async def record_metrics(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        response: Response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.observe_request(
-            request.method, path, response.status_code, time.perf_counter() - started
-        )
-        return response
+    # outermost: sees every response, the BodyLimit 413s included
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.exception_handler(ClientError)
     async def client_error(request: Request, exc: ClientError) -> JSONResponse:
@@ -248,7 +270,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         openapi_extra=predict_body,
         summary="Classify uploaded images or one image URL",
     )
-    async def predict(request: Request) -> dict[str, Any]:
+    async def predict(request: Request) -> JSONResponse:
         check_key(request)
         client = request.client.host if request.client else None
         content_type = request.headers.get("content-type", "")
@@ -283,11 +305,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 415, "send multipart/form-data (field 'files') or JSON {\"url\": ...}"
             )
         results = [await run_in_threadpool(classify, data, name, client) for data, name in items]
-        return {
-            "model": card.get("name"),
-            "model_version": str(card.get("version")),
-            "predictions": results,
-        }
+        # plain JSON types already: skip FastAPI's jsonable_encoder pass over the patch grid
+        return JSONResponse(
+            {
+                "model": card.get("name"),
+                "model_version": str(card.get("version")),
+                "predictions": results,
+            }
+        )
 
     @app.get("/v1/model", summary="The model card")
     def model_card() -> dict[str, Any]:
