@@ -31,6 +31,16 @@ SET_HELP = (
     "Override a config value with a dotted key, e.g. --set trainer.max_epochs=3 (repeatable)."
 )
 
+# Options shared by `train` and `distill`.
+RUN_OUT = typer.Option(..., "--out", help="Run directory to create (or resume).")
+OVERRIDES = typer.Option([], "--set", help=SET_HELP)
+RESUME = typer.Option(False, "--resume", help="Continue RUN from its last checkpoint.")
+ACCELERATOR = typer.Option(None, help="Lightning accelerator: cpu, gpu, auto.")
+DEVICES = typer.Option(None, help="Lightning devices, e.g. 2 or auto.")
+NUM_NODES = typer.Option(None, "--num-nodes", help="Nodes for multi-node DDP.")
+STRATEGY = typer.Option(None, help="Lightning strategy, e.g. ddp.")
+PROGRESS = typer.Option(True, help="Show progress bars.")
+
 
 # ---------------------------------------------------------------- data
 @data_app.command("list")
@@ -254,14 +264,14 @@ def _evaluate_test_split(run_dir: Path) -> None:
 @app.command("train")
 def train(
     config: Path | None = typer.Argument(None, help="Experiment YAML (optional with --resume)."),
-    out: Path = typer.Option(..., "--out", help="Run directory to create (or resume)."),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: bool = typer.Option(False, "--resume", help="Continue RUN from its last checkpoint."),
-    accelerator: str | None = typer.Option(None, help="Lightning accelerator: cpu, gpu, auto."),
-    devices: str | None = typer.Option(None, help="Lightning devices, e.g. 2 or auto."),
-    num_nodes: int | None = typer.Option(None, "--num-nodes", help="Nodes for multi-node DDP."),
-    strategy: str | None = typer.Option(None, help="Lightning strategy, e.g. ddp."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    out: Path = RUN_OUT,
+    overrides: list[str] = OVERRIDES,
+    resume: bool = RESUME,
+    accelerator: str | None = ACCELERATOR,
+    devices: str | None = DEVICES,
+    num_nodes: int | None = NUM_NODES,
+    strategy: str | None = STRATEGY,
+    progress: bool = PROGRESS,
 ) -> None:
     """Train a classifier from a config into a run directory."""
     from histolite.train import resolve_config, train_run
@@ -286,17 +296,17 @@ def train(
 @app.command("distill")
 def distill(
     config: Path | None = typer.Argument(None, help="Student YAML with a distill section."),
-    out: Path = typer.Option(..., "--out", help="Run directory to create (or resume)."),
+    out: Path = RUN_OUT,
     teacher: Path | None = typer.Option(
         None, "--teacher", help="Teacher run directory (remembered for --resume)."
     ),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: bool = typer.Option(False, "--resume", help="Continue RUN from its last checkpoint."),
-    accelerator: str | None = typer.Option(None, help="Lightning accelerator: cpu, gpu, auto."),
-    devices: str | None = typer.Option(None, help="Lightning devices, e.g. 2 or auto."),
-    num_nodes: int | None = typer.Option(None, "--num-nodes", help="Nodes for multi-node DDP."),
-    strategy: str | None = typer.Option(None, help="Lightning strategy, e.g. ddp."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    overrides: list[str] = OVERRIDES,
+    resume: bool = RESUME,
+    accelerator: str | None = ACCELERATOR,
+    devices: str | None = DEVICES,
+    num_nodes: int | None = NUM_NODES,
+    strategy: str | None = STRATEGY,
+    progress: bool = PROGRESS,
 ) -> None:
     """Distil a teacher run into a student (vanilla or multi-part KD)."""
     from histolite.config import DistillConfig
