@@ -60,19 +60,11 @@ def _as_batch(images: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
     return batch, batch.dtype == torch.uint8, unbatched
 
 
-def lab_statistics(
-    lab: torch.Tensor, mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image, per-channel mean and std over (optionally masked) pixels: (B, 3, 1, 1) each."""
-    if mask is None:
-        mean = lab.mean(dim=(-2, -1), keepdim=True)
-        std = lab.std(dim=(-2, -1), keepdim=True, unbiased=False)
-        return mean, std
-    weight = mask.to(lab.dtype)
-    count = weight.sum(dim=(-2, -1), keepdim=True).clamp_min(1.0)
-    mean = (lab * weight).sum(dim=(-2, -1), keepdim=True) / count
-    var = (((lab - mean) ** 2) * weight).sum(dim=(-2, -1), keepdim=True) / count
-    return mean, var.sqrt()
+def lab_statistics(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-channel mean and (population) std: (B, 3, 1, 1) each."""
+    mean = lab.mean(dim=(-2, -1), keepdim=True)
+    std = lab.std(dim=(-2, -1), keepdim=True, unbiased=False)
+    return mean, std
 
 
 class ReinhardNormalizer:
