@@ -49,7 +49,7 @@ def data_list() -> None:
     from histolite.data.registry import list_datasets
 
     for spec in list_datasets():
-        typer.echo(f"{spec.name:<12} {spec.description}")
+        typer.echo(f"{spec.name:<16} {spec.description}")
 
 
 @data_app.command("download")
@@ -61,23 +61,43 @@ def data_download(
     ),
 ) -> None:
     """Download (or take a local copy of) a dataset archive, verify its checksum, extract it."""
-    from histolite.data.registry import download_dataset
+    from histolite.data.registry import download_dataset, file_digests, get_dataset
 
     extracted = download_dataset(name, to, source=source)
+    spec = get_dataset(name)
+    if spec.filename and not (spec.md5 or spec.sha384):
+        digests = file_digests(to / spec.filename)
+        typer.echo(
+            f"{spec.name} publishes no checksum; record this archive's md5 {digests['md5']} "
+            f"(sha384 {digests['sha384']}) to detect changes later"
+        )
     typer.echo(f"extracted to {extracted}")
+
+
+DATASET = typer.Option(
+    "folder", "--dataset", help="Registered dataset whose layout to read (see `data list`)."
+)
+LABELS = typer.Option(None, "--labels", help="Label scheme, e.g. BreakHis binary or subtype.")
+MAGNIFICATION = typer.Option(None, "--magnification", help="BreakHis: 40, 100, 200 or 400.")
 
 
 @data_app.command("check")
 def data_check(
-    root: Path = typer.Argument(..., help="Image folder ROOT/<class>/<image>."),
+    root: Path = typer.Argument(..., help="Dataset folder (ROOT/<class>/<image> for 'folder')."),
+    dataset: str = DATASET,
+    labels: str | None = LABELS,
+    magnification: int | None = MAGNIFICATION,
 ) -> None:
     """Read every image; print class counts and every unreadable, wrong-mode or odd-size file."""
     from histolite.data.check import check_images
-    from histolite.data.folder import scan_image_folder
+    from histolite.data.layouts import scan_dataset
 
-    images = scan_image_folder(root)
+    images = scan_dataset(dataset, root, labels=labels, magnification=magnification)
     report = check_images(images.samples, images.classes)
-    typer.echo(f"{root}: {len(images.samples)} images, {len(images.classes)} classes")
+    groups = len({s.group for s in images.samples})
+    typer.echo(
+        f"{root}: {len(images.samples)} images, {len(images.classes)} classes, {groups} groups"
+    )
     for line in report.summary_lines():
         typer.echo(line)
     if report.problems:
@@ -86,11 +106,20 @@ def data_check(
 
 @data_app.command("split")
 def data_split(
-    root: Path = typer.Argument(..., help="Image folder ROOT/<class>/<image>."),
+    root: Path = typer.Argument(..., help="Dataset folder (ROOT/<class>/<image> for 'folder')."),
     out: Path = typer.Option(..., "--out", help="CSV to write (path,label,group,split)."),
+    dataset: str = DATASET,
+    labels: str | None = LABELS,
+    magnification: int | None = MAGNIFICATION,
     val: float = typer.Option(0.15, help="Validation fraction."),
     test: float = typer.Option(0.15, help="Test fraction."),
     seed: int = typer.Option(42, help="Random seed (same seed, same split, on every machine)."),
+    split_by: str = typer.Option(
+        "auto",
+        "--split-by",
+        help="group (whole patients/slides per split), stratified (image level), or auto: "
+        "group where the dataset names patients or --group-regex is given.",
+    ),
     group_regex: str | None = typer.Option(
         None,
         "--group-regex",
@@ -98,28 +127,76 @@ def data_split(
         "in one split (no leakage).",
     ),
 ) -> None:
-    """Write a reproducible stratified (or group-aware) train/val/test split CSV."""
-    from collections import Counter
+    """Write a reproducible train/val/test split CSV and its split report (JSON)."""
+    from histolite.config import DataConfig
+    from histolite.data.folder import LabelledImages
+    from histolite.data.splits import write_split_csv
+    from histolite.fileio import write_json
+    from histolite.train.data import load_labelled_data, prepared_split_report
 
-    from histolite.data.folder import scan_image_folder
-    from histolite.data.splits import make_split, write_split_csv
-
-    images = scan_image_folder(root, group_regex=group_regex)
-    splits = make_split(images, val=val, test=test, seed=seed, grouped=group_regex is not None)
-    write_split_csv(out, images, splits)
-    counts = Counter(splits)
-    groups = {
-        name: len({s.group for s, n in zip(images.samples, splits, strict=True) if n == name})
-        for name in counts
-    }
+    if split_by == "auto" and group_regex is not None:
+        split_by = "group"
+    cfg = DataConfig(
+        dataset=dataset,
+        root=str(root),
+        labels=labels,
+        magnification=magnification,  # type: ignore[arg-type]
+        val_fraction=val,
+        test_fraction=test,
+        split_by=split_by,  # type: ignore[arg-type]
+        group_regex=group_regex,
+        split_seed=seed,
+    )
+    classes, splits, given = load_labelled_data(cfg, seed)
+    rows = [(s, name) for name in ("train", "val", "test") for s in splits[name]]
+    write_split_csv(
+        out, LabelledImages(classes, tuple(s for s, _ in rows)), [name for _, name in rows]
+    )
+    report = prepared_split_report(cfg, classes, splits, given)
+    write_json(out.with_suffix(".report.json"), report)
+    kind = str(report["group_kind"])
     typer.echo(
-        f"wrote {out}: "
+        f"wrote {out} ({report['split_by']} split): "
         + ", ".join(
-            f"{name} {counts[name]} images / {groups[name]} groups"
-            for name in ("train", "val", "test")
-            if name in counts
+            f"{name} {len(part)} images / {len({s.group for s in part})} {kind}s"
+            for name, part in splits.items()
+            if part
         )
     )
+
+
+@data_app.command("bags")
+def data_bags(
+    root: Path = typer.Argument(..., help="Labelled tiles (any registered layout)."),
+    out: Path = typer.Option(..., "--out", help="Folder for positive/ and negative/ bag images."),
+    positive: str = typer.Option(..., "--positive", help="Class that makes a bag positive."),
+    dataset: str = DATASET,
+    grid: int = typer.Option(3, help="Tiles per side of each bag."),
+    bags_per_class: int = typer.Option(
+        100, "--bags-per-class", help="Positive and negative bags each."
+    ),
+    max_positive: int = typer.Option(2, "--max-positive", help="Most positive tiles in a bag."),
+    tile_size: int = typer.Option(64, "--tile-size", help="Tiles are resized to this size."),
+    within_group: bool = typer.Option(
+        False, "--within-group", help="Draw each bag's tiles from one patient/slide."
+    ),
+    seed: int = typer.Option(0, help="Seed; the same arguments give the same bags."),
+) -> None:
+    """Build MIL bags as tile mosaics (positive iff a --positive tile is present) + bags.csv."""
+    from histolite.data.layouts import scan_dataset
+    from histolite.data.mosaic import MosaicSpec, build_mosaic_bags
+
+    images = scan_dataset(dataset, root)
+    spec = MosaicSpec(
+        positive=positive,
+        grid=grid,
+        bags_per_class=bags_per_class,
+        max_positive=max_positive,
+        tile_size=tile_size,
+        within_group=within_group,
+    )
+    build_mosaic_bags(images, out, spec, seed=seed)
+    typer.echo(f"wrote {2 * bags_per_class} bags of {grid}x{grid} tiles to {out}")
 
 
 @data_app.command("synthetic")
@@ -288,7 +365,12 @@ def train(
             "(the same-budget baseline). Use `histolite distill` to distil.",
             err=True,
         )
-    train_run(cfg, out, resume=resume, progress=progress)
+    if cfg.mil is not None:
+        from histolite.train.mil import mil_run
+
+        mil_run(cfg, out, resume=resume, progress=progress)
+    else:
+        train_run(cfg, out, resume=resume, progress=progress)
     _evaluate_test_split(out)
     typer.echo(f"run written to {out}")
 
@@ -371,6 +453,57 @@ def evaluate(
         for method, metrics in report["image_level"].items():
             typer.echo(f"image-level ({method}): accuracy {metrics['accuracy']:.4f}")
     typer.echo(f"report written to {out}")
+
+
+@app.command("explain")
+def explain(
+    run: Path = typer.Argument(..., help="Run directory."),
+    image: Path = typer.Argument(..., help="Image to explain."),
+    out: Path = typer.Option(..., "--out", help="Overlay PNG to write (the image's size)."),
+    method: str = typer.Option(
+        "auto", help="auto (attention for MIL runs, else gradcam), attention or gradcam."
+    ),
+    target: str | None = typer.Option(
+        None, help="Grad-CAM: class to explain (default: the predicted one)."
+    ),
+    layer: str | None = typer.Option(
+        None, help="Grad-CAM: module name (default: the last spatial feature map)."
+    ),
+    alpha: float = typer.Option(0.45, help="Heatmap opacity, 0 to 1."),
+    checkpoint: str = typer.Option("best", help="best, last, or a checkpoint file name."),
+) -> None:
+    """Draw where the model looked: MIL attention per patch, or Grad-CAM, over the image."""
+    from histolite.data.images import load_rgb
+    from histolite.evaluate.explain import explain_image, render_overlay
+    from histolite.models.loading import load_run
+
+    loaded = load_run(run, checkpoint)
+    classes = loaded.spec.classes
+    if target is not None and target not in classes:
+        raise HistoliteError(f"--target {target!r} is not one of the run's classes {list(classes)}")
+    pixels = load_rgb(image)
+    explanation = explain_image(
+        loaded,
+        pixels,
+        method=method,
+        target=classes.index(target) if target is not None else None,
+        layer=layer,
+    )
+    render_overlay(pixels, explanation.heatmap, out, alpha=alpha)
+    typer.echo(
+        json.dumps(
+            {
+                "file": str(image),
+                "overlay": str(out),
+                "method": explanation.method,
+                "explained_class": classes[explanation.target],
+                "predicted_class": classes[int(explanation.probs.argmax())],
+                "probabilities": {
+                    c: round(float(p), 6) for c, p in zip(classes, explanation.probs, strict=True)
+                },
+            }
+        )
+    )
 
 
 @app.command("predict")
@@ -521,8 +654,29 @@ _EXTRA_FOR_MODULE = {
 }
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    """Leakage warnings are for people, not developers: no source line, hard to miss."""
+    from histolite.data.splits import LeakageWarning
+
+    if issubclass(category, LeakageWarning):
+        typer.secho(f"WARNING: {message}", fg="yellow", bold=True, err=True)
+        return
+    _default_show_warning(message, category, filename, lineno, file, line)  # type: ignore[arg-type]
+
+
+_default_show_warning = warnings.showwarning
+
+
 def main() -> None:
     """Entry point: user errors print one clear line, not a traceback."""
+    warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")

@@ -42,10 +42,21 @@ class DataConfig(_Strict):
     image_size: int = Field(default=112, ge=8)
     val_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
-    split_by: Literal["stratified", "group"] = Field(
-        default="stratified", description="group: whole slides/patients per split (no leakage)"
+    split_by: Literal["auto", "stratified", "group"] = Field(
+        default="auto",
+        description=(
+            "group: whole slides/patients per split (no leakage); auto: group wherever the "
+            "dataset names patients (BreakHis, IDC), else stratified"
+        ),
     )
     group_regex: str | None = None
+    labels: str | None = Field(
+        default=None,
+        description="label scheme where a dataset offers several (BreakHis: binary, subtype)",
+    )
+    magnification: Literal[40, 100, 200, 400] | None = Field(
+        default=None, description="BreakHis: keep one magnification"
+    )
     split_seed: int | None = None
     batch_size: int = Field(default=64, ge=1)
     num_workers: int = Field(default=2, ge=0)
@@ -134,6 +145,31 @@ class DistillSection(_Strict):
     )
 
 
+class MILConfig(_Strict):
+    """Attention-based multiple-instance learning: each image is a bag of its grid patches."""
+
+    patch: PatchConfig = Field(description="instances: grid patches of each image")
+    pooling: Literal["attention", "gated"] = Field(
+        default="gated", description="Ilse et al. 2018 attention, or its gated variant"
+    )
+    embed_dim: int = Field(default=128, ge=1, description="instance embedding size")
+    attention_dim: int = Field(default=64, ge=1, description="hidden size of the attention net")
+    dropout: float = Field(default=0.25, ge=0.0, lt=1.0)
+    freeze_backbone: bool = Field(
+        default=True, description="train only embedding, attention and classifier"
+    )
+    cache_features: bool = Field(
+        default=True,
+        description="frozen backbone: compute patch features once and keep them on disk",
+    )
+    feature_cache: str | None = Field(
+        default=None, description="folder for cached features (default RUN/features)"
+    )
+    max_instances: int | None = Field(
+        default=None, ge=1, description="training: a random subset of each bag's patches"
+    )
+
+
 class TrainConfig(_Strict):
     """One supervised experiment."""
 
@@ -148,11 +184,19 @@ class TrainConfig(_Strict):
         default=None,
         description="used by `histolite distill`; `histolite train` trains the student alone",
     )
+    mil: MILConfig | None = Field(
+        default=None, description="train an attention-MIL bag classifier instead of a CNN"
+    )
 
     @model_validator(mode="after")
     def _check_data_source(self) -> TrainConfig:
         if self.data.root is None and self.data.split_csv is None:
             raise ValueError("set data.root (an image folder) or data.split_csv (a split CSV)")
+        if self.mil is not None and self.data.patches is not None:
+            raise ValueError(
+                "data.patches (patch-level classification) and mil (images as bags of patches) "
+                "exclude each other; MIL instances are set by mil.patch"
+            )
         return self
 
 

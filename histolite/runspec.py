@@ -28,6 +28,7 @@ class RunSpec:
     head_dropout: float = 0.4
     stain: dict[str, Any] | None = None
     patches: dict[str, Any] | None = None
+    mil: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from histolite.data.folder import scan_image_folder
-from histolite.data.registry import download_dataset, get_dataset, safe_extract_zip
+from histolite.data.registry import download_dataset, get_dataset, safe_extract
 from histolite.errors import DataError
 
 
@@ -65,7 +65,7 @@ def test_zip_slip_is_refused(tmp_path: Path) -> None:
     with zipfile.ZipFile(evil, "w") as zf:
         zf.writestr("../outside.txt", "x")
     with pytest.raises(DataError, match="escapes"):
-        safe_extract_zip(evil, tmp_path / "dest")
+        safe_extract(evil, tmp_path / "dest")
     assert not (tmp_path / "outside.txt").exists()
 
 

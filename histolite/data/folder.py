@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from histolite.data.images import is_image_file
@@ -14,12 +14,17 @@ from histolite.errors import DataError
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled image. ``group`` (slide or patient) keeps correlated images in one split."""
+    """One labelled image. ``group`` (slide or patient) keeps correlated images in one split.
+
+    ``meta`` holds what a dataset's file names encode beyond the label (BreakHis subtype and
+    magnification, IDC coordinates); it takes no part in equality or hashing.
+    """
 
     path: Path
     label: int
     class_name: str
     group: str
+    meta: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)

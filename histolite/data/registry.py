@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import tarfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,10 @@ class DatasetSpec:
     size_bytes: int | None = None
     classes: tuple[str, ...] = ()
     group_regex: str | None = None
+    layout: str = "class_folders"
+    patient_level: bool = False
+    label_schemes: tuple[str, ...] = ()
+    homepage: str = ""
     citation: str = ""
     licence: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -102,6 +107,120 @@ register_dataset(
 )
 
 
+register_dataset(
+    DatasetSpec(
+        name="bach2018",
+        description="ICIAR 2018 BACH Part A: 400 breast H&E photos, 2048x1536 TIFF, 4 classes.",
+        url="https://zenodo.org/records/3632035/files/ICIAR2018_BACH_Challenge.zip?download=1",
+        filename="ICIAR2018_BACH_Challenge.zip",
+        md5="8ae1801334aa943c44627c1eef3631b2",
+        classes=("Normal", "Benign", "InSitu", "Invasive"),
+        layout="bach2018",
+        homepage="https://iciar2018-challenge.grand-challenge.org/",
+        citation=(
+            "Aresta G et al. BACH: Grand challenge on breast cancer histology images. "
+            "Med Image Anal 56, 122-139 (2019). doi:10.1016/j.media.2019.05.010"
+        ),
+        licence="CC BY-NC-ND 4.0",
+        notes=(
+            "No patient ids are published: each photo is its own group, so patches of one photo "
+            "never cross splits, but two photos of one patient may.",
+            "The md5 is the one other open-source loaders record; the byte size is not recorded.",
+        ),
+    )
+)
+
+register_dataset(
+    DatasetSpec(
+        name="breakhis",
+        description=(
+            "BreakHis v1: 7,909 breast tumour images (700x460 PNG) from 82 patients at 40/100/"
+            "200/400X; benign/malignant or 8 subtypes."
+        ),
+        url="http://www.inf.ufpr.br/vri/databases/BreaKHis_v1.tar.gz",
+        filename="BreaKHis_v1.tar.gz",
+        classes=("benign", "malignant"),
+        layout="breakhis",
+        patient_level=True,
+        label_schemes=("binary", "subtype"),
+        homepage=(
+            "https://web.inf.ufpr.br/vri/databases/breast-cancer-histopathological-database-breakhis/"
+        ),
+        citation=(
+            "Spanhol FA et al. A dataset for breast cancer histopathological image "
+            "classification. IEEE Trans Biomed Eng 63(7), 1455-1462 (2016)."
+        ),
+        licence="research use; see the homepage",
+        notes=(
+            "File names encode tumour class, subtype, patient and magnification "
+            "(SOB_<B|M>_<subtype>-<year>-<patient>-<mag>-<seq>.png).",
+            "No official checksum is published; `data download` prints the archive's md5.",
+        ),
+    )
+)
+
+register_dataset(
+    DatasetSpec(
+        name="idc",
+        description=(
+            "Breast histopathology IDC patches: 277,524 patches of 50x50 px from 279 patients, "
+            "IDC-negative (0) or positive (1)."
+        ),
+        url="http://andrewjanowczyk.com/wp-static/IDC_regular_ps50_idx5.zip",
+        filename="IDC_regular_ps50_idx5.zip",
+        classes=("non_idc", "idc"),
+        layout="idc",
+        patient_level=True,
+        homepage="http://www.andrewjanowczyk.com/use-case-6-invasive-ductal-carcinoma-idc-segmentation/",
+        citation=(
+            "Janowczyk A, Madabhushi A. Deep learning for digital pathology image analysis. "
+            "J Pathol Inform 7, 29 (2016); Cruz-Roa A et al. SPIE Medical Imaging 2014."
+        ),
+        licence="research use; also mirrored on Kaggle (breast-histopathology-images)",
+        notes=("No official checksum is published; `data download` prints the archive's md5.",),
+    )
+)
+
+_NCT_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
+_NCT_CITATION = (
+    "Kather JN et al. Predicting survival from colorectal cancer histology slides using deep "
+    "learning. PLOS Med 16(1), e1002730 (2019); data doi:10.5281/zenodo.1214456"
+)
+
+register_dataset(
+    DatasetSpec(
+        name="nct_crc_he_100k",
+        description="NCT-CRC-HE-100K: 100,000 colorectal tiles, 224 px (0.5 um/px), 9 classes.",
+        url="https://zenodo.org/records/1214456/files/NCT-CRC-HE-100K.zip?download=1",
+        filename="NCT-CRC-HE-100K.zip",
+        md5="6fd702d11df6292bc054397ae038a464",
+        size_bytes=11_690_284_003,
+        classes=_NCT_CLASSES,
+        citation=_NCT_CITATION,
+        licence="CC BY 4.0",
+        notes=(
+            "Macenko-normalised tiles from 86 slides; slide ids are not in the file names, so "
+            "the usual protocol trains here and tests on CRC-VAL-HE-7K (other patients).",
+        ),
+    )
+)
+
+register_dataset(
+    DatasetSpec(
+        name="crc_val_he_7k",
+        description="CRC-VAL-HE-7K: 7,180 colorectal tiles from 50 other patients, 9 classes.",
+        url="https://zenodo.org/records/1214456/files/CRC-VAL-HE-7K.zip?download=1",
+        filename="CRC-VAL-HE-7K.zip",
+        md5="2fd1651b4f94ebd818ebf90ad2b6ce06",
+        size_bytes=800_276_929,
+        classes=_NCT_CLASSES,
+        citation=_NCT_CITATION,
+        licence="CC BY 4.0",
+        notes=("The external test set for models trained on NCT-CRC-HE-100K.",),
+    )
+)
+
+
 def file_digests(path: Path) -> dict[str, str]:
     """md5 and sha384 of a file, read once."""
     md5, sha384 = hashlib.md5(usedforsecurity=False), hashlib.sha384()
@@ -154,9 +273,23 @@ def _download(url: str, target: Path, progress: bool) -> None:
             raise DataError(f"download of {url} failed: {exc}") from exc
 
 
-def safe_extract_zip(archive: Path, dest: Path) -> None:
-    """Extract a zip, refusing members that would land outside ``dest`` (zip-slip)."""
-    dest = dest.resolve()
+def archive_stem(filename: str) -> str:
+    """``X.zip`` / ``X.tar.gz`` / ``X.tgz`` -> ``X``: the folder an archive is extracted into."""
+    for suffix in (".tar.gz", ".tgz", ".zip"):
+        if filename.endswith(suffix):
+            return filename[: -len(suffix)]
+    return Path(filename).stem
+
+
+def _extract_to_staging(archive: Path, dest: Path, staging: Path) -> None:
+    if archive.name.endswith((".tar.gz", ".tgz")):
+        try:
+            with tarfile.open(archive, "r:gz") as tf:
+                # The "data" filter refuses absolute paths, escaping members and device files.
+                tf.extractall(staging, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise DataError(f"{archive}: cannot extract ({exc})") from exc
+        return
     try:
         with zipfile.ZipFile(archive) as zf:
             for member in zf.infolist():
@@ -165,12 +298,22 @@ def safe_extract_zip(archive: Path, dest: Path) -> None:
                     raise DataError(
                         f"{archive}: member {member.filename!r} escapes the target folder"
                     )
-            staging = dest.parent / f".{dest.name}.extracting"
-            if staging.exists():
-                shutil.rmtree(staging)
             zf.extractall(staging)
     except zipfile.BadZipFile as exc:
         raise DataError(f"{archive}: not a valid zip archive ({exc})") from exc
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a zip or tar.gz into ``dest`` via a staging folder, refusing escaping members."""
+    dest = dest.resolve()
+    staging = dest.parent / f".{dest.name}.extracting"
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        _extract_to_staging(archive, dest, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     dest.mkdir(parents=True, exist_ok=True)
     for item in staging.iterdir():
         final = dest / item.name
@@ -222,6 +365,6 @@ def download_dataset(
         except DataError:
             archive.unlink()
             raise
-    extracted = to / Path(spec.filename).stem
-    safe_extract_zip(archive, extracted)
+    extracted = to / archive_stem(spec.filename)
+    safe_extract(archive, extracted)
     return extracted

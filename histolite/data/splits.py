@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 import os
 import warnings
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,24 +74,11 @@ def stratified_split(samples: Sequence[Sample], fractions: SplitFractions, seed:
     return result
 
 
-def grouped_split(samples: Sequence[Sample], fractions: SplitFractions, seed: int) -> list[str]:
-    """Whole groups (slides, patients) go to one split, so no group leaks across splits.
-
-    Groups are visited in a seeded random order and each goes to the split furthest below its
-    target share of images. Class balance is not guaranteed; a split missing a class is warned
-    about.
-    """
-    rng = np.random.Generator(np.random.PCG64(seed))
-    sizes: dict[str, int] = defaultdict(int)
-    for s in samples:
-        sizes[s.group] += 1
-    groups = np.array(sorted(sizes))
-    if len(groups) < 2 and (fractions.val or fractions.test):
-        raise DataError(
-            f"grouped split needs at least 2 groups, found {len(groups)}; check data.group_regex"
-        )
-    rng.shuffle(groups)
-    total = len(samples)
+def _fill_by_deficit(
+    groups: Sequence[str], sizes: dict[str, int], fractions: SplitFractions
+) -> dict[str, str]:
+    """Each group (in the given order) goes to the split furthest below its share of images."""
+    total = sum(sizes[g] for g in groups)
     targets = {"val": fractions.val * total, "test": fractions.test * total}
     filled = {"val": 0, "test": 0}
     assignment: dict[str, str] = {}
@@ -103,6 +90,37 @@ def grouped_split(samples: Sequence[Sample], fractions: SplitFractions, seed: in
             filled[best] += sizes[group]
         else:
             assignment[group] = "train"
+    return assignment
+
+
+def grouped_split(samples: Sequence[Sample], fractions: SplitFractions, seed: int) -> list[str]:
+    """Whole groups (slides, patients) go to one split, so no group leaks across splits.
+
+    Groups are stratified by their majority class: within each class, groups are visited in a
+    seeded random order and each goes to the split furthest below its target share of that
+    class's images. So BreakHis test patients are both benign and malignant whenever there are
+    enough patients of each. A split still missing a class is warned about.
+    """
+    rng = np.random.Generator(np.random.PCG64(seed))
+    sizes: dict[str, int] = defaultdict(int)
+    label_counts: dict[str, Counter[int]] = defaultdict(Counter)
+    for s in samples:
+        sizes[s.group] += 1
+        label_counts[s.group][s.label] += 1
+    if len(sizes) < 2 and (fractions.val or fractions.test):
+        raise DataError(
+            f"grouped split needs at least 2 groups, found {len(sizes)}; check data.group_regex"
+        )
+    by_majority: dict[int, list[str]] = defaultdict(list)
+    for group in sorted(sizes):
+        counts = label_counts[group]
+        majority = min(counts, key=lambda label: (-counts[label], label))
+        by_majority[majority].append(group)
+    assignment: dict[str, str] = {}
+    for label in sorted(by_majority):
+        groups = np.array(by_majority[label])
+        rng.shuffle(groups)
+        assignment.update(_fill_by_deficit([str(g) for g in groups], sizes, fractions))
     result = [assignment[s.group] for s in samples]
     classes_in = {
         name: {s.label for s, r in zip(samples, result, strict=True) if r == name}
@@ -189,3 +207,61 @@ def read_split_csv(path: str | Path, classes: Sequence[str] | None = None) -> Sp
         file = file if file.is_absolute() else base / file
         rows.append((Sample(file, index[r["label"]], r["label"], r["group"]), r["split"]))
     return SplitTable(classes=tuple(names), rows=tuple(rows))
+
+
+class LeakageWarning(UserWarning):
+    """An image-level split of data whose patients are known: test accuracy will be inflated."""
+
+
+def warn_image_level_split(dataset: str) -> str:
+    """Warn loudly (and return the message, for the run's split report)."""
+    message = (
+        f"IMAGE-LEVEL SPLIT OF {dataset.upper()}, WHOSE FILES NAME THEIR PATIENTS: images of one "
+        "patient will sit in both training and test data, and accuracy will be inflated (BreakHis "
+        "literature: 97-99% on random image splits against 85-93% on patient-level ones). Use "
+        "data.split_by=group (the default for this dataset) for honest numbers."
+    )
+    warnings.warn(message, LeakageWarning, stacklevel=2)
+    return message
+
+
+def split_report(
+    classes: Sequence[str],
+    samples_by_split: Mapping[str, Sequence[Sample]],
+    *,
+    split_by: str,
+    group_kind: str,
+    warnings_given: Sequence[str] = (),
+) -> dict[str, object]:
+    """Images and groups (patients, slides) per class per split, and any groups shared by splits.
+
+    ``shared_groups`` lists groups found in more than one split: empty for a grouped split, and
+    the measure of leakage for an image-level one.
+    """
+    where: dict[str, set[str]] = defaultdict(set)
+    splits: dict[str, object] = {}
+    for name in SPLIT_NAMES:
+        part = samples_by_split.get(name, ())
+        per_class = {
+            c: {
+                "images": sum(1 for s in part if s.class_name == c),
+                group_kind + "s": len({s.group for s in part if s.class_name == c}),
+            }
+            for c in classes
+        }
+        for s in part:
+            where[s.group].add(name)
+        splits[name] = {
+            "images": len(part),
+            group_kind + "s": len({s.group for s in part}),
+            "per_class": per_class,
+        }
+    shared = sorted(g for g, names in where.items() if len(names) > 1)
+    return {
+        "split_by": split_by,
+        "group_kind": group_kind,
+        "splits": splits,
+        "shared_groups": len(shared),
+        "shared_group_examples": shared[:20],
+        "warnings": list(warnings_given),
+    }

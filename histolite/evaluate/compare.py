@@ -15,7 +15,7 @@ from histolite.evaluate.report import evaluate_run
 from histolite.evaluate.speed import images_per_second
 from histolite.fileio import write_json, write_text
 from histolite.models import count_parameters, weight_size_mb
-from histolite.models.loading import load_run
+from histolite.models.loading import load_run, require_classifier
 
 
 def _run_names(runs: Sequence[Path], names: Sequence[str] | None) -> list[str]:
@@ -46,10 +46,11 @@ def compare_runs(
     out = Path(out)
     rows: list[dict[str, Any]] = []
     for label, run in zip(labels, run_dirs, strict=True):
+        loaded = load_run(run, device="cpu")
+        classifier = require_classifier(loaded, "compare")
         report = evaluate_run(
             run, data, out / "reports" / Path(label).name, split=split, progress=progress
         )
-        loaded = load_run(run, device="cpu")
         size = loaded.spec.image_size
         row: dict[str, Any] = {
             "name": label,
@@ -62,14 +63,14 @@ def compare_runs(
             "macro_f1": report["macro_f1"],
             "weighted_f1": report["weighted_f1"],
             "per_class": report["per_class"],
-            "parameters": count_parameters(loaded.model),
-            "size_mb": weight_size_mb(loaded.model),
+            "parameters": count_parameters(classifier),
+            "size_mb": weight_size_mb(classifier),
             "image_size": size,
             "cpu_images_per_s_b1": images_per_second(
-                loaded.model, size, 1, min_seconds=speed_seconds, max_iters=200
+                classifier, size, 1, min_seconds=speed_seconds, max_iters=200
             ),
             "cpu_images_per_s_b64": images_per_second(
-                loaded.model, size, 64, min_seconds=speed_seconds
+                classifier, size, 64, min_seconds=speed_seconds
             ),
         }
         if "image_level" in report:

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from histolite.data.bags import ImageBagDataset, bag_positions, collate_bags, cut_instances
 from histolite.data.datasets import ImageDataset
 from histolite.data.folder import Sample
 from histolite.data.patches import index_patches
@@ -53,6 +54,8 @@ def predict(
     tta: bool = False,
 ) -> Predictions:
     """Softmax probabilities for every image, or every grid patch when the run used patches."""
+    if run.is_mil:
+        return bag_level_predictions(run, samples, predict_bags(run, samples, progress=progress))
     patches = None
     if run.spec.patches is not None:
         p = run.spec.patches
@@ -82,6 +85,8 @@ def predict_image(run: LoadedRun, pixels: np.ndarray, batch_size: int = 64) -> n
     """Class probabilities for one HxWx3 uint8 image (patch mean if the run used patches)."""
     from histolite.data.patches import grid_positions
 
+    if run.is_mil:
+        return predict_bag_pixels(run, pixels).probs
     transform = build_eval_transform(run.spec.image_size)
     tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
     if run.spec.patches is not None:
@@ -104,3 +109,81 @@ def predict_image(run: LoadedRun, pixels: np.ndarray, batch_size: int = 64) -> n
             batch = torch.stack([transform(c) for c in crops[start : start + batch_size]])
             probs.append(torch.softmax(run.model(batch.to(device)), dim=1).float().cpu())
     return torch.cat(probs).mean(dim=0).numpy()
+
+
+@dataclass
+class BagPrediction:
+    """One image classified as a bag: class probabilities and each patch's attention weight."""
+
+    probs: np.ndarray
+    attention: np.ndarray
+    positions: list[tuple[int, int]]
+    patch_size: int
+
+
+def _bag_dataset(run: LoadedRun, samples: Sequence[Sample]) -> ImageBagDataset:
+    patch = run.spec.mil["patch"] if run.spec.mil else {}
+    size = int(patch["size"])
+    return ImageBagDataset(
+        samples,
+        size,
+        int(patch.get("stride") or size),
+        build_eval_transform(run.spec.image_size),
+        min_tissue=float(patch.get("min_tissue", 0.0)),
+        stain=run.stain,
+    )
+
+
+def _classify_bags(
+    run: LoadedRun, bags: list[torch.Tensor], positions: list[list[tuple[int, int]]], size: int
+) -> list[BagPrediction]:
+    device = next(run.model.parameters()).device
+    x, mask, _ = collate_bags([(bag, 0) for bag in bags])
+    with torch.inference_mode():
+        logits, attention = run.model(x.to(device), mask.to(device))
+    probs = torch.softmax(logits, dim=1).float().cpu().numpy()
+    weights = attention.float().cpu().numpy()
+    return [
+        BagPrediction(probs[i], weights[i, : len(bags[i])], positions[i], size)
+        for i in range(len(bags))
+    ]
+
+
+def predict_bags(
+    run: LoadedRun, samples: Sequence[Sample], *, batch_size: int = 8, progress: bool = True
+) -> list[BagPrediction]:
+    """Bag-level probabilities and attention for every image of an attention-MIL run."""
+    dataset = _bag_dataset(run, samples)
+    results: list[BagPrediction] = []
+    with tqdm(total=len(dataset), desc="predicting bags", disable=not progress, leave=False) as bar:
+        for start in range(0, len(dataset), batch_size):
+            bags, positions = [], []
+            for index in range(start, min(start + batch_size, len(dataset))):
+                pixels, where = dataset.load(index)
+                bags.append(
+                    cut_instances(pixels, where, dataset.size, dataset.transform, dataset.stain)
+                )
+                positions.append(where)
+            results += _classify_bags(run, bags, positions, dataset.size)
+            bar.update(len(bags))
+    return results
+
+
+def predict_bag_pixels(run: LoadedRun, pixels: np.ndarray) -> BagPrediction:
+    """One HxWx3 uint8 image through an attention-MIL run."""
+    dataset = _bag_dataset(run, [])
+    where = bag_positions(pixels, dataset.size, dataset.stride, dataset.min_tissue)
+    bag = cut_instances(pixels, where, dataset.size, dataset.transform, dataset.stain)
+    return _classify_bags(run, [bag], [where], dataset.size)[0]
+
+
+def bag_level_predictions(
+    run: LoadedRun, samples: Sequence[Sample], bags: Sequence[BagPrediction]
+) -> Predictions:
+    """Bag results in the shape the report code takes (one row per image)."""
+    return Predictions(
+        probs=np.stack([b.probs for b in bags]) if bags else np.zeros((0, run.spec.num_classes)),
+        labels=np.array([s.label for s in samples], dtype=np.int64),
+        image_index=np.arange(len(samples), dtype=np.int64),
+        patch_level=False,
+    )

@@ -12,7 +12,13 @@ from histolite.data.folder import Sample, scan_image_folder
 from histolite.data.patches import aggregate_patch_predictions
 from histolite.data.splits import read_split_csv
 from histolite.errors import DataError
-from histolite.evaluate.inference import Predictions, predict
+from histolite.evaluate.inference import (
+    BagPrediction,
+    Predictions,
+    bag_level_predictions,
+    predict,
+    predict_bags,
+)
 from histolite.evaluate.metrics import classification_metrics
 from histolite.evaluate.plots import plot_confusion_matrix, plot_training_curves
 from histolite.fileio import atomic_path, write_json
@@ -71,10 +77,36 @@ def _write_class_report_csv(path: Path, metrics: dict[str, Any]) -> None:
         writer.writerow(["weighted_f1", "", "", f"{metrics['weighted_f1']:.4f}", total])
 
 
+def _write_attention_csv(
+    path: Path, samples: list[Sample], bags: list[BagPrediction], classes: tuple[str, ...]
+) -> None:
+    """One row per patch: where it is in its image and the attention it got."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(
+            ["path", "true", "predicted", "patch_y", "patch_x", "patch_size", "attention"]
+        )
+        for sample, bag in zip(samples, bags, strict=True):
+            predicted = classes[int(bag.probs.argmax())]
+            for (y, x), weight in zip(bag.positions, bag.attention, strict=True):
+                writer.writerow(
+                    [
+                        str(sample.path),
+                        sample.class_name,
+                        predicted,
+                        y,
+                        x,
+                        bag.patch_size,
+                        f"{weight:.6f}",
+                    ]
+                )
+
+
 def build_report(run: LoadedRun, samples: list[Sample], preds: Predictions) -> dict[str, Any]:
     classes = run.spec.classes
     metrics = classification_metrics(preds.labels, preds.probs.argmax(axis=1), classes)
-    report: dict[str, Any] = {"level": "patch" if preds.patch_level else "image", **metrics}
+    level = "bag" if run.is_mil else "patch" if preds.patch_level else "image"
+    report: dict[str, Any] = {"level": level, **metrics}
     if preds.patch_level:
         images = aggregate_patch_predictions(preds.image_index.tolist(), preds.probs)
         truth = [samples[r.image_index].label for r in images]
@@ -104,8 +136,13 @@ def evaluate_run(
     """Predict ``data`` with the run's model and write the report bundle into ``out``."""
     run = load_run(run_dir, checkpoint)
     samples = load_eval_samples(data, run.spec.classes, split)
-    preds = predict(
-        run, samples, batch_size=batch_size, num_workers=num_workers, progress=progress, tta=tta
+    bags = predict_bags(run, samples, progress=progress) if run.is_mil else None
+    preds = (
+        bag_level_predictions(run, samples, bags)
+        if bags is not None
+        else predict(
+            run, samples, batch_size=batch_size, num_workers=num_workers, progress=progress, tta=tta
+        )
     )
     report = build_report(run, samples, preds)
     out = Path(out)
@@ -116,6 +153,8 @@ def evaluate_run(
     report["data"] = str(data)
     report["split"] = split if Path(data).suffix.lower() == ".csv" else None
     write_json(out / "report.json", report)
+    if bags is not None:
+        _write_attention_csv(out / "attention.csv", samples, bags, run.spec.classes)
     _write_class_report_csv(out / "classification_report.csv", report)
     if preds.patch_level:
         image_probs = np.stack(

@@ -30,7 +30,7 @@ from histolite.export.graph import ServingGraph
 from histolite.export.runtime import CARD_FILE, MODEL_FILE, OnnxClassifier, image_to_batch
 from histolite.fileio import read_json, write_json
 from histolite.models import count_parameters
-from histolite.models.loading import LoadedRun, load_run
+from histolite.models.loading import LoadedRun, load_run, require_classifier
 
 OPSET = 17
 INTENDED_USE = (
@@ -177,13 +177,14 @@ def export_run(
     if out.exists():
         raise HistoliteError(f"{out} already exists; choose another --out or remove it")
     run = load_run(run_dir, checkpoint, device="cpu")
+    classifier = require_classifier(run, "ONNX export")
     train = _split_samples(run, ("train",))
     patch_size, stride, geometry_source = _tile_geometry(run, train)
     size = run.spec.image_size
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        graph = ServingGraph(run.model, run.stain).eval()
+        graph = ServingGraph(classifier, run.stain).eval()
         fp32 = staging / ("model_fp32.onnx" if int8 else MODEL_FILE)
         with torch.no_grad():
             torch.onnx.export(

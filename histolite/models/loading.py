@@ -9,19 +9,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from histolite.errors import HistoliteError
 from histolite.models import NormalizedClassifier, create_model
+from histolite.models.mil import build_attention_mil
 from histolite.runspec import RunSpec, checkpoint_path
 from histolite.stain import ReinhardNormalizer, ReinhardStats
 
 
 @dataclass
 class LoadedRun:
+    """A trained model with its preprocessing; ``model`` is an :class:`AttentionMIL` for MIL runs
+    (it returns logits and attention) and a :class:`NormalizedClassifier` otherwise."""
+
     run_dir: Path
     spec: RunSpec
-    model: NormalizedClassifier
+    model: nn.Module
     stain: ReinhardNormalizer | None
+
+    @property
+    def is_mil(self) -> bool:
+        return self.spec.mil is not None
 
 
 def model_state_from_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -48,13 +57,19 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None =
     """Model (eval mode) + preprocessing of a run; ``checkpoint`` is best, last or a file name."""
     run_dir = Path(run_dir)
     spec = RunSpec.load(run_dir)
-    net = create_model(
-        spec.model_name,
-        spec.num_classes,
-        head=spec.head,  # type: ignore[arg-type]
-        head_dropout=spec.head_dropout,
-    )
-    model = NormalizedClassifier(net, spec.mean, spec.std)
+    model: nn.Module
+    if spec.mil is not None:
+        model = build_attention_mil(
+            spec.model_name, spec.num_classes, spec.mean, spec.std, spec.mil
+        )
+    else:
+        net = create_model(
+            spec.model_name,
+            spec.num_classes,
+            head=spec.head,  # type: ignore[arg-type]
+            head_dropout=spec.head_dropout,
+        )
+        model = NormalizedClassifier(net, spec.mean, spec.std)
     path = checkpoint_path(run_dir, checkpoint)
     state = model_state_from_checkpoint(path)
     try:
@@ -63,3 +78,13 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None =
         raise HistoliteError(f"{path}: weights do not fit {spec.model_name} ({exc})") from exc
     model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return LoadedRun(run_dir, spec, model, stain_from_spec(spec))
+
+
+def require_classifier(run: LoadedRun, purpose: str) -> NormalizedClassifier:
+    """The run's image classifier, or a clear error for MIL runs (bag models)."""
+    if not isinstance(run.model, NormalizedClassifier):
+        raise HistoliteError(
+            f"{run.run_dir} is an attention-MIL run; {purpose} needs an image or patch "
+            "classifier run"
+        )
+    return run.model

@@ -253,3 +253,24 @@ def model_size(name: str, num_classes: int = 1000) -> ModelSize:
     with torch.device("meta"):
         model = create_model(name, num_classes)
     return ModelSize(name, count_parameters(model), weight_size_mb(model))
+
+
+def create_feature_extractor(
+    name: str, *, pretrained: bool = False, weights: str | None = None
+) -> tuple[nn.Module, int]:
+    """A registry backbone with its classifier removed: images -> pooled feature vectors.
+
+    Returns the module and its feature size, which MIL needs before it sees any data.
+    """
+    model = create_model(name, 2, pretrained=pretrained, weights=weights)
+    reset = getattr(model, "reset_classifier", None)
+    if callable(reset):  # timm
+        reset(0)
+        return model, int(model.num_features)  # type: ignore[arg-type]
+    if isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear):  # torchvision
+        return model[0], model[-1].in_features
+    fc = getattr(model, "fc", None)
+    if isinstance(fc, nn.Linear):  # histolite CIFAR ResNets
+        model.fc = nn.Identity()
+        return model, fc.in_features
+    raise ModelError(f"cannot find the classifier of {name!r} to turn it into a feature extractor")

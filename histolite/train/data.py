@@ -13,10 +13,16 @@ from torch.utils.data import DataLoader
 from histolite.config import AugmentConfig, DataConfig
 from histolite.data.check import check_images
 from histolite.data.datasets import ImageDataset, TensorTransform
-from histolite.data.folder import LabelledImages, Sample, scan_image_folder
+from histolite.data.folder import LabelledImages, Sample
+from histolite.data.layouts import scan_dataset
 from histolite.data.patches import index_patches
 from histolite.data.registry import get_dataset
-from histolite.data.splits import make_split, read_split_csv
+from histolite.data.splits import (
+    make_split,
+    read_split_csv,
+    split_report,
+    warn_image_level_split,
+)
 from histolite.data.transforms import build_eval_transform, build_train_transform, compute_mean_std
 from histolite.errors import DataError
 from histolite.runinfo import fingerprint_files
@@ -33,6 +39,7 @@ class PreparedData:
     classes: tuple[str, ...]
     splits: dict[str, list[Sample]]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    split_report: dict[str, object] = field(default_factory=dict)
 
     @property
     def all_samples(self) -> list[Sample]:
@@ -49,31 +56,48 @@ class PreparedData:
         )
 
 
-def _group_regex(cfg: DataConfig) -> str | None:
-    if cfg.group_regex is not None:
-        return cfg.group_regex
-    return get_dataset(cfg.dataset).group_regex
+def resolve_split_by(cfg: DataConfig) -> str:
+    """``auto`` means patient-level wherever the dataset names patients."""
+    if cfg.split_by != "auto":
+        return cfg.split_by
+    return "group" if get_dataset(cfg.dataset).patient_level else "stratified"
+
+
+def group_kind(cfg: DataConfig) -> str:
+    """What a group is for this data, for reports: patient, slide or image."""
+    spec = get_dataset(cfg.dataset)
+    if spec.patient_level:
+        return "patient"
+    return "slide" if (cfg.group_regex or spec.group_regex) else "image"
 
 
 def load_labelled_data(
     cfg: DataConfig, seed: int
-) -> tuple[tuple[str, ...], dict[str, list[Sample]]]:
-    """Samples per split, from ``data.split_csv`` or by splitting ``data.root``."""
+) -> tuple[tuple[str, ...], dict[str, list[Sample]], list[str]]:
+    """Samples per split (from ``data.split_csv`` or by splitting ``data.root``) and warnings."""
     if cfg.split_csv is not None:
         table = read_split_csv(cfg.split_csv)
         from_csv = {name: list(table.subset(name).samples) for name in ("train", "val", "test")}
         LabelledImages(table.classes, tuple(from_csv["train"])).require_trainable(cfg.split_csv)
-        return table.classes, from_csv
+        return table.classes, from_csv, []
     assert cfg.root is not None
-    grouped = cfg.split_by == "group"
-    regex = _group_regex(cfg)
-    if grouped and regex is None:
+    spec = get_dataset(cfg.dataset)
+    grouped = resolve_split_by(cfg) == "group"
+    regex = cfg.group_regex or spec.group_regex
+    if grouped and spec.layout == "class_folders" and regex is None:
         raise DataError(
             "data.split_by=group needs data.group_regex (a regex whose first group is the "
             "slide or patient id in each file name)"
         )
-    images = scan_image_folder(cfg.root, group_regex=regex if grouped or cfg.group_regex else None)
+    images = scan_dataset(
+        cfg.dataset,
+        cfg.root,
+        labels=cfg.labels,
+        magnification=cfg.magnification,
+        group_regex=regex if grouped or cfg.group_regex else None,
+    )
     images.require_trainable(cfg.root)
+    given = [] if grouped or not spec.patient_level else [warn_image_level_split(spec.name)]
     names = make_split(
         images,
         val=cfg.val_fraction,
@@ -84,12 +108,27 @@ def load_labelled_data(
     splits: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
     for sample, name in zip(images.samples, names, strict=True):
         splits[name].append(sample)
-    return images.classes, splits
+    return images.classes, splits, given
+
+
+def prepared_split_report(
+    cfg: DataConfig,
+    classes: Sequence[str],
+    splits: dict[str, list[Sample]],
+    warnings_given: Sequence[str],
+) -> dict[str, object]:
+    return split_report(
+        classes,
+        splits,
+        split_by="csv" if cfg.split_csv else resolve_split_by(cfg),
+        group_kind=group_kind(cfg),
+        warnings_given=warnings_given,
+    )
 
 
 def prepare_data(cfg: DataConfig, seed: int, *, progress: bool = True) -> PreparedData:
     """Load the split and read every image once; refuse unreadable files unless told to skip."""
-    classes, splits = load_labelled_data(cfg, seed)
+    classes, splits, given = load_labelled_data(cfg, seed)
     everything = [s for part in splits.values() for s in part]
     report = check_images(everything, classes, progress=progress)
     skipped: list[tuple[str, str]] = []
@@ -107,7 +146,8 @@ def prepare_data(cfg: DataConfig, seed: int, *, progress: bool = True) -> Prepar
         splits = {name: [s for s in part if s.path not in bad] for name, part in splits.items()}
     if not splits["train"]:
         raise DataError("the training split is empty; check data.root / data.split_csv")
-    return PreparedData(classes=classes, splits=splits, skipped=skipped)
+    counts = prepared_split_report(cfg, classes, splits, given)
+    return PreparedData(classes=classes, splits=splits, skipped=skipped, split_report=counts)
 
 
 def build_stain(cfg: DataConfig) -> ReinhardNormalizer | None:

@@ -21,7 +21,11 @@ from histolite.config import DistillConfig, TrainConfig
 from histolite.errors import HistoliteError
 from histolite.fileio import read_json, write_json
 from histolite.models import NormalizedClassifier
-from histolite.models.loading import load_run, model_state_from_checkpoint
+from histolite.models.loading import (
+    load_run,
+    model_state_from_checkpoint,
+    require_classifier,
+)
 from histolite.runspec import CHECKPOINT_DIR, RunSpec, checkpoint_path, is_rank_zero
 from histolite.train.losses import DistillationLoss
 from histolite.train.module import ClassifierModule
@@ -179,6 +183,8 @@ def distill_run(
     progress: bool = True,
 ) -> Path:
     """Distil ``teacher_run`` into the student described by ``cfg``; writes a normal run."""
+    if cfg.mil is not None:
+        raise HistoliteError("distillation trains image/patch classifiers; remove the mil section")
     out = Path(out)
     teacher_dir = Path(teacher_run) if teacher_run is not None else _teacher_dir_for_resume(out)
     teacher_spec = RunSpec.load(teacher_dir)
@@ -189,7 +195,9 @@ def distill_run(
         intervals = plan_intervals(
             teacher_dir, cfg.distill.mode, cfg.trainer.max_epochs, cfg.distill.teacher_checkpoint
         )
-    teacher = load_run(teacher_dir, intervals[0].checkpoint, device="cpu").model
+    teacher = require_classifier(
+        load_run(teacher_dir, intervals[0].checkpoint, device="cpu"), "a distillation teacher"
+    )
 
     def build(model: nn.Module, config: TrainConfig, spec: RunSpec) -> DistillModule:
         if tuple(spec.classes) != tuple(teacher_spec.classes):

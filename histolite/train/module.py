@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from histolite.config import OptimizerConfig, SchedulerConfig
+from histolite.config import OptimizerConfig, SchedulerConfig, TrainConfig
 from histolite.train.optim import build_optimizer, build_scheduler
 
 
@@ -79,8 +79,19 @@ class ClassifierModule(L.LightningModule):
         self.log("lr", torch.tensor(lr), on_step=False, on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.model.parameters(), self.optimizer_cfg)
+        trainable = (p for p in self.model.parameters() if p.requires_grad)  # frozen parts stay out
+        optimizer = build_optimizer(trainable, self.optimizer_cfg)
         scheduler = build_scheduler(optimizer, self.scheduler_cfg, self.max_epochs, self.monitor)
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def module_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The :class:`ClassifierModule` settings a config decides (supervised and MIL training)."""
+    return {
+        "max_epochs": cfg.trainer.max_epochs,
+        "monitor": cfg.trainer.monitor,
+        "label_smoothing": cfg.trainer.label_smoothing,
+        "channels_last": cfg.trainer.channels_last,
+    }

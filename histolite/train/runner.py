@@ -6,6 +6,7 @@ Run layout::
     RUN/metadata.json       version, git commit, torch, platform, seed, dataset fingerprint
     RUN/run.json            model + preprocessing contract for inference (RunSpec)
     RUN/split.csv           the exact split (path, label, group, split)
+    RUN/split_report.json   images and patients/slides per class per split, leakage warnings
     RUN/checkpoints/        best.ckpt, last.ckpt (+ scheduled ones)
     RUN/logs/csvN/          metrics.csv per (re)start; RUN/logs/tbN/ TensorBoard
     RUN/train_summary.json  best score, epochs, wall time
@@ -30,6 +31,7 @@ from histolite.data.splits import write_split_csv
 from histolite.errors import HistoliteError
 from histolite.fileio import write_json, write_text
 from histolite.models import NormalizedClassifier, create_model
+from histolite.models.mil import mil_spec
 from histolite.runinfo import run_metadata
 from histolite.runspec import CHECKPOINT_DIR, RUN_SPEC_FILE, RunSpec, is_rank_zero
 from histolite.train.data import (
@@ -40,7 +42,7 @@ from histolite.train.data import (
     prepare_data,
     stain_spec,
 )
-from histolite.train.module import ClassifierModule
+from histolite.train.module import ClassifierModule, module_options
 from histolite.train.schedule import (
     AtEpochs,
     CheckpointSchedule,
@@ -49,18 +51,14 @@ from histolite.train.schedule import (
 )
 
 ModuleBuilder = Callable[[nn.Module, TrainConfig, RunSpec], L.LightningModule]
+ModelBuilder = Callable[[RunSpec, TrainConfig], nn.Module]
+DataModuleBuilder = Callable[
+    [PreparedData, TrainConfig, RunSpec, nn.Module, Path, bool], L.LightningDataModule
+]
 
 
 def default_module(model: nn.Module, cfg: TrainConfig, spec: RunSpec) -> L.LightningModule:
-    return ClassifierModule(
-        model,
-        cfg.optimizer,
-        cfg.scheduler,
-        max_epochs=cfg.trainer.max_epochs,
-        monitor=cfg.trainer.monitor,
-        label_smoothing=cfg.trainer.label_smoothing,
-        channels_last=cfg.trainer.channels_last,
-    )
+    return ClassifierModule(model, cfg.optimizer, cfg.scheduler, **module_options(cfg))
 
 
 ConfigT = TypeVar("ConfigT", bound=TrainConfig)
@@ -105,6 +103,17 @@ def resolve_config(
     return load_config(config_path, list(overrides), model)
 
 
+def default_datamodule(
+    prepared: PreparedData,
+    cfg: TrainConfig,
+    spec: RunSpec,
+    model: nn.Module,
+    out: Path,
+    progress: bool,
+) -> L.LightningDataModule:
+    return ImageDataModule(prepared, cfg.data, cfg.augment, build_stain(cfg.data))
+
+
 def build_classifier(spec: RunSpec, cfg: TrainConfig) -> NormalizedClassifier:
     net = create_model(
         cfg.model.name,
@@ -127,6 +136,7 @@ def _write_run_files(
         LabelledImages(prepared.classes, tuple(prepared.all_samples)),
         prepared.split_names(),
     )
+    write_json(out / "split_report.json", prepared.split_report)
     if prepared.skipped:
         write_json(
             out / "skipped_files.json", [{"path": p, "problem": w} for p, w in prepared.skipped]
@@ -158,6 +168,17 @@ def _run_spec(cfg: TrainConfig, prepared: PreparedData, out: Path, resume: bool)
         head_dropout=cfg.model.head_dropout,
         stain=stain_spec(cfg.data),
         patches=cfg.data.patches.model_dump() if cfg.data.patches else None,
+        mil=(
+            mil_spec(
+                cfg.mil.pooling,
+                cfg.mil.embed_dim,
+                cfg.mil.attention_dim,
+                cfg.mil.dropout,
+                cfg.mil.patch.model_dump(),
+            )
+            if cfg.mil
+            else None
+        ),
     )
 
 
@@ -210,6 +231,8 @@ def train_run(
     resume: bool = False,
     progress: bool = True,
     module_builder: ModuleBuilder = default_module,
+    model_builder: ModelBuilder = build_classifier,
+    datamodule_builder: DataModuleBuilder = default_datamodule,
     extra_callbacks: Sequence[Callback] = (),
     extra_metadata: dict[str, Any] | None = None,
 ) -> Path:
@@ -222,10 +245,10 @@ def train_run(
         out.mkdir(parents=True, exist_ok=True)
         _write_run_files(out, cfg, spec, prepared, extra_metadata or {})
 
-    model = build_classifier(spec, cfg)
+    model = model_builder(spec, cfg)
     module = module_builder(model, cfg, spec)
-    datamodule = ImageDataModule(prepared, cfg.data, cfg.augment, build_stain(cfg.data))
-    has_val = datamodule.val_set is not None
+    datamodule = datamodule_builder(prepared, cfg, spec, model, out, progress and is_rank_zero())
+    has_val = getattr(datamodule, "val_set", None) is not None
     monitor = cfg.trainer.monitor if has_val else None
     checkpoints = checkpoint_callbacks(out / CHECKPOINT_DIR, monitor)
     schedule = checkpoint_schedule(cfg)

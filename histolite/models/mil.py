@@ -1,0 +1,124 @@
+"""Attention-based deep multiple-instance learning (Ilse, Tomczak and Welling, ICML 2018).
+
+A bag (an image) is a set of instances (its patches). Each instance is embedded, an attention
+network scores it, and the bag embedding is the attention-weighted mean that a linear layer
+classifies. The attention weights say which patches decided the label, which is why this model
+is explainable by construction.
+
+Bags of different sizes share a batch through padding plus a boolean mask: padded slots get
+zero attention, so a padded batch gives exactly the outputs of one bag at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from histolite.models.registry import create_feature_extractor
+from histolite.models.wrapper import NormalizedClassifier
+
+
+class AttentionPooling(nn.Module):
+    """``a_k = softmax_k(w^T tanh(V h_k))``; gated: ``w^T (tanh(V h_k) * sigmoid(U h_k))``.
+
+    The gate (Ilse et al., eq. 9) lets the attention model non-linear interactions that tanh
+    alone squashes; it costs one more linear layer.
+    """
+
+    def __init__(self, dim: int, attention_dim: int = 64, gated: bool = True) -> None:
+        super().__init__()
+        self.V = nn.Linear(dim, attention_dim)
+        self.U = nn.Linear(dim, attention_dim) if gated else None
+        self.w = nn.Linear(attention_dim, 1)
+
+    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``h`` (B, N, D), ``mask`` (B, N) bool -> pooled (B, D) and weights (B, N)."""
+        a = torch.tanh(self.V(h))
+        if self.U is not None:
+            a = a * torch.sigmoid(self.U(h))
+        scores = self.w(a).squeeze(-1).masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=1)
+        return torch.bmm(weights.unsqueeze(1), h).squeeze(1), weights
+
+
+class AttentionMIL(nn.Module):
+    """Bag classifier: optional image encoder -> embedding -> attention pooling -> linear.
+
+    ``forward`` takes either images (B, N, 3, H, W), encoded here, or precomputed instance
+    features (B, N, F), e.g. from a feature cache, and returns (logits, attention weights).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module | None,
+        feature_dim: int,
+        num_classes: int,
+        *,
+        embed_dim: int = 128,
+        attention_dim: int = 64,
+        gated: bool = True,
+        dropout: float = 0.25,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.feature_dim = feature_dim
+        self.embed = nn.Sequential(
+            nn.Linear(feature_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout)
+        )
+        self.pool = AttentionPooling(embed_dim, attention_dim, gated)
+        self.classifier = nn.Linear(embed_dim, num_classes)
+
+    def encode(self, instances: Tensor, mask: Tensor) -> Tensor:
+        """Features (B, N, F) of the real (unmasked) instances; padded slots stay zero."""
+        if self.encoder is None:
+            raise ValueError("this MIL model has no encoder; pass instance features (B, N, F)")
+        features = self.encoder(instances[mask])
+        out = features.new_zeros((*mask.shape, features.shape[-1]))
+        out[mask] = features
+        return out
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        h = x if x.dim() == 3 else self.encode(x, mask)
+        pooled, attention = self.pool(self.embed(h), mask)
+        return self.classifier(pooled), attention
+
+
+def mil_spec(
+    pooling: str, embed_dim: int, attention_dim: int, dropout: float, patch: dict[str, Any]
+) -> dict[str, Any]:
+    """What ``run.json`` records so the model can be rebuilt without the config."""
+    return {
+        "pooling": pooling,
+        "embed_dim": embed_dim,
+        "attention_dim": attention_dim,
+        "dropout": dropout,
+        "patch": patch,
+    }
+
+
+def build_attention_mil(
+    backbone: str,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    spec: dict[str, Any],
+    *,
+    pretrained: bool = False,
+    weights: str | None = None,
+) -> AttentionMIL:
+    """An :class:`AttentionMIL` whose encoder is a registry backbone with its own normalisation."""
+    features, dim = create_feature_extractor(backbone, pretrained=pretrained, weights=weights)
+    return AttentionMIL(
+        NormalizedClassifier(features, mean, std),
+        dim,
+        num_classes,
+        embed_dim=int(spec["embed_dim"]),
+        attention_dim=int(spec["attention_dim"]),
+        gated=spec["pooling"] == "gated",
+        dropout=float(spec["dropout"]),
+    )

@@ -1,0 +1,104 @@
+"""Tiny copies of public datasets' exact folder layouts and file names (random pixels)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+# (tumour letter, subtype, patient, year) as they appear in BreakHis v1 file names.
+BREAKHIS_PATIENTS = (
+    ("B", "A", "22549AB", "14"),
+    ("B", "F", "21998CD", "14"),
+    ("B", "PT", "21998AB", "14"),
+    ("B", "TA", "3411F", "14"),
+    ("M", "DC", "2523", "14"),
+    ("M", "LC", "13412", "14"),
+    ("M", "DC", "13412", "14"),  # BreakHis files one patient under two subtypes
+    ("M", "MC", "12773", "14"),
+    ("M", "PC", "15704", "14"),
+    ("B", "F", "14134", "14"),
+    ("M", "DC", "4372", "14"),
+    ("B", "A", "29960AB", "14"),
+)
+MAGNIFICATIONS = ("40", "100", "200", "400")
+SUBTYPE_FOLDER = {
+    "A": "adenosis",
+    "F": "fibroadenoma",
+    "PT": "phyllodes_tumor",
+    "TA": "tubular_adenoma",
+    "DC": "ductal_carcinoma",
+    "LC": "lobular_carcinoma",
+    "MC": "mucinous_carcinoma",
+    "PC": "papillary_carcinoma",
+}
+
+
+def _png(path: Path, size: tuple[int, int], rng: np.random.Generator) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def make_breakhis(root: Path, images_per_magnification: int = 2, seed: int = 0) -> Path:
+    """``BreaKHis_v1/histology_slides/breast/<benign|malignant>/SOB/<subtype>/<patient>/<mag>X/``."""
+    rng = np.random.default_rng(seed)
+    base = root / "BreaKHis_v1" / "histology_slides" / "breast"
+    for tumour, subtype, patient, year in BREAKHIS_PATIENTS:
+        kind = "benign" if tumour == "B" else "malignant"
+        folder = (
+            base
+            / kind
+            / "SOB"
+            / SUBTYPE_FOLDER[subtype]
+            / f"SOB_{tumour}_{subtype}_{year}-{patient}"
+        )
+        for mag in MAGNIFICATIONS:
+            for seq in range(1, images_per_magnification + 1):
+                name = f"SOB_{tumour}_{subtype}-{year}-{patient}-{mag}-{seq:03d}.png"
+                _png(folder / f"{mag}X" / name, (23, 35), rng)
+    return root
+
+
+def make_idc(
+    root: Path, patients: tuple[str, ...] = ("10253", "8863", "12868"), seed: int = 0
+) -> Path:
+    """``IDC_regular_ps50_idx5/<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<0|1>.png``."""
+    rng = np.random.default_rng(seed)
+    base = root / "IDC_regular_ps50_idx5"
+    for patient in patients:
+        for label in (0, 1):
+            for k in range(3):
+                x, y = 1001 + 50 * k, 51 + 100 * label
+                name = f"{patient}_idx5_x{x}_y{y}_class{label}.png"
+                _png(base / patient / str(label) / name, (50, 50), rng)
+    return root
+
+
+def make_bach(root: Path, photos_per_class: int = 2, seed: int = 0) -> Path:
+    """``ICIAR2018_BACH_Challenge/Photos/<class>/<x>NNN.tif`` (+ the ground-truth CSV)."""
+    rng = np.random.default_rng(seed)
+    photos = root / "ICIAR2018_BACH_Challenge" / "Photos"
+    prefix = {"Normal": "n", "Benign": "b", "InSitu": "is", "Invasive": "iv"}
+    for name, p in prefix.items():
+        (photos / name).mkdir(parents=True, exist_ok=True)
+        for i in range(1, photos_per_class + 1):
+            pixels = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)  # 2048x1536 scaled down
+            tifffile.imwrite(photos / name / f"{p}{i:03d}.tif", pixels)
+    (photos / "microscopy_ground_truth.csv").write_text("b001.tif,Benign\n")
+    return root
+
+
+def make_nct(root: Path, name: str = "NCT-CRC-HE-100K", per_class: int = 2, seed: int = 0) -> Path:
+    """``NCT-CRC-HE-100K/<CLASS>/<CLASS>-<ID>.tif`` with 9 classes."""
+    rng = np.random.default_rng(seed)
+    for cls in ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"):
+        for i in range(per_class):
+            folder = root / name / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(
+                folder / f"{cls}-AAAW{i:04d}.tif", rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
+            )
+    return root
