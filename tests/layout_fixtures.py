@@ -63,14 +63,17 @@ def make_breakhis(root: Path, images_per_magnification: int = 2, seed: int = 0) 
 
 
 def make_idc(
-    root: Path, patients: tuple[str, ...] = ("10253", "8863", "12868"), seed: int = 0
+    root: Path,
+    patients: tuple[str, ...] = ("10253", "8863", "12868"),
+    seed: int = 0,
+    per_label: int = 3,
 ) -> Path:
     """``IDC_regular_ps50_idx5/<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<0|1>.png``."""
     rng = np.random.default_rng(seed)
     base = root / "IDC_regular_ps50_idx5"
     for patient in patients:
         for label in (0, 1):
-            for k in range(3):
+            for k in range(per_label):
                 x, y = 1001 + 50 * k, 51 + 100 * label
                 name = f"{patient}_idx5_x{x}_y{y}_class{label}.png"
                 _png(base / patient / str(label) / name, (50, 50), rng)

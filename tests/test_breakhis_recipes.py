@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
-from layout_fixtures import make_breakhis
+from layout_fixtures import make_breakhis, make_idc
 from typer.testing import CliRunner
 
 from histolite.cli import app
@@ -97,3 +98,27 @@ def test_idc_abmil_recipe_validates() -> None:
     cfg = load_config(CONFIGS / "idc_abmil.yaml", ["data.root=/x"])
     assert cfg.mil is not None and cfg.mil.patch.size == 50
     assert cfg.data.split_by == "group" and cfg.data.group_regex == r"^(\d+)_bag"
+
+
+def test_idc_abmil_recipe_trains_on_patient_bags(tmp_path: Path) -> None:
+    patients = tuple(str(8000 + i) for i in range(8))
+    idc = make_idc(tmp_path / "idc", patients=patients, per_label=5)
+    bags = tmp_path / "bags"
+    result = CliRunner().invoke(
+        app,
+        [
+            "data", "bags", str(idc), "--dataset", "idc", "--positive", "idc", "--within-group",
+            "--grid", "2", "--tile-size", "50", "--bags-per-class", "16", "--out", str(bags),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    args = ["train", str(CONFIGS / "idc_abmil.yaml"), "--out", str(run), "--no-progress"]
+    for item in [f"data.root={bags}", *TINY, "data.batch_size=4"]:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "split_report.json").read_text())
+    assert report["split_by"] == "group" and report["shared_groups"] == 0
+    groups = {row["group"] for row in csv.DictReader((run / "split.csv").open())}
+    assert groups <= set(patients)  # bag names carry the patient id into the split

@@ -26,8 +26,8 @@ def _tiles(synthetic_dir: Path) -> tuple[np.ndarray, np.ndarray]:
         src = sorted((KATHER_DIR / "01_TUMOR").iterdir())[0]
         tgt = sorted((KATHER_DIR / "06_MUCOSA").iterdir())[0]
     else:
-        src = sorted((synthetic_dir / "tumor").iterdir())[0]
-        tgt = sorted((synthetic_dir / "stroma").iterdir())[5]
+        src = sorted((synthetic_dir / "stroma").iterdir())[0]
+        tgt = sorted((synthetic_dir / "tumor").iterdir())[5]
     return np.array(Image.open(src).convert("RGB")), np.array(Image.open(tgt).convert("RGB"))
 
 
@@ -67,6 +67,10 @@ def test_normalised_image_takes_the_target_statistics(synthetic_dir: Path) -> No
     source, target = _tiles(synthetic_dir)
     normalizer = ReinhardNormalizer.fit(target)
     out = normalizer(torch.from_numpy(source).permute(2, 0, 1).double() / 255)
+    # Lab statistics are matched exactly only for colours inside the sRGB gamut; the output is
+    # clipped to it, so the pair must map mostly into the gamut for this to hold.
+    out_of_gamut = ((out <= 0) | (out >= 1)).any(dim=0).double().mean().item()
+    assert out_of_gamut < 0.1
     lab = rgb_to_lab(out)
     np.testing.assert_allclose(lab.mean(dim=(1, 2)).numpy(), normalizer.target.mean, atol=1.0)
 

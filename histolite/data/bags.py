@@ -48,7 +48,7 @@ def cut_instances(
     stain: TensorTransform | None = None,
 ) -> Tensor:
     """(N, 3, S, S) tensor of the patches at ``positions``, stain-normalised and transformed."""
-    image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+    image = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).permute(2, 0, 1)
     crops = []
     for y, x in positions:
         crop = image[:, y : y + size, x : x + size]

@@ -72,7 +72,7 @@ class ImageDataset(Dataset[tuple[Tensor, int]]):
         else:
             pixels = load_rgb(self.samples[item].path)
             label = self.samples[item].label
-        tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+        tensor = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).permute(2, 0, 1)
         if self.stain is not None:
             tensor = self.stain(tensor)
         return self.transform(tensor), label

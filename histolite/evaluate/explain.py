@@ -130,7 +130,7 @@ def gradcam_explanation(
     model = require_classifier(run, "Grad-CAM")
     device = next(model.parameters()).device
     transform = build_eval_transform(run.spec.image_size)
-    image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+    image = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).permute(2, 0, 1)
     height, width = pixels.shape[:2]
     if run.spec.patches is not None:
         size = int(run.spec.patches["size"])

@@ -88,7 +88,7 @@ def predict_image(run: LoadedRun, pixels: np.ndarray, batch_size: int = 64) -> n
     if run.is_mil:
         return predict_bag_pixels(run, pixels).probs
     transform = build_eval_transform(run.spec.image_size)
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+    tensor = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).permute(2, 0, 1)
     if run.spec.patches is not None:
         size = run.spec.patches["size"]
         stride = run.spec.patches.get("stride") or size

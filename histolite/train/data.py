@@ -64,11 +64,13 @@ def resolve_split_by(cfg: DataConfig) -> str:
 
 
 def group_kind(cfg: DataConfig) -> str:
-    """What a group is for this data, for reports: patient, slide or image."""
+    """What a group is for this data, for reports: patient, slide, group (a user regex) or image."""
     spec = get_dataset(cfg.dataset)
     if spec.patient_level:
         return "patient"
-    return "slide" if (cfg.group_regex or spec.group_regex) else "image"
+    if cfg.group_regex:
+        return "group"
+    return "slide" if spec.group_regex else "image"
 
 
 def load_labelled_data(
