@@ -9,7 +9,7 @@ because a silently skipped or mislabelled image is worse than a stopped run.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,9 +90,6 @@ def _class_folders(root: Path, spec: DatasetSpec, options: LayoutOptions) -> Lab
     return images
 
 
-BACH_CLASSES = ("Normal", "Benign", "InSitu", "Invasive")
-
-
 @register_layout("bach2018")
 def _bach(root: Path, spec: DatasetSpec, options: LayoutOptions) -> LabelledImages:
     """``[ICIAR2018_BACH_Challenge/]Photos/{Normal,Benign,InSitu,Invasive}/*.tif``.
@@ -100,19 +97,20 @@ def _bach(root: Path, spec: DatasetSpec, options: LayoutOptions) -> LabelledImag
     BACH publishes no patient ids, so each photo is its own group: patches cut from one photo
     still never cross splits.
     """
+    classes = spec.classes  # Normal, Benign, InSitu, Invasive: the registry entry's order
     candidates = [root / "ICIAR2018_BACH_Challenge" / "Photos", root / "Photos", root]
-    photos = next((c for c in candidates if all((c / n).is_dir() for n in BACH_CLASSES)), None)
+    photos = next((c for c in candidates if all((c / n).is_dir() for n in classes)), None)
     if photos is None:
         raise DataError(
             f"{root}: BACH layout not found; expected ICIAR2018_BACH_Challenge/Photos/"
-            f"{{{','.join(BACH_CLASSES)}}}/*.tif"
+            f"{{{','.join(classes)}}}/*.tif"
         )
     samples = [
         Sample(path, label, name, group=path.stem)
-        for label, name in enumerate(BACH_CLASSES)
+        for label, name in enumerate(classes)
         for path in sorted((photos / name).glob("*.tif"))
     ]
-    return _non_empty(LabelledImages(BACH_CLASSES, tuple(samples)), photos, "*.tif photos")
+    return _non_empty(LabelledImages(classes, tuple(samples)), photos, "*.tif photos")
 
 
 BREAKHIS_NAME = re.compile(
@@ -183,7 +181,6 @@ def _breakhis(root: Path, spec: DatasetSpec, options: LayoutOptions) -> Labelled
 
 
 IDC_NAME = re.compile(r"^(?P<patient>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$")
-IDC_CLASSES = ("non_idc", "idc")
 
 
 def parse_idc_name(path: Path) -> dict[str, str]:
@@ -209,13 +206,9 @@ def _idc(root: Path, spec: DatasetSpec, options: LayoutOptions) -> LabelledImage
     for path in sorted(root.rglob("*_idx5_*.png")):
         meta = parse_idc_name(path)
         label = int(meta["class"])
-        samples.append(Sample(path, label, IDC_CLASSES[label], meta["patient"], meta))
+        samples.append(Sample(path, label, spec.classes[label], meta["patient"], meta))
     return _non_empty(
-        LabelledImages(IDC_CLASSES, tuple(samples)),
+        LabelledImages(spec.classes, tuple(samples)),
         root,
         "<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<0|1>.png",
     )
-
-
-def known_layouts() -> Sequence[str]:
-    return sorted(_LAYOUTS)
