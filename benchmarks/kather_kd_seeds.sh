@@ -51,4 +51,12 @@ for arm in ("alone", "vanilla_kd", "multipart_kd"):
         sd = statistics.stdev(acc) if len(acc) > 1 else float("nan")
         print(f"{arm:>13}: mean accuracy {statistics.mean(acc):.4f} (sd {sd:.4f}, n={len(acc)})"
               f"  per seed: {', '.join(f'{a:.4f}' for a in acc)}")
+# paired by seed: both arms share the seed's initialisation and batch order
+by_seed = {(r["arm"], r["seed"]): float(r["accuracy"]) for r in rows}
+for arm, base in (("vanilla_kd", "alone"), ("multipart_kd", "alone"), ("multipart_kd", "vanilla_kd")):
+    diffs = [by_seed[arm, s] - by_seed[base, s] for a, s in by_seed if a == arm and (base, s) in by_seed]
+    if diffs:
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+        print(f"{arm} - {base}: mean {statistics.mean(diffs):+.4f} (sd {sd:.4f}, n={len(diffs)})"
+              f"  per seed: {', '.join(f'{d:+.4f}' for d in diffs)}")
 PY

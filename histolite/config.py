@@ -105,6 +105,17 @@ class SchedulerConfig(_Strict):
     factor: float = Field(default=0.1, gt=0.0, lt=1.0, description="plateau: decay factor")
     patience: int = Field(default=3, ge=0, description="plateau: epochs without improvement")
     min_lr: float = Field(default=0.0, ge=0.0)
+    warmup_epochs: int = Field(
+        default=0,
+        ge=0,
+        description="linear warm-up from lr/10 before the schedule starts (not with plateau)",
+    )
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> SchedulerConfig:
+        if self.warmup_epochs and self.name == "plateau":
+            raise ValueError("warmup_epochs does not combine with the plateau scheduler")
+        return self
 
 
 class TrainerConfig(_Strict):
@@ -141,7 +152,8 @@ class DistillSection(_Strict):
     kd_weight: float = Field(default=0.5, ge=0.0)
     ce_weight: float = Field(default=1.0, ge=0.0)
     teacher_checkpoint: str = Field(
-        default="best", description="vanilla: which teacher checkpoint (best, last, file name)"
+        default="last",
+        description="vanilla: which teacher checkpoint (last = the final teacher, best, file name)",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from pathlib import Path
@@ -152,6 +153,15 @@ def test_multipart_switches_checkpoints_at_the_right_epochs(
     assert not any(k.startswith("teacher") for k in state)
     plan = json.loads((run / "distill_plan.json").read_text())
     assert plan["mode"] == "multipart" and len(plan["intervals"]) == 2
+    logged = _epoch_metrics(run, "teacher_train_acc")
+    assert len(logged) == 4 and all(0.0 <= a <= 1.0 for a in logged)
+    assert len(_epoch_metrics(run, "teacher_agreement")) == 4
+
+
+def _epoch_metrics(run: Path, name: str) -> list[float]:
+    (metrics,) = run.glob("logs/csv*/metrics.csv")
+    with metrics.open() as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
 
 
 def test_student_with_fewer_epochs_gets_scaled_intervals(teacher_run: Path) -> None:
@@ -162,8 +172,10 @@ def test_student_with_fewer_epochs_gets_scaled_intervals(teacher_run: Path) -> N
     ]
     longer = plan_intervals(teacher_run, "multipart", 10)
     assert [(i.first_epoch, i.last_epoch) for i in longer] == [(0, 4), (5, 9)]
-    vanilla = plan_intervals(teacher_run, "vanilla", 10)
-    assert [(i.first_epoch, i.last_epoch, i.checkpoint) for i in vanilla] == [(0, 9, "best.ckpt")]
+    vanilla = plan_intervals(teacher_run, "vanilla", 10)  # the final teacher by default
+    assert [(i.first_epoch, i.last_epoch, i.checkpoint) for i in vanilla] == [(0, 9, "last.ckpt")]
+    chosen = plan_intervals(teacher_run, "vanilla", 10, teacher_checkpoint="best")
+    assert [i.checkpoint for i in chosen] == ["best.ckpt"]
 
 
 class _StopAfter(L.Callback):

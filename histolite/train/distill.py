@@ -47,7 +47,7 @@ class TeacherInterval:
 
 
 def plan_intervals(
-    teacher_run: Path, mode: str, student_epochs: int, teacher_checkpoint: str = "best"
+    teacher_run: Path, mode: str, student_epochs: int, teacher_checkpoint: str = "last"
 ) -> list[TeacherInterval]:
     """Which teacher checkpoint the student follows in each of its epochs."""
     if mode == "vanilla":
@@ -164,7 +164,21 @@ class DistillModule(ClassifierModule):
                 teacher_x = teacher_x.contiguous(memory_format=torch.channels_last)
             teacher_logits = self.teacher(teacher_x)
         student_logits = self(x)
+        self._log_teacher_metrics(student_logits, teacher_logits, y)
         return self.kd(student_logits, teacher_logits, y), student_logits
+
+    def _log_teacher_metrics(
+        self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor
+    ) -> None:
+        """How good the guide is on these augmented batches, and how closely the student follows.
+
+        A teacher far less accurate here than on its own validation set points at a
+        preprocessing mismatch between the two runs.
+        """
+        teacher_pred = teacher_logits.argmax(dim=1)
+        self.log_epoch_mean("teacher_train_acc", (teacher_pred == y).float().mean(), len(y))
+        agreement = (student_logits.detach().argmax(dim=1) == teacher_pred).float().mean()
+        self.log_epoch_mean("teacher_agreement", agreement, len(y))
 
 
 def _teacher_dir_for_resume(out: Path) -> Path:

@@ -44,16 +44,24 @@ class ClassifierModule(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
+    def log_epoch_mean(
+        self, name: str, value: Tensor, batch_size: int, prog_bar: bool = False
+    ) -> None:
+        """Log ``value`` as a per-epoch mean over batches (and devices)."""
+        self.log(
+            name,
+            value,
+            prog_bar=prog_bar,
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=batch_size,
+        )
+
     def _log_metrics(self, stage: str, loss: Tensor, logits: Tensor, y: Tensor) -> None:
         acc = (logits.argmax(dim=1) == y).float().mean()
-        kwargs: dict[str, Any] = {
-            "on_step": False,
-            "on_epoch": True,
-            "sync_dist": True,
-            "batch_size": len(y),
-        }
-        self.log(f"{stage}_loss", loss, prog_bar=stage == "val", **kwargs)
-        self.log(f"{stage}_acc", acc, prog_bar=True, **kwargs)
+        self.log_epoch_mean(f"{stage}_loss", loss, len(y), prog_bar=stage == "val")
+        self.log_epoch_mean(f"{stage}_acc", acc, len(y), prog_bar=True)
 
     def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(loss, student logits) for one batch."""

@@ -31,22 +31,33 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> tor
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, max_epochs: int, monitor: str
 ) -> dict[str, Any] | None:
-    """A Lightning ``lr_scheduler`` dict stepping once per epoch, or None."""
+    """A Lightning ``lr_scheduler`` dict stepping once per epoch, or None.
+
+    With ``warmup_epochs`` the learning rate climbs linearly from lr/10 first; the main schedule
+    then runs over the remaining epochs, so a cosine schedule still ends at ``min_lr``.
+    """
     from torch.optim import lr_scheduler
 
-    scheduler: Any
+    if cfg.name == "plateau":
+        mode: Literal["min", "max"] = "max" if monitor.endswith("acc") else "min"
+        plateau = lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=cfg.factor, patience=cfg.patience, min_lr=cfg.min_lr
+        )
+        return {"scheduler": plateau, "interval": "epoch", "monitor": monitor}
+    warmup = min(cfg.warmup_epochs, max_epochs - 1)
+    main_epochs = max_epochs - warmup
+    scheduler: lr_scheduler.LRScheduler
     if cfg.name == "none":
-        return None
-    if cfg.name == "step":
+        if not warmup:
+            return None
+        scheduler = lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    elif cfg.name == "step":
         scheduler = lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     elif cfg.name == "exponential":
         scheduler = lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma)
-    elif cfg.name == "cosine":
-        scheduler = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs, eta_min=cfg.min_lr)
     else:
-        mode: Literal["min", "max"] = "max" if monitor.endswith("acc") else "min"
-        scheduler = lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode=mode, factor=cfg.factor, patience=cfg.patience, min_lr=cfg.min_lr
-        )
-        return {"scheduler": scheduler, "interval": "epoch", "monitor": monitor}
+        scheduler = lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_epochs, eta_min=cfg.min_lr)
+    if warmup:
+        ramp = lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
+        scheduler = lr_scheduler.SequentialLR(optimizer, [ramp, scheduler], milestones=[warmup])
     return {"scheduler": scheduler, "interval": "epoch"}
