@@ -404,7 +404,14 @@ def distill(
         resume,
         model=DistillConfig,
     )
-    distill_run(cfg, teacher, out, resume=resume, progress=progress)
+    distill_run(
+        cfg,
+        teacher,
+        out,
+        resume=resume,
+        progress=progress,
+        announce=lambda lines: typer.echo("teacher plan:\n  " + "\n  ".join(lines)),
+    )
     _evaluate_test_split(out)
     typer.echo(f"run written to {out}")
 

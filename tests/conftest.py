@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from histolite.cli import main
 from histolite.data.synthetic import generate_synthetic_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,3 +69,17 @@ def write_config(path: Path, data_root: Path, **sections: dict) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def run_cli(
+    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, str, str]:
+    """Run ``histolite ARGS`` in-process through the real entry point."""
+    monkeypatch.setattr(sys, "argv", ["histolite", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -3,28 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from conftest import run_cli, write_config
 from PIL import Image
-
-from histolite.cli import main
-
-
-def run_cli(
-    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, str, str]:
-    """Run ``histolite ARGS`` in-process through the real entry point."""
-    monkeypatch.setattr(sys, "argv", ["histolite", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_end_to_end_synthetic_train_evaluate_predict(

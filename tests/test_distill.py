@@ -11,7 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import write_config
+from conftest import run_cli, write_config
 
 from histolite.config import DistillConfig
 from histolite.errors import HistoliteError
@@ -22,6 +22,7 @@ from histolite.train.distill import (
     SWITCHES_FILE,
     DistillModule,
     TeacherInterval,
+    describe_plan,
     distill_run,
     plan_intervals,
 )
@@ -172,6 +173,16 @@ def test_student_with_fewer_epochs_gets_scaled_intervals(teacher_run: Path) -> N
     ]
     longer = plan_intervals(teacher_run, "multipart", 10)
     assert [(i.first_epoch, i.last_epoch) for i in longer] == [(0, 4), (5, 9)]
+    # each teacher checkpoint carries its validation accuracy from the teacher's schedule.json
+    scores = {
+        item["epochs_done"]: item["val_acc"]
+        for item in json.loads((teacher_run / "checkpoints" / "schedule.json").read_text())["saved"]
+    }
+    assert sorted(scores) == [2, 4] and all(0.0 <= a <= 1.0 for a in scores.values())
+    assert [i.teacher_val_acc for i in longer] == [scores[2], scores[4]]
+    lines = describe_plan(longer)
+    assert lines[0].startswith("student epoch 1-5: epoch_002.ckpt (teacher epoch 2, validation")
+    assert f"{scores[4]:.1%}" in lines[1]
     vanilla = plan_intervals(teacher_run, "vanilla", 10)  # the final teacher by default
     assert [(i.first_epoch, i.last_epoch, i.checkpoint) for i in vanilla] == [(0, 9, "last.ckpt")]
     chosen = plan_intervals(teacher_run, "vanilla", 10, teacher_checkpoint="best")
@@ -257,22 +268,38 @@ def test_missing_or_mismatched_teacher_is_a_clear_error(
         distill_run(cfg, teacher_run, tmp_path / "d", progress=False)
 
 
-def test_compare_builds_one_table(tmp_path: Path, teacher_run: Path, synthetic_dir: Path) -> None:
-    student = distill_run(
-        _student_config(tmp_path, synthetic_dir, "vanilla", epochs=1),
-        teacher_run,
-        tmp_path / "vanilla",
-        progress=False,
+def test_distill_command_prints_the_plan_and_compare_builds_one_table(
+    tmp_path: Path,
+    teacher_run: Path,
+    synthetic_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = write_config(
+        tmp_path / "student.yaml",
+        synthetic_dir,
+        data={"test_fraction": 0.25, "image_size": 24},
+        distill={"mode": "multipart", "temperature": 4.0},
     )
+    student = tmp_path / "multipart"
+    args = ["distill", str(config), "--teacher", str(teacher_run), "--out", str(student)]
+    code, out, err = run_cli(
+        [*args, "--set", "trainer.max_epochs=2", "--no-progress"], capsys, monkeypatch
+    )
+    assert code == 0, err
+    assert "teacher plan:\n  student epoch 1: epoch_002.ckpt (teacher epoch 2, validation" in out
+    assert "student epoch 2: epoch_004.ckpt" in out
+    assert "test split: accuracy" in out
+    assert (student / "reports" / "test" / "report.json").is_file()
     rows = compare_runs(
         [teacher_run, student],
         teacher_run / "split.csv",
         tmp_path / "cmp",
-        names=["teacher", "student_kd"],
+        names=["teacher", "student_multipart_kd"],
         progress=False,
         speed_seconds=0.1,
     )
-    assert [r["name"] for r in rows] == ["teacher", "student_kd"]
+    assert [r["name"] for r in rows] == ["teacher", "student_multipart_kd"]
     assert rows[0]["parameters"] > rows[1]["parameters"]
     assert all(r["cpu_images_per_s_b1"] > 0 and r["cpu_images_per_s_b64"] > 0 for r in rows)
     assert rows[0]["n"] == rows[1]["n"] == 16

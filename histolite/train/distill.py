@@ -9,6 +9,7 @@ pure function of the epoch, so ``--resume`` mid-interval reloads the right one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class TeacherInterval:
     last_epoch: int
     checkpoint: str
     teacher_epochs_done: int | None
+    teacher_val_acc: float | None = None
 
 
 def plan_intervals(
@@ -59,20 +61,41 @@ def plan_intervals(
             f"{teacher_run}: no scheduled teacher checkpoints (checkpoints/schedule.json); "
             "train the teacher with trainer.checkpoint_every=N for multi-part distillation"
         )
-    teacher_total = schedule[-1][0]
+    teacher_total = schedule[-1].epochs_done
     intervals: list[TeacherInterval] = []
     start = 0
-    for index, (done, path) in enumerate(schedule):
+    for index, kept in enumerate(schedule):
         end = (
             student_epochs
             if index == len(schedule) - 1
-            else round(done * student_epochs / teacher_total)
+            else round(kept.epochs_done * student_epochs / teacher_total)
         )
         if end <= start:  # fewer student epochs than checkpoints: later checkpoints win
             continue
-        intervals.append(TeacherInterval(start, end - 1, path.name, done))
+        intervals.append(
+            TeacherInterval(start, end - 1, kept.path.name, kept.epochs_done, kept.val_acc)
+        )
         start = end
     return intervals
+
+
+def describe_plan(intervals: list[TeacherInterval]) -> list[str]:
+    """One human line per interval, 1-based like progress bars and logs."""
+    lines = []
+    for i in intervals:
+        epochs = (
+            f"{i.first_epoch + 1}-{i.last_epoch + 1}"
+            if i.last_epoch > i.first_epoch
+            else f"{i.first_epoch + 1}"
+        )
+        source = f"teacher epoch {i.teacher_epochs_done}" if i.teacher_epochs_done else "teacher"
+        score = (
+            f", validation accuracy {i.teacher_val_acc:.1%}"
+            if i.teacher_val_acc is not None
+            else ""
+        )
+        lines.append(f"student epoch {epochs}: {i.checkpoint} ({source}{score})")
+    return lines
 
 
 def interval_for_epoch(intervals: list[TeacherInterval], epoch: int) -> TeacherInterval:
@@ -195,8 +218,12 @@ def distill_run(
     *,
     resume: bool = False,
     progress: bool = True,
+    announce: Callable[[list[str]], None] | None = None,
 ) -> Path:
-    """Distil ``teacher_run`` into the student described by ``cfg``; writes a normal run."""
+    """Distil ``teacher_run`` into the student described by ``cfg``; writes a normal run.
+
+    ``announce`` receives the teacher plan as readable lines before training starts.
+    """
     if cfg.mil is not None:
         raise HistoliteError("distillation trains image/patch classifiers; remove the mil section")
     out = Path(out)
@@ -212,6 +239,8 @@ def distill_run(
     teacher = require_classifier(
         load_run(teacher_dir, intervals[0].checkpoint, device="cpu"), "a distillation teacher"
     )
+    if announce is not None:
+        announce(describe_plan(intervals))
 
     def build(model: nn.Module, config: TrainConfig, spec: RunSpec) -> DistillModule:
         if tuple(spec.classes) != tuple(teacher_spec.classes):

@@ -48,8 +48,21 @@ def checkpoint_name(epochs_done: int) -> str:
     return f"epoch_{epochs_done:03d}.ckpt"
 
 
+@dataclass(frozen=True)
+class ScheduledCheckpoint:
+    """One kept checkpoint: after how many epochs, where, and how it scored on validation."""
+
+    epochs_done: int
+    path: Path
+    val_acc: float | None = None
+
+
 class ScheduledCheckpoints(Callback):
-    """Save ``checkpoints/epoch_NNN.ckpt`` after scheduled epochs; list them in schedule.json."""
+    """Save ``checkpoints/epoch_NNN.ckpt`` after scheduled epochs; list them in schedule.json.
+
+    Each entry keeps the epoch's validation accuracy, so a multi-part student's plan can show how
+    strong each teacher checkpoint was.
+    """
 
     def __init__(self, schedule: CheckpointSchedule, directory: Path, max_epochs: int) -> None:
         self.directory = Path(directory)
@@ -61,22 +74,34 @@ class ScheduledCheckpoints(Callback):
             return
         # weights only: multi-part KD needs nothing else, and files are ~3x smaller with Adam
         trainer.save_checkpoint(self.directory / checkpoint_name(done), weights_only=True)
-        if trainer.is_global_zero:
-            saved = sorted(e for e in self.marks if (self.directory / checkpoint_name(e)).exists())
-            write_json(
-                self.directory / SCHEDULE_FILE,
-                {
-                    "planned_epochs": self.marks,
-                    "saved": [{"epochs_done": e, "file": checkpoint_name(e)} for e in saved],
-                },
-            )
+        if not trainer.is_global_zero:
+            return
+        val_acc = trainer.callback_metrics.get("val_acc")
+        scores = {e.epochs_done: e.val_acc for e in read_schedule(self.directory)}  # resume
+        scores[done] = float(val_acc) if val_acc is not None else None
+        saved = sorted(e for e in self.marks if (self.directory / checkpoint_name(e)).exists())
+        write_json(
+            self.directory / SCHEDULE_FILE,
+            {
+                "planned_epochs": self.marks,
+                "saved": [
+                    {"epochs_done": e, "file": checkpoint_name(e), "val_acc": scores.get(e)}
+                    for e in saved
+                ],
+            },
+        )
 
 
-def read_schedule(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    """(epochs_done, file) of every scheduled checkpoint that exists, in training order."""
+def read_schedule(checkpoint_dir: Path) -> list[ScheduledCheckpoint]:
+    """Every scheduled checkpoint that exists, in training order."""
     path = checkpoint_dir / SCHEDULE_FILE
     if not path.is_file():
         return []
     data: dict[str, Any] = read_json(path)
-    entries = [(int(item["epochs_done"]), checkpoint_dir / item["file"]) for item in data["saved"]]
-    return [(e, f) for e, f in sorted(entries) if f.is_file()]
+    entries = [
+        ScheduledCheckpoint(
+            int(item["epochs_done"]), checkpoint_dir / item["file"], item.get("val_acc")
+        )
+        for item in data["saved"]
+    ]
+    return sorted((e for e in entries if e.path.is_file()), key=lambda e: e.epochs_done)
