@@ -99,7 +99,7 @@ class OptimizerConfig(_Strict):
 
 
 class SchedulerConfig(_Strict):
-    name: Literal["none", "step", "exponential", "plateau", "cosine"] = "none"
+    name: Literal["none", "step", "exponential", "plateau", "cosine", "cosine_restarts"] = "none"
     step_size: int = Field(default=10, ge=1, description="step: epochs between decays")
     gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="step/exponential decay factor")
     factor: float = Field(default=0.1, gt=0.0, lt=1.0, description="plateau: decay factor")
@@ -110,12 +110,31 @@ class SchedulerConfig(_Strict):
         ge=0,
         description="linear warm-up from lr/10 before the schedule starts (not with plateau)",
     )
+    cycle_epochs: int = Field(
+        default=5, ge=1, description="cosine_restarts: length of the first cosine cycle"
+    )
+    cycle_mult: int = Field(
+        default=1, ge=1, description="cosine_restarts: each cycle is this many times longer"
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> SchedulerConfig:
-        if self.warmup_epochs and self.name == "plateau":
-            raise ValueError("warmup_epochs does not combine with the plateau scheduler")
+        if self.warmup_epochs and self.name in ("plateau", "cosine_restarts"):
+            raise ValueError(f"warmup_epochs does not combine with the {self.name} scheduler")
         return self
+
+    def cycle_ends(self, max_epochs: int) -> list[int]:
+        """cosine_restarts: the epochs (1-based) after which the learning rate reaches min_lr.
+
+        Checkpoints kept there are annealed snapshots, the good teacher checkpoints for
+        multi-part distillation (``trainer.checkpoint_at``).
+        """
+        ends, length, done = [], self.cycle_epochs, 0
+        while done + length <= max_epochs:
+            done += length
+            ends.append(done)
+            length *= self.cycle_mult
+        return ends
 
 
 class TrainerConfig(_Strict):

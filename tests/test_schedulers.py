@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_config
 
 from histolite.config import SchedulerConfig, load_config
 from histolite.errors import ConfigError
+from histolite.train import resolve_config, train_run
 from histolite.train.optim import build_scheduler
 
 
@@ -53,3 +56,55 @@ def test_warmup_with_plateau_is_refused_by_config(tmp_path: Path) -> None:
     path.write_text("scheduler: {name: plateau, warmup_epochs: 2}\n")
     with pytest.raises(ConfigError, match="warmup_epochs"):
         load_config(path)
+
+
+def test_cosine_restarts_anneal_to_min_lr_at_each_cycle_end() -> None:
+    cfg = SchedulerConfig(name="cosine_restarts", cycle_epochs=1, cycle_mult=2, min_lr=0.01)
+    assert cfg.cycle_ends(15) == [1, 3, 7, 15]
+    assert cfg.cycle_ends(10) == [1, 3, 7]
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    steps_per_epoch = 4
+    built = build_scheduler(optimizer, cfg, 15, "val_acc", steps_per_epoch)
+    assert built is not None and built["interval"] == "step"
+    lrs = []  # learning rate used by each batch
+    for _ in range(15 * steps_per_epoch):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        built["scheduler"].step()
+    for end in cfg.cycle_ends(15):
+        last_batch = lrs[end * steps_per_epoch - 1]
+        assert last_batch < 0.2  # the cycle's last batches run near min_lr ...
+        if end < 15:
+            assert lrs[end * steps_per_epoch] == pytest.approx(1.0)  # ... then it restarts
+    assert min(lrs) >= 0.01
+
+
+def test_cosine_restarts_refuse_warmup(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("scheduler: {name: cosine_restarts, warmup_epochs: 1}\n")
+    with pytest.raises(ConfigError, match="cosine_restarts"):
+        load_config(path)
+
+
+def test_snapshot_teacher_recipe_keeps_a_checkpoint_at_every_cycle_end() -> None:
+    recipe = Path(__file__).parents[1] / "configs" / "kather2016_resnet18_snapshot_teacher.yaml"
+    cfg = load_config(recipe, ["data.root=unused"])
+    assert cfg.scheduler.name == "cosine_restarts"
+    assert cfg.trainer.checkpoint_at == cfg.scheduler.cycle_ends(cfg.trainer.max_epochs)
+
+
+def test_cosine_restarts_step_per_batch_in_training(tmp_path: Path, synthetic_dir: Path) -> None:
+    config = write_config(
+        tmp_path / "c.yaml",
+        synthetic_dir,
+        scheduler={"name": "cosine_restarts", "cycle_epochs": 2, "min_lr": 0.0},
+        trainer={"max_epochs": 3, "checkpoint_every": None},
+    )
+    cfg = resolve_config(config, [], tmp_path / "run", resume=False)
+    run = train_run(cfg, tmp_path / "run", progress=False)
+    (metrics,) = run.glob("logs/csv*/metrics.csv")
+    with metrics.open() as f:
+        lrs = [float(row["lr"]) for row in csv.DictReader(f) if row.get("lr")]
+    # epoch starts: full lr, half-way down the 2-epoch cosine, then a restart to full lr
+    assert lrs == pytest.approx([0.003, 0.0015, 0.003], rel=0.05)

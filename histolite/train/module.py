@@ -89,7 +89,14 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         trainable = (p for p in self.model.parameters() if p.requires_grad)  # frozen parts stay out
         optimizer = build_optimizer(trainable, self.optimizer_cfg)
-        scheduler = build_scheduler(optimizer, self.scheduler_cfg, self.max_epochs, self.monitor)
+        steps_per_epoch = 1
+        if self.scheduler_cfg.name == "cosine_restarts":  # steps per batch
+            steps_per_epoch = max(
+                1, int(self.trainer.estimated_stepping_batches) // self.max_epochs
+            )
+        scheduler = build_scheduler(
+            optimizer, self.scheduler_cfg, self.max_epochs, self.monitor, steps_per_epoch
+        )
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

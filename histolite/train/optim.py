@@ -29,15 +29,29 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> tor
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, max_epochs: int, monitor: str
+    optimizer: torch.optim.Optimizer,
+    cfg: SchedulerConfig,
+    max_epochs: int,
+    monitor: str,
+    steps_per_epoch: int = 1,
 ) -> dict[str, Any] | None:
-    """A Lightning ``lr_scheduler`` dict stepping once per epoch, or None.
+    """A Lightning ``lr_scheduler`` dict, or None.
 
-    With ``warmup_epochs`` the learning rate climbs linearly from lr/10 first; the main schedule
-    then runs over the remaining epochs, so a cosine schedule still ends at ``min_lr``.
+    Schedules step once per epoch, except ``cosine_restarts``, which steps every batch so that
+    each cycle really ends at ``min_lr`` (SGDR, Loshchilov & Hutter 2017). With
+    ``warmup_epochs`` the learning rate climbs linearly from lr/10 first; the main schedule then
+    runs over the remaining epochs, so a cosine schedule still ends at ``min_lr``.
     """
     from torch.optim import lr_scheduler
 
+    if cfg.name == "cosine_restarts":
+        restarts = lr_scheduler.CosineAnnealingWarmRestarts(
+            optimizer,
+            T_0=cfg.cycle_epochs * steps_per_epoch,
+            T_mult=cfg.cycle_mult,
+            eta_min=cfg.min_lr,
+        )
+        return {"scheduler": restarts, "interval": "step"}
     if cfg.name == "plateau":
         mode: Literal["min", "max"] = "max" if monitor.endswith("acc") else "min"
         plateau = lr_scheduler.ReduceLROnPlateau(
