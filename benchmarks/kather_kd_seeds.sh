@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# Several seeds of the Kather ResNet-8 distillation arms at a short budget, after
-# benchmarks/kather_kd.sh has trained the teacher (OUT/teacher) and made OUT/folders.
+# Several seeds of the Kather ResNet-8 distillation arms at one budget, after
+# benchmarks/kather_kd.sh has trained a teacher (OUT/teacher) and made OUT/folders.
 #
-#   benchmarks/kather_kd_seeds.sh runs/kather_kd EPOCHS SEED...
+#   benchmarks/kather_kd_seeds.sh OUT EPOCHS SEED...
 #
 # For every seed: ResNet-8 alone, vanilla KD and multi-part KD, each for EPOCHS epochs, each
-# evaluated on the same unseen tiles (OUT/folders/test). Prints one line per run and a summary.
+# evaluated on the same unseen tiles (OUT/folders/test). Prints one line per run, then a summary
+# with the seed-paired differences between arms.
+#   TEACHER=DIR  another teacher run (default OUT/teacher)
+#   TAG=NAME     suffix for the KD arms' names, to keep teachers apart (e.g. _snapshot)
+#   ARMS="..."   a subset of: alone vanilla_kd multipart_kd
 set -euo pipefail
 out=${1:?usage: kather_kd_seeds.sh OUT EPOCHS SEED...}
 epochs=${2:?usage: kather_kd_seeds.sh OUT EPOCHS SEED...}
 shift 2
 histolite=${HISTOLITE:-histolite}
 python=${PYTHON:-python}
+teacher=${TEACHER:-$out/teacher}
+tag=${TAG:-}
+arms=${ARMS:-alone vanilla_kd multipart_kd}
 results="$out/seeds_e${epochs}.csv"
 [ -f "$results" ] || echo "arm,seed,epochs,accuracy,balanced_accuracy,macro_f1,seconds" > "$results"
 
@@ -35,28 +42,16 @@ PY
 }
 
 for seed in "$@"; do
-  run_arm alone "$seed" "$histolite" train configs/kather2016_resnet8_kd.yaml
-  run_arm vanilla_kd "$seed" "$histolite" distill configs/kather2016_resnet8_kd.yaml \
-    --teacher "$out/teacher"
-  run_arm multipart_kd "$seed" "$histolite" distill configs/kather2016_resnet8_multipart.yaml \
-    --teacher "$out/teacher"
+  for arm in $arms; do
+    case $arm in
+      alone) run_arm alone "$seed" "$histolite" train configs/kather2016_resnet8_kd.yaml ;;
+      vanilla_kd) run_arm "vanilla_kd$tag" "$seed" "$histolite" distill \
+        configs/kather2016_resnet8_kd.yaml --teacher "$teacher" ;;
+      multipart_kd) run_arm "multipart_kd$tag" "$seed" "$histolite" distill \
+        configs/kather2016_resnet8_multipart.yaml --teacher "$teacher" ;;
+      *) echo "unknown arm $arm (alone, vanilla_kd, multipart_kd)" >&2; exit 2 ;;
+    esac
+  done
 done
 
-"$python" - "$results" <<'PY'
-import csv, statistics, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
-for arm in ("alone", "vanilla_kd", "multipart_kd"):
-    acc = [float(r["accuracy"]) for r in rows if r["arm"] == arm]
-    if acc:
-        sd = statistics.stdev(acc) if len(acc) > 1 else float("nan")
-        print(f"{arm:>13}: mean accuracy {statistics.mean(acc):.4f} (sd {sd:.4f}, n={len(acc)})"
-              f"  per seed: {', '.join(f'{a:.4f}' for a in acc)}")
-# paired by seed: both arms share the seed's initialisation and batch order
-by_seed = {(r["arm"], r["seed"]): float(r["accuracy"]) for r in rows}
-for arm, base in (("vanilla_kd", "alone"), ("multipart_kd", "alone"), ("multipart_kd", "vanilla_kd")):
-    diffs = [by_seed[arm, s] - by_seed[base, s] for a, s in by_seed if a == arm and (base, s) in by_seed]
-    if diffs:
-        sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
-        print(f"{arm} - {base}: mean {statistics.mean(diffs):+.4f} (sd {sd:.4f}, n={len(diffs)})"
-              f"  per seed: {', '.join(f'{d:+.4f}' for d in diffs)}")
-PY
+"$python" benchmarks/seed_summary.py "$results"
