@@ -79,6 +79,7 @@ def _module(intervals: list[TeacherInterval], teacher_run: Path, tmp_path: Path)
     )
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # no Trainer here
 def test_gradients_reach_only_the_student_and_teacher_stays_frozen(tmp_path: Path) -> None:
     module = _module([TeacherInterval(0, 1, "x.ckpt", None)], tmp_path, tmp_path)
     module.train()
