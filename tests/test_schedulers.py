@@ -16,12 +16,14 @@ from histolite.train import resolve_config, train_run
 from histolite.train.optim import build_scheduler
 
 
-def _epoch_lrs(cfg: SchedulerConfig, epochs: int) -> list[float]:
+def _scheduled_lrs(cfg: SchedulerConfig, epochs: int, steps_per_epoch: int = 1) -> list[float]:
+    """The learning rate each scheduler step runs at: per epoch, or per batch for step schedules."""
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)
-    built = build_scheduler(optimizer, cfg, epochs, "val_acc")
+    built = build_scheduler(optimizer, cfg, epochs, "val_acc", steps_per_epoch)
+    steps = epochs * (steps_per_epoch if built and built["interval"] == "step" else 1)
     lrs = []
-    for _ in range(epochs):
+    for _ in range(steps):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         if built is not None:
@@ -30,31 +32,32 @@ def _epoch_lrs(cfg: SchedulerConfig, epochs: int) -> list[float]:
 
 
 def test_cosine_without_warmup_starts_at_lr_and_decays() -> None:
-    lrs = _epoch_lrs(SchedulerConfig(name="cosine"), 6)
+    lrs = _scheduled_lrs(SchedulerConfig(name="cosine"), 6)
     assert lrs[0] == pytest.approx(1.0)
     assert lrs == sorted(lrs, reverse=True)
 
 
 def test_warmup_ramps_then_cosine_reaches_min_lr_on_time() -> None:
-    lrs = _epoch_lrs(SchedulerConfig(name="cosine", warmup_epochs=2, min_lr=0.0), 7)
+    lrs = _scheduled_lrs(SchedulerConfig(name="cosine", warmup_epochs=2, min_lr=0.0), 7)
     assert lrs[:3] == pytest.approx([0.1, 0.55, 1.0])
     # cosine over the 5 remaining epochs: 1, cos steps, ending one step before min_lr
     assert lrs[3:] == pytest.approx([0.5 * (1 + math.cos(k * math.pi / 5)) for k in range(1, 5)])
 
 
 def test_warmup_with_constant_and_step_schedules() -> None:
-    assert _epoch_lrs(SchedulerConfig(name="none"), 3) == [1.0, 1.0, 1.0]
-    assert _epoch_lrs(SchedulerConfig(name="none", warmup_epochs=1), 3) == pytest.approx(
+    assert _scheduled_lrs(SchedulerConfig(name="none"), 3) == [1.0, 1.0, 1.0]
+    assert _scheduled_lrs(SchedulerConfig(name="none", warmup_epochs=1), 3) == pytest.approx(
         [0.1, 1.0, 1.0]
     )
     step = SchedulerConfig(name="step", step_size=2, gamma=0.5, warmup_epochs=1)
-    assert _epoch_lrs(step, 6) == pytest.approx([0.1, 1.0, 1.0, 0.5, 0.5, 0.25])
+    assert _scheduled_lrs(step, 6) == pytest.approx([0.1, 1.0, 1.0, 0.5, 0.5, 0.25])
 
 
-def test_warmup_with_plateau_is_refused_by_config(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["plateau", "cosine_restarts"])
+def test_warmup_is_refused_where_it_does_not_combine(tmp_path: Path, name: str) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("scheduler: {name: plateau, warmup_epochs: 2}\n")
-    with pytest.raises(ConfigError, match="warmup_epochs"):
+    path.write_text(f"scheduler: {{name: {name}, warmup_epochs: 2}}\n")
+    with pytest.raises(ConfigError, match=f"warmup_epochs does not combine with the {name}"):
         load_config(path)
 
 
@@ -62,29 +65,15 @@ def test_cosine_restarts_anneal_to_min_lr_at_each_cycle_end() -> None:
     cfg = SchedulerConfig(name="cosine_restarts", cycle_epochs=1, cycle_mult=2, min_lr=0.01)
     assert cfg.cycle_ends(15) == [1, 3, 7, 15]
     assert cfg.cycle_ends(10) == [1, 3, 7]
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=1.0)
     steps_per_epoch = 4
-    built = build_scheduler(optimizer, cfg, 15, "val_acc", steps_per_epoch)
-    assert built is not None and built["interval"] == "step"
-    lrs = []  # learning rate used by each batch
-    for _ in range(15 * steps_per_epoch):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        built["scheduler"].step()
+    lrs = _scheduled_lrs(cfg, 15, steps_per_epoch)  # learning rate used by each batch
+    assert len(lrs) == 15 * steps_per_epoch  # the scheduler steps per batch
     for end in cfg.cycle_ends(15):
         last_batch = lrs[end * steps_per_epoch - 1]
         assert last_batch < 0.2  # the cycle's last batches run near min_lr ...
         if end < 15:
             assert lrs[end * steps_per_epoch] == pytest.approx(1.0)  # ... then it restarts
     assert min(lrs) >= 0.01
-
-
-def test_cosine_restarts_refuse_warmup(tmp_path: Path) -> None:
-    path = tmp_path / "c.yaml"
-    path.write_text("scheduler: {name: cosine_restarts, warmup_epochs: 1}\n")
-    with pytest.raises(ConfigError, match="cosine_restarts"):
-        load_config(path)
 
 
 def test_snapshot_teacher_recipe_keeps_a_checkpoint_at_every_cycle_end() -> None:
