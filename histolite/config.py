@@ -45,11 +45,26 @@ class DataConfig(_Strict):
     split_by: Literal["auto", "stratified", "group"] = Field(
         default="auto",
         description=(
-            "group: whole slides/patients per split (no leakage); auto: group wherever the "
-            "dataset names patients (BreakHis, IDC), else stratified"
+            "group: whole groups (source images, slides, patients) per split, no leakage; "
+            "stratified: image level; auto: group wherever the dataset or data.group_regex "
+            "says what a group is (Kather: source image; BreakHis, IDC: patient)"
         ),
     )
-    group_regex: str | None = None
+    group_by: str | None = Field(
+        default=None,
+        description="a grouping the dataset names (kather2016: source_image, patient)",
+    )
+    group_regex: str | None = Field(
+        default=None, description="regex on file names whose first group is the group key"
+    )
+    val_split_by: Literal["same", "group_if_possible", "stratified"] = Field(
+        default="same",
+        description=(
+            "grouped splits: same = validation by whole groups like test; group_if_possible = "
+            "by whole groups for classes with two or more training groups, by images of the "
+            "training groups for the rest; stratified = by images of the training groups"
+        ),
+    )
     labels: str | None = Field(
         default=None,
         description="label scheme where a dataset offers several (BreakHis: binary, subtype)",
@@ -61,7 +76,13 @@ class DataConfig(_Strict):
     batch_size: int = Field(default=64, ge=1)
     num_workers: int = Field(default=2, ge=0)
     skip_unreadable: bool = False
-    normalize: Literal["train", "imagenet", "none"] = "train"
+    normalize: Literal["train", "imagenet", "model", "none"] = Field(
+        default="train",
+        description=(
+            "input mean/std: of the training images, ImageNet's, the pretrained weights' own "
+            "(model), or none"
+        ),
+    )
     mean_std_samples: int = Field(default=2000, ge=1)
     stain: StainConfig | None = None
     patches: PatchConfig | None = None
@@ -80,6 +101,21 @@ class AugmentConfig(_Strict):
     rot90: bool = False
     rotation_degrees: float = Field(default=0.0, ge=0.0, le=180.0)
     color_jitter: ColorJitterConfig | None = None
+    crop_scale: tuple[float, float] | None = Field(
+        default=None,
+        description="random crops of this area fraction range, resized back (e.g. [0.5, 1.0])",
+    )
+    mixup_alpha: float = Field(
+        default=0.0, ge=0.0, description="mixup with Beta(alpha, alpha) weights; 0 = off"
+    )
+
+    @model_validator(mode="after")
+    def _crop_scale_range(self) -> AugmentConfig:
+        if self.crop_scale is not None:
+            low, high = self.crop_scale
+            if not 0.0 < low <= high <= 1.0:
+                raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {low}, {high}")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -173,6 +209,10 @@ class DistillSection(_Strict):
     teacher_checkpoint: str = Field(
         default="last",
         description="vanilla: which teacher checkpoint (last = the final teacher, best, file name)",
+    )
+    teacher_runtime: Literal["auto", "torch", "onnx"] = Field(
+        default="auto",
+        description="where the teacher runs: auto = ONNX Runtime on CPU, PyTorch on GPU",
     )
 
 

@@ -17,7 +17,7 @@ from histolite.config import DistillConfig
 from histolite.data.folder import scan_image_folder
 from histolite.data.splits import make_split, write_split_csv
 from histolite.data.synthetic import SYNTHETIC_GROUP_REGEX, generate_synthetic_dataset
-from histolite.evaluate.compare import compare_runs, format_comparison
+from histolite.export.compare import compare_runs, format_comparison
 from histolite.fileio import write_json, write_text
 from histolite.train import resolve_config, train_run
 from histolite.train.distill import distill_run

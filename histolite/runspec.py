@@ -15,6 +15,8 @@ from histolite.fileio import read_json, write_json
 
 RUN_SPEC_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoints"
+SPLIT_FILE = "split.csv"
+SPLIT_REPORT_FILE = "split_report.json"
 
 
 @dataclass(frozen=True)

@@ -105,3 +105,39 @@ def make_nct(root: Path, name: str = "NCT-CRC-HE-100K", per_class: int = 2, seed
                 folder / f"{cls}-AAAW{i:04d}.tif", rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
             )
     return root
+
+
+KATHER_CLASSES = (
+    "01_TUMOR",
+    "02_STROMA",
+    "03_COMPLEX",
+    "04_LYMPHO",
+    "05_DEBRIS",
+    "06_MUCOSA",
+    "07_ADIPOSE",
+    "08_EMPTY",
+)
+
+
+def make_kather(
+    root: Path, images_per_class: int = 4, tiles_per_image: int = 3, seed: int = 0
+) -> Path:
+    """``<class>/<hex>_CRC-Prim-HE-<patient>_<image>.tif_Row_<r>_Col_<c>.tif``, as in the zip.
+
+    Each class has ``images_per_class`` source images on two patients; 08_EMPTY has two source
+    images, as in the real data.
+    """
+    rng = np.random.default_rng(seed)
+    for label, cls in enumerate(KATHER_CLASSES):
+        images = 2 if cls == "08_EMPTY" else images_per_class
+        for image in range(images):
+            patient = 1 + image % 2
+            for tile in range(tiles_per_image):
+                name = (
+                    f"{label:X}{image:02d}{tile:02d}_CRC-Prim-HE-{patient:02d}_"
+                    f"{label}{image:02d}.tif_Row_{1 + 150 * tile}_Col_1.tif"
+                )
+                folder = root / cls
+                folder.mkdir(parents=True, exist_ok=True)
+                tifffile.imwrite(folder / name, rng.integers(0, 255, (24, 24, 3), dtype=np.uint8))
+    return root

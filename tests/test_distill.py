@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import run_cli, write_config
 
-from histolite.config import DistillConfig
+from histolite.config import DistillConfig, PatchConfig, StainConfig
 from histolite.errors import HistoliteError
-from histolite.evaluate.compare import compare_runs
+from histolite.export.compare import compare_runs
 from histolite.models import NormalizedClassifier, create_model
 from histolite.train import resolve_config, train_run
 from histolite.train.distill import (
@@ -28,6 +28,7 @@ from histolite.train.distill import (
 )
 from histolite.train.losses import DistillationLoss, kd_divergence
 from histolite.train.schedule import AtEpochs, EveryNEpochs
+from histolite.train.teacher import OnnxTeacher, TorchTeacher
 
 
 def test_kd_loss_equals_hand_computation() -> None:
@@ -67,7 +68,7 @@ def _module(intervals: list[TeacherInterval], teacher_run: Path, tmp_path: Path)
     student = NormalizedClassifier(create_model("resnet8", 4), (0.4,) * 3, (0.2,) * 3)
     return DistillModule(
         student,
-        teacher,
+        TorchTeacher(teacher, channels_last=False),
         teacher_run,
         24,
         intervals,
@@ -83,18 +84,20 @@ def _module(intervals: list[TeacherInterval], teacher_run: Path, tmp_path: Path)
 def test_gradients_reach_only_the_student_and_teacher_stays_frozen(tmp_path: Path) -> None:
     module = _module([TeacherInterval(0, 1, "x.ckpt", None)], tmp_path, tmp_path)
     module.train()
-    assert not module.teacher.training  # BatchNorm statistics must not move
-    before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    teacher = module.teacher.model  # type: ignore[attr-defined]
+    assert not teacher.training  # BatchNorm statistics must not move
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
     x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    loss, logits = module.training_loss(x, y)  # teacher input resized 32 -> 24 px
+    loss, logits = module.training_loss(x, y, None)  # teacher input resized 32 -> 24 px
     loss.backward()
     assert logits.shape == (4, 4)
-    assert all(p.grad is None for p in module.teacher.parameters())
+    assert not teacher.training
+    assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in module.model.parameters() if p.requires_grad)
-    assert all(torch.equal(before[k], v) for k, v in module.teacher.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert not any(k.startswith("teacher") for k in module.state_dict())
     optimizer_params = {id(p) for p in module.configure_optimizers().param_groups[0]["params"]}
-    assert optimizer_params.isdisjoint({id(p) for p in module.teacher.parameters()})
+    assert optimizer_params.isdisjoint({id(p) for p in teacher.parameters()})
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +268,7 @@ def test_missing_or_mismatched_teacher_is_a_clear_error(
     shutil.copytree(synthetic_dir, other)
     shutil.rmtree(other / "adipose")
     cfg = _student_config(tmp_path, other, "vanilla", epochs=1)
-    with pytest.raises(HistoliteError, match="trained on classes"):
+    with pytest.raises(HistoliteError, match="classes differ"):
         distill_run(cfg, teacher_run, tmp_path / "d", progress=False)
 
 
@@ -307,3 +310,71 @@ def test_distill_command_prints_the_plan_and_compare_builds_one_table(
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| teacher | resnet14 |" in table and "Per-class precision / recall / F1" in table
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())[1]["model"] == "resnet8"
+
+
+def test_teacher_refuses_other_stain_geometry_or_a_leaky_split(
+    tmp_path: Path, teacher_run: Path, synthetic_dir: Path
+) -> None:
+    stats = tmp_path / "target.json"
+    stats.write_text(json.dumps({"mean": [70.0, 10.0, -5.0], "std": [12.0, 6.0, 4.0]}))
+    cfg = _student_config(tmp_path, synthetic_dir, "vanilla", epochs=1)
+    stained = cfg.model_copy(deep=True)
+    stained.data.stain = StainConfig(target=str(stats))
+    with pytest.raises(HistoliteError, match="stain normalisation differs"):
+        distill_run(stained, teacher_run, tmp_path / "s", progress=False)
+    patched = cfg.model_copy(deep=True)
+    patched.data.patches = PatchConfig(size=16)
+    with pytest.raises(HistoliteError, match="input geometry differs"):
+        distill_run(patched, teacher_run, tmp_path / "g", progress=False)
+    # another split seed puts teacher training images into the student's val/test splits
+    leaky = cfg.model_copy(deep=True)
+    leaky.data.split_seed = 123
+    with pytest.raises(
+        HistoliteError, match=r"the teacher trained on \d+ of the \d+ images in the"
+    ):
+        distill_run(leaky, teacher_run, tmp_path / "l", progress=False)
+    assert not (tmp_path / "l" / "checkpoints").exists()  # refused before training
+
+
+def test_onnx_teacher_matches_the_torch_teacher(teacher_run: Path) -> None:
+    from histolite.models.loading import load_run
+
+    run = load_run(teacher_run, "epoch_002", device="cpu")
+    assert isinstance(run.model, NormalizedClassifier)
+    torch_teacher = TorchTeacher(run.model, channels_last=True)
+    onnx_teacher = OnnxTeacher(load_run(teacher_run, "epoch_002", device="cpu").model, 32)
+    x = torch.rand(5, 3, 32, 32)
+    assert torch.allclose(onnx_teacher(x), torch_teacher(x), atol=1e-4)
+    later = teacher_run / "checkpoints" / "epoch_004.ckpt"
+    before = onnx_teacher(x)
+    onnx_teacher.load(later)  # re-exported on a checkpoint switch
+    torch_teacher.load(later)
+    assert torch.allclose(onnx_teacher(x), torch_teacher(x), atol=1e-4)
+    assert not torch.allclose(before, onnx_teacher(x), atol=1e-4)
+
+
+def test_mixup_mixes_images_and_labels_with_one_weight() -> None:
+    from histolite.config import OptimizerConfig, SchedulerConfig
+    from histolite.train.losses import Mix, mixed_cross_entropy
+    from histolite.train.module import ClassifierModule
+
+    module = ClassifierModule(
+        create_model("resnet8", 3),
+        OptimizerConfig(),
+        SchedulerConfig(),
+        max_epochs=1,
+        mixup_alpha=0.4,
+    )
+    torch.manual_seed(0)
+    x, y = torch.rand(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    mixed, mix = module.mix_batch(x, y)
+    assert mix is not None and 0.0 <= mix.lam <= 1.0
+    assert mixed.shape == x.shape and not torch.equal(mixed, x)
+    logits = torch.randn(6, 3)
+    expected = mix.lam * torch.nn.functional.cross_entropy(logits, y) + (
+        1 - mix.lam
+    ) * torch.nn.functional.cross_entropy(logits, mix.other)
+    assert torch.allclose(mixed_cross_entropy(logits, y, mix), expected)
+    assert torch.allclose(
+        mixed_cross_entropy(logits, y, Mix(y, 1.0)), mixed_cross_entropy(logits, y, None)
+    )

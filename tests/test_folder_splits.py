@@ -117,20 +117,52 @@ def test_fractions_are_validated() -> None:
 def test_grouped_split_never_shares_a_group(
     labels_groups: list[tuple[int, int]], val: float, test: float, seed: int
 ) -> None:
+    """Either every requested split holds every class with no group shared, or a clear error.
+
+    The split must succeed whenever each class is the majority of enough groups to give one to
+    every requested split and keep one for training.
+    """
     labels = [lab for lab, _ in labels_groups]
     groups = [f"patient{g}" for _, g in labels_groups]
     if len(set(groups)) < 2:
         return
     samples = _samples(labels, groups)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    wanted = 1 + (val > 0) + (test > 0)
+    per_group: dict[str, Counter[int]] = {}
+    for lab, group in zip(labels, groups, strict=True):
+        per_group.setdefault(group, Counter())[lab] += 1
+    majority_groups = Counter(
+        min(c, key=lambda label: (-c[label], label)) for c in per_group.values()
+    )
+    feasible = all(majority_groups[lab] >= wanted for lab in set(labels))
+    try:
         result = grouped_split(samples, SplitFractions(val=val, test=test), seed)
+    except DataError as exc:
+        assert not feasible, f"feasible split refused: {exc}"
+        assert "grouped split failed" in str(exc)
+        return
     where: dict[str, set[str]] = {}
     for sample, name in zip(samples, result, strict=True):
         where.setdefault(sample.group, set()).add(name)
     assert all(len(names) == 1 for names in where.values())
+    requested = ["train"] + [n for n, f in (("val", val), ("test", test)) if f > 0]
+    for name in requested:
+        assert {s.label for s, r in zip(samples, result, strict=True) if r == name} == set(labels)
+
+
+def test_grouped_split_error_names_the_class_and_split() -> None:
+    # class 1 has two groups: enough for train + test, not for train + val + test
+    samples = _samples(
+        [0] * 30 + [1] * 20, [f"a{i % 6}" for i in range(30)] + ["b0"] * 15 + ["b1"] * 5
+    )
+    with pytest.raises(DataError, match=r"the val split has no images of c1 \(2 group"):
+        grouped_split(samples, SplitFractions(val=0.2, test=0.2), seed=0)
+    result = grouped_split(samples, SplitFractions(val=0.0, test=0.2), seed=0)
+    assert {s.label for s, r in zip(samples, result, strict=True) if r == "test"} == {0, 1}
+    # the small group of class 1 is the one held out; the big one stays in training
+    assert {s.group for s, r in zip(samples, result, strict=True) if r == "test" and s.label} == {
+        "b1"
+    }
 
 
 def test_grouped_split_hits_target_shares_roughly() -> None:

@@ -20,7 +20,7 @@ from histolite.data.layouts import parse_breakhis_name, scan_dataset
 from histolite.data.registry import download_dataset, file_digests, get_dataset, safe_extract
 from histolite.data.splits import LeakageWarning
 from histolite.errors import DataError
-from histolite.train.data import load_labelled_data, prepared_split_report
+from histolite.data.split_policy import load_split
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +149,7 @@ def _breakhis_config(root: Path, **changes: object) -> DataConfig:
 
 def test_breakhis_defaults_to_a_patient_level_split(breakhis_root: Path) -> None:
     cfg = _breakhis_config(breakhis_root)
-    classes, splits, given = load_labelled_data(cfg, seed=0)
-    report = prepared_split_report(cfg, classes, splits, given)
+    report = load_split(cfg, seed=0).report
     assert report["split_by"] == "group" and report["group_kind"] == "patient"
     assert report["shared_groups"] == 0 and report["warnings"] == []
     per_split = report["splits"]
@@ -172,9 +171,8 @@ def test_patient_split_never_shares_a_patient(
     breakhis_root: Path, seed: int, val: float, test: float
 ) -> None:
     cfg = _breakhis_config(breakhis_root, val_fraction=val, test_fraction=test, split_seed=seed)
-    _, splits, _ = load_labelled_data(cfg, seed=0)
     seen: dict[str, str] = {}
-    for name, part in splits.items():
+    for name, part in load_split(cfg, seed=0).parts.items():
         for sample in part:
             assert seen.setdefault(sample.group, name) == name, sample.group
 
@@ -182,8 +180,7 @@ def test_patient_split_never_shares_a_patient(
 def test_image_level_split_of_patient_data_warns_loudly(breakhis_root: Path) -> None:
     cfg = _breakhis_config(breakhis_root, split_by="stratified")
     with pytest.warns(LeakageWarning, match="IMAGE-LEVEL SPLIT OF BREAKHIS"):
-        classes, splits, given = load_labelled_data(cfg, seed=0)
-    report = prepared_split_report(cfg, classes, splits, given)
+        report = load_split(cfg, seed=0).report
     assert report["split_by"] == "stratified"
     assert isinstance(report["shared_groups"], int) and report["shared_groups"] > 0
     assert "inflated" in str(report["warnings"])

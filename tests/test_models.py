@@ -7,9 +7,10 @@ from histolite.errors import ModelError
 from histolite.models import (
     BreakHisHead,
     NormalizedClassifier,
+    count_macs,
     count_parameters,
     create_model,
-    model_size,
+    model_cost,
     model_source,
 )
 
@@ -42,8 +43,37 @@ def test_torchvision_fallback_and_breakhis_head() -> None:
 
 
 def test_published_sizes_match_the_papers() -> None:
-    assert model_size("mixnet_s", 8).parameters == pytest.approx(2.6e6, rel=0.02)
-    assert model_size("resnet50", 4).parameters == pytest.approx(23.5e6, rel=0.01)
+    assert model_cost("mixnet_s", 8).parameters == pytest.approx(2.6e6, rel=0.02)
+    assert model_cost("resnet50", 4).parameters == pytest.approx(23.5e6, rel=0.01)
+    # ResNet-50 at 224 px: 4.1 G multiply-accumulates (He et al. 2016 report 3.8 GFLOPs, which
+    # leaves out the stem's pooling and the classifier, as most tables do)
+    assert model_cost("resnet50", 1000, 224).macs == pytest.approx(4.1e9, rel=0.02)
+
+
+def test_macs_are_counted_per_layer_by_hand() -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),  # 8 x 16 x 16 outputs, 27 MACs each
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise: 8 x 16 x 16 x 9
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 5),  # 40
+    )
+    assert count_macs(model, 32) == 8 * 16 * 16 * 27 + 8 * 16 * 16 * 9 + 40
+    with torch.device("meta"):
+        meta = create_model("resnet8", 8)
+    assert count_macs(meta, 112) == count_macs(create_model("resnet8", 8), 112)
+
+
+@pytest.mark.parametrize("name", ["mobile_student_s", "mobile_student_xs"])
+def test_mobile_students_are_small_in_parameters_and_compute(name: str) -> None:
+    cost = model_cost(name, num_classes=8, input_size=112)
+    assert cost.parameters <= 100_000
+    assert cost.macs <= 20_000_000
+    # a tenth of ResNet-8's compute at the same size, with more parameters
+    assert cost.macs < model_cost("resnet8", 8, 112).macs / 7
+    model = create_model(name, num_classes=8).eval()
+    for size in (64, 112, 150):
+        assert model(torch.rand(2, 3, size, size)).shape == (2, 8)
 
 
 def test_unknown_name_suggests_close_matches() -> None:

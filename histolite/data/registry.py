@@ -22,7 +22,12 @@ from histolite.fileio import atomic_path
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What a dataset is, where to get it, and how its files are laid out."""
+    """What a dataset is, where to get it, and how its files are laid out.
+
+    ``groupings`` names what correlated files share, as (kind, regex on the file name) pairs; the
+    first is the default for grouped splits. ``patient_level`` datasets get their patient from
+    the layout parser instead.
+    """
 
     name: str
     description: str
@@ -32,7 +37,7 @@ class DatasetSpec:
     sha384: str | None = None
     size_bytes: int | None = None
     classes: tuple[str, ...] = ()
-    group_regex: str | None = None
+    groupings: tuple[tuple[str, str], ...] = ()
     layout: str = "class_folders"
     patient_level: bool = False
     label_schemes: tuple[str, ...] = ()
@@ -91,17 +96,24 @@ register_dataset(
             "07_ADIPOSE",
             "08_EMPTY",
         ),
-        group_regex=r"(CRC-Prim-HE-\d+)",
+        groupings=(
+            ("source_image", r"_(CRC-Prim-HE-[^.]+)\.tif"),
+            ("patient", r"(CRC-Prim-HE-\d+)"),
+        ),
         citation=(
             "Kather JN et al. Multi-class texture analysis in colorectal cancer histology. "
             "Sci Rep 6, 27988 (2016). doi:10.1038/srep27988; data doi:10.5281/zenodo.53169"
         ),
         licence="CC BY 4.0",
         notes=(
-            "Tiles from one CRC-Prim-HE-NN slide are correlated; 08_EMPTY comes almost entirely "
-            "from slide 06, so slide-grouped splits cannot be class-balanced. The literature "
-            "protocol is a "
-            "stratified random split.",
+            "File names name the source image each tile was cut from "
+            "(..._CRC-Prim-HE-03_009.tif_Row_301_Col_151): splits keep a source image's tiles "
+            "together by default (data.group_by=patient keeps a patient's).",
+            "08_EMPTY comes from two source images (patients 06 and 10), so a grouped split can "
+            "hold it in two parts at most: with a test split, take validation from the training "
+            "images (data.val_split_by=stratified).",
+            "The literature protocol is a stratified random tile split (data.split_by=stratified), "
+            "which lets tiles of one source image sit in training and test.",
         ),
     )
 )

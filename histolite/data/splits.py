@@ -75,14 +75,24 @@ def stratified_split(samples: Sequence[Sample], fractions: SplitFractions, seed:
 
 
 def _fill_by_deficit(
-    groups: Sequence[str], sizes: dict[str, int], fractions: SplitFractions
-) -> dict[str, str]:
-    """Each group (in the given order) goes to the split furthest below its share of images."""
+    groups: Sequence[str],
+    sizes: dict[str, int],
+    fractions: SplitFractions,
+    assignment: dict[str, str],
+) -> None:
+    """Each unassigned group (in the given order) goes to the split furthest below its share.
+
+    Shares are of the images of ``groups`` (pre-assigned ones count towards their split).
+    """
     total = sum(sizes[g] for g in groups)
     targets = {"val": fractions.val * total, "test": fractions.test * total}
     filled = {"val": 0, "test": 0}
-    assignment: dict[str, str] = {}
     for group in groups:
+        if assignment.get(group) in filled:
+            filled[assignment[group]] += sizes[group]
+    for group in groups:
+        if group in assignment:
+            continue
         deficits = {name: targets[name] - filled[name] for name in targets if targets[name] > 0}
         best = max(deficits, key=lambda name: deficits[name], default=None)
         if best is not None and deficits[best] >= sizes[group] / 2:
@@ -90,16 +100,78 @@ def _fill_by_deficit(
             filled[best] += sizes[group]
         else:
             assignment[group] = "train"
-    return assignment
+
+
+def _seed_every_split(
+    groups: Sequence[str],
+    sizes: dict[str, int],
+    fractions: SplitFractions,
+    assignment: dict[str, str],
+) -> None:
+    """Give each requested split one group of this class first, if the class has enough.
+
+    The group chosen is the one closest in size to the split's share, so a class with one huge
+    and one small group keeps the huge one for training. The largest group never leaves
+    training, so training always holds the class.
+    """
+    total = sum(sizes[g] for g in groups)
+    wanted = [name for name, share in (("test", fractions.test), ("val", fractions.val)) if share]
+    spare = sorted(groups, key=lambda g: -sizes[g])[1:]  # stable: keeps the shuffled order
+    for name in wanted:
+        free = [g for g in groups if g in spare and g not in assignment]
+        if not free:
+            return
+        share = (fractions.test if name == "test" else fractions.val) * total
+        chosen = min(free, key=lambda g: abs(sizes[g] - share))
+        assignment[chosen] = name
+
+
+def _repair_missing_classes(
+    label_counts: dict[str, Counter[int]],
+    sizes: dict[str, int],
+    fractions: SplitFractions,
+    assignment: dict[str, str],
+) -> None:
+    """Move training groups into val/test splits that lack one of their classes.
+
+    Needed when groups mix classes (a patient with tissue of every kind): a class may be in no
+    group's majority. Only groups whose move keeps every class in training are moved, the
+    smallest first, so the split stays as close to its shares as it can.
+    """
+    all_labels = {label for counts in label_counts.values() for label in counts}
+    wanted = [n for n, f in (("test", fractions.test), ("val", fractions.val)) if f]
+
+    def labels_in(split: str) -> set[int]:
+        return {lab for g, name in assignment.items() if name == split for lab in label_counts[g]}
+
+    for _ in range(len(assignment)):
+        missing = [(n, lab) for n in wanted for lab in sorted(all_labels - labels_in(n))]
+        if not missing:
+            return
+        split, label = missing[0]
+        train_groups = [g for g, name in assignment.items() if name == "train"]
+        movable = [
+            g
+            for g in sorted(train_groups, key=lambda g: (sizes[g], g))
+            if label in label_counts[g]
+            and all(
+                any(lab in label_counts[other] for other in train_groups if other != g)
+                for lab in label_counts[g]
+            )
+        ]
+        if not movable:
+            return
+        assignment[movable[0]] = split
 
 
 def grouped_split(samples: Sequence[Sample], fractions: SplitFractions, seed: int) -> list[str]:
-    """Whole groups (slides, patients) go to one split, so no group leaks across splits.
+    """Whole groups (source images, slides, patients) go to one split: no group leaks.
 
     Groups are stratified by their majority class: within each class, groups are visited in a
-    seeded random order and each goes to the split furthest below its target share of that
-    class's images. So BreakHis test patients are both benign and malignant whenever there are
-    enough patients of each. A split still missing a class is warned about.
+    seeded random order; first each requested split gets one group of the class (where the
+    class has enough groups), then each remaining group goes to the split furthest below its
+    target share of that class's images. A requested split that still ends up empty or
+    without some class is an error naming them: an evaluation without a class is not one.
     """
     rng = np.random.Generator(np.random.PCG64(seed))
     sizes: dict[str, int] = defaultdict(int)
@@ -118,22 +190,84 @@ def grouped_split(samples: Sequence[Sample], fractions: SplitFractions, seed: in
         by_majority[majority].append(group)
     assignment: dict[str, str] = {}
     for label in sorted(by_majority):
-        groups = np.array(by_majority[label])
-        rng.shuffle(groups)
-        assignment.update(_fill_by_deficit([str(g) for g in groups], sizes, fractions))
+        groups = [str(g) for g in rng.permutation(np.array(by_majority[label]))]
+        _seed_every_split(groups, sizes, fractions, assignment)
+        _fill_by_deficit(groups, sizes, fractions, assignment)
+    _repair_missing_classes(label_counts, sizes, fractions, assignment)
     result = [assignment[s.group] for s in samples]
-    classes_in = {
-        name: {s.label for s, r in zip(samples, result, strict=True) if r == name}
-        for name in SPLIT_NAMES
-    }
-    all_labels = {s.label for s in samples}
-    for name in SPLIT_NAMES:
-        if classes_in[name] and classes_in[name] != all_labels:
-            warnings.warn(
-                f"grouped split: the {name} split lacks {len(all_labels - classes_in[name])} "
-                "class(es); groups are not spread evenly over classes",
-                stacklevel=2,
-            )
+    require_classes_in_splits(samples, result, fractions)
+    return result
+
+
+def require_classes_in_splits(
+    samples: Sequence[Sample], result: Sequence[str], fractions: SplitFractions
+) -> None:
+    """Every requested split is non-empty and holds every class; else a DataError naming them."""
+    wanted = ["train"] + [n for n, f in (("val", fractions.val), ("test", fractions.test)) if f]
+    names = {s.label: s.class_name for s in samples}
+    groups_of: dict[str, set[str]] = defaultdict(set)
+    present: dict[str, set[int]] = {name: set() for name in SPLIT_NAMES}
+    for sample, split in zip(samples, result, strict=True):
+        present[split].add(sample.label)
+        groups_of[sample.class_name].add(sample.group)
+    problems = []
+    for split in wanted:
+        if not present[split]:
+            problems.append(f"the {split} split is empty")
+            continue
+        missing = sorted(names[label] for label in set(names) - present[split])
+        if missing:
+            detail = ", ".join(f"{c} ({len(groups_of[c])} group(s))" for c in missing)
+            problems.append(f"the {split} split has no images of {detail}")
+    if problems:
+        raise DataError(
+            "grouped split failed: "
+            + "; ".join(problems)
+            + f". A class needs a group for each of the {len(wanted)} splits ({', '.join(wanted)})."
+            " Ask for fewer splits (val or test 0), draw validation from the training groups "
+            "(data.val_split_by=stratified), group more coarsely or finely (data.group_by), or "
+            "split by image (data.split_by=stratified, which lets correlated images leak)."
+        )
+
+
+def _validation_from_training(
+    samples: Sequence[Sample], result: list[str], val: float, seed: int, by_group: bool
+) -> list[str]:
+    """Move a ``val`` share of the training samples into validation, in place.
+
+    ``by_group``: classes that are the majority of two or more training groups give whole
+    groups (validation then measures generalisation to unseen groups); the others give images
+    from their training groups. Without ``by_group`` every class gives images.
+    """
+    rng = np.random.Generator(np.random.PCG64(seed))
+    train = [i for i, name in enumerate(result) if name == "train"]
+    fractions = SplitFractions(val=val, test=0.0)
+    sizes: dict[str, int] = defaultdict(int)
+    label_counts: dict[str, Counter[int]] = defaultdict(Counter)
+    for i in train:
+        sizes[samples[i].group] += 1
+        label_counts[samples[i].group][samples[i].label] += 1
+    by_majority: dict[int, list[str]] = defaultdict(list)
+    for group in sorted(sizes):
+        counts = label_counts[group]
+        by_majority[min(counts, key=lambda lab: (-counts[lab], lab))].append(group)
+    assignment: dict[str, str] = {}
+    image_level: set[int] = set()
+    for label in sorted({samples[i].label for i in train}):
+        groups = by_majority.get(label, [])
+        if by_group and len(groups) >= 2:
+            ordered = [str(g) for g in rng.permutation(np.array(groups))]
+            _seed_every_split(ordered, sizes, fractions, assignment)
+            _fill_by_deficit(ordered, sizes, fractions, assignment)
+        else:
+            image_level.add(label)
+    for i in train:
+        if assignment.get(samples[i].group) == "val":
+            result[i] = "val"
+    rest = [i for i in train if result[i] == "train" and samples[i].label in image_level]
+    inner = stratified_split([samples[i] for i in rest], fractions, seed + 1)
+    for i, name in zip(rest, inner, strict=True):
+        result[i] = name
     return result
 
 
@@ -144,11 +278,31 @@ def make_split(
     test: float,
     seed: int,
     grouped: bool,
+    val_split_by: str = "same",
 ) -> list[str]:
-    """Split names for every sample of ``images`` (grouped or stratified)."""
+    """Split names for every sample of ``images`` (grouped or stratified).
+
+    With a grouped split, ``val_split_by`` says how validation is drawn:
+
+    - ``same``: like test, whole groups (fails if a class has too few groups);
+    - ``group_if_possible``: test by whole groups; validation by whole training groups for
+      every class that has two or more of them, by images of the training groups for the rest;
+    - ``stratified``: test by whole groups; validation by images of the training groups.
+
+    Validation images that share a group with training are fine for choosing checkpoints but
+    optimistic as an estimate; test stays leakage-free either way.
+    """
     fractions = SplitFractions(val=val, test=test)
-    splitter = grouped_split if grouped else stratified_split
-    return splitter(images.samples, fractions, seed)
+    if not grouped:
+        return stratified_split(images.samples, fractions, seed)
+    if val_split_by == "same" or val == 0:
+        return grouped_split(images.samples, fractions, seed)
+    result = grouped_split(images.samples, SplitFractions(val=0.0, test=test), seed)
+    _validation_from_training(
+        images.samples, result, val / (1.0 - test), seed + 1, val_split_by == "group_if_possible"
+    )
+    require_classes_in_splits(images.samples, result, fractions)
+    return result
 
 
 def write_split_csv(path: str | Path, images: LabelledImages, splits: Sequence[str]) -> Path:
@@ -211,6 +365,26 @@ def read_split_csv(path: str | Path, classes: Sequence[str] | None = None) -> Sp
 
 class LeakageWarning(UserWarning):
     """An image-level split of data whose patients are known: test accuracy will be inflated."""
+
+
+def training_rows_in(run_split_csv: Path, samples: Sequence[Sample]) -> int:
+    """How many of ``samples`` are training rows of the run whose split CSV this is."""
+    if not run_split_csv.is_file():
+        return 0
+    table = read_split_csv(run_split_csv)
+    trained = {s.path.resolve() for s, name in table.rows if name == "train"}
+    return sum(1 for s in samples if s.path.resolve() in trained)
+
+
+def warn_training_rows(run: Path, seen: int, total: int) -> str:
+    """Evaluating on images the model trained on: say so loudly (and return the message)."""
+    message = (
+        f"{seen} of the {total} images evaluated were TRAINING images of {run}: these "
+        "accuracy figures are inflated. Evaluate on its test split (RUN/split.csv --split test) "
+        "or on images it never saw."
+    )
+    warnings.warn(message, LeakageWarning, stacklevel=2)
+    return message
 
 
 def warn_image_level_split(dataset: str) -> str:

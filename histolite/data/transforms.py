@@ -26,8 +26,12 @@ class RandomRot90(torch.nn.Module):
 
 
 def build_train_transform(image_size: int, augment: Any) -> Transform:
-    """Resize, then the augmentations switched on in ``augment`` (an AugmentConfig)."""
-    steps: list[Any] = [v2.Resize((image_size, image_size), antialias=True)]
+    """Resize (or crop and resize), then the augmentations switched on in ``augment``."""
+    steps: list[Any] = [
+        v2.RandomResizedCrop(image_size, scale=augment.crop_scale, antialias=True)
+        if augment.crop_scale is not None
+        else v2.Resize((image_size, image_size), antialias=True)
+    ]
     if augment.hflip:
         steps.append(v2.RandomHorizontalFlip())
     if augment.vflip:

@@ -10,7 +10,7 @@ import numpy as np
 
 from histolite.data.folder import Sample, scan_image_folder
 from histolite.data.patches import aggregate_patch_predictions
-from histolite.data.splits import read_split_csv
+from histolite.data.splits import read_split_csv, training_rows_in, warn_training_rows
 from histolite.errors import DataError
 from histolite.evaluate.inference import (
     BagPrediction,
@@ -24,6 +24,7 @@ from histolite.evaluate.plots import plot_confusion_matrix, plot_training_curves
 from histolite.fileio import atomic_path, write_json
 from histolite.models.loading import LoadedRun, load_run
 from histolite.runinfo import fingerprint_files, run_metadata
+from histolite.runspec import SPLIT_FILE
 
 
 def load_eval_samples(
@@ -136,6 +137,8 @@ def evaluate_run(
     """Predict ``data`` with the run's model and write the report bundle into ``out``."""
     run = load_run(run_dir, checkpoint)
     samples = load_eval_samples(data, run.spec.classes, split)
+    seen = training_rows_in(run.run_dir / SPLIT_FILE, samples)
+    leak = warn_training_rows(run.run_dir, seen, len(samples)) if seen else None
     bags = predict_bags(run, samples, progress=progress) if run.is_mil else None
     preds = (
         bag_level_predictions(run, samples, bags)
@@ -152,6 +155,9 @@ def evaluate_run(
     report["test_time_augmentation"] = "8 dihedral views" if tta else None
     report["data"] = str(data)
     report["split"] = split if Path(data).suffix.lower() == ".csv" else None
+    report["training_images_evaluated"] = seen
+    if leak is not None:
+        report["warning"] = leak
     write_json(out / "report.json", report)
     if bags is not None:
         _write_attention_csv(out / "attention.csv", samples, bags, run.spec.classes)

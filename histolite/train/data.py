@@ -13,18 +13,12 @@ from torch.utils.data import DataLoader
 from histolite.config import AugmentConfig, DataConfig
 from histolite.data.check import check_images
 from histolite.data.datasets import ImageDataset, TensorTransform
-from histolite.data.folder import LabelledImages, Sample
-from histolite.data.layouts import scan_dataset
+from histolite.data.folder import Sample
 from histolite.data.patches import index_patches
-from histolite.data.registry import get_dataset
-from histolite.data.splits import (
-    make_split,
-    read_split_csv,
-    split_report,
-    warn_image_level_split,
-)
+from histolite.data.split_policy import Split, load_split
 from histolite.data.transforms import build_eval_transform, build_train_transform, compute_mean_std
 from histolite.errors import DataError
+from histolite.models import pretrained_mean_std
 from histolite.runinfo import fingerprint_files
 from histolite.stain import ReinhardNormalizer
 
@@ -34,19 +28,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class PreparedData:
-    """Samples per split plus what the run records about them."""
+    """The run's split, read once and checked, plus the files skipped as unreadable."""
 
-    classes: tuple[str, ...]
-    splits: dict[str, list[Sample]]
+    split: Split
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    split_report: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.split.classes
+
+    @property
+    def splits(self) -> dict[str, list[Sample]]:
+        return self.split.parts
+
+    @property
+    def split_report(self) -> dict[str, object]:
+        return self.split.report
 
     @property
     def all_samples(self) -> list[Sample]:
-        return [s for name in ("train", "val", "test") for s in self.splits[name]]
+        return self.split.all_samples
 
     def split_names(self) -> list[str]:
-        return [name for name in ("train", "val", "test") for _ in self.splits[name]]
+        return self.split.split_names()
 
     def fingerprint(self) -> str:
         root = os.path.commonpath([str(s.path.resolve().parent) for s in self.all_samples])
@@ -56,83 +60,15 @@ class PreparedData:
         )
 
 
-def resolve_split_by(cfg: DataConfig) -> str:
-    """``auto`` means patient-level wherever the dataset names patients."""
-    if cfg.split_by != "auto":
-        return cfg.split_by
-    return "group" if get_dataset(cfg.dataset).patient_level else "stratified"
+def prepare_data(
+    cfg: DataConfig, seed: int, *, progress: bool = True, split: Split | None = None
+) -> PreparedData:
+    """Load the split (or take the given one) and read every image once.
 
-
-def group_kind(cfg: DataConfig) -> str:
-    """What a group is for this data, for reports: patient, slide, group (a user regex) or image."""
-    spec = get_dataset(cfg.dataset)
-    if spec.patient_level:
-        return "patient"
-    if cfg.group_regex:
-        return "group"
-    return "slide" if spec.group_regex else "image"
-
-
-def load_labelled_data(
-    cfg: DataConfig, seed: int
-) -> tuple[tuple[str, ...], dict[str, list[Sample]], list[str]]:
-    """Samples per split (from ``data.split_csv`` or by splitting ``data.root``) and warnings."""
-    if cfg.split_csv is not None:
-        table = read_split_csv(cfg.split_csv)
-        from_csv = {name: list(table.subset(name).samples) for name in ("train", "val", "test")}
-        LabelledImages(table.classes, tuple(from_csv["train"])).require_trainable(cfg.split_csv)
-        return table.classes, from_csv, []
-    assert cfg.root is not None
-    spec = get_dataset(cfg.dataset)
-    grouped = resolve_split_by(cfg) == "group"
-    regex = cfg.group_regex or spec.group_regex
-    if grouped and spec.layout == "class_folders" and regex is None:
-        raise DataError(
-            "data.split_by=group needs data.group_regex (a regex whose first group is the "
-            "slide or patient id in each file name)"
-        )
-    images = scan_dataset(
-        cfg.dataset,
-        cfg.root,
-        labels=cfg.labels,
-        magnification=cfg.magnification,
-        group_regex=regex if grouped or cfg.group_regex else None,
-    )
-    images.require_trainable(cfg.root)
-    given = [] if grouped or not spec.patient_level else [warn_image_level_split(spec.name)]
-    names = make_split(
-        images,
-        val=cfg.val_fraction,
-        test=cfg.test_fraction,
-        seed=cfg.split_seed if cfg.split_seed is not None else seed,
-        grouped=grouped,
-    )
-    splits: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
-    for sample, name in zip(images.samples, names, strict=True):
-        splits[name].append(sample)
-    return images.classes, splits, given
-
-
-def prepared_split_report(
-    cfg: DataConfig,
-    classes: Sequence[str],
-    splits: dict[str, list[Sample]],
-    warnings_given: Sequence[str],
-) -> dict[str, object]:
-    return split_report(
-        classes,
-        splits,
-        split_by="csv" if cfg.split_csv else resolve_split_by(cfg),
-        group_kind=group_kind(cfg),
-        warnings_given=warnings_given,
-    )
-
-
-def prepare_data(cfg: DataConfig, seed: int, *, progress: bool = True) -> PreparedData:
-    """Load the split and read every image once; refuse unreadable files unless told to skip."""
-    classes, splits, given = load_labelled_data(cfg, seed)
-    everything = [s for part in splits.values() for s in part]
-    report = check_images(everything, classes, progress=progress)
+    Unreadable files stop the run unless ``data.skip_unreadable`` is set.
+    """
+    split = split if split is not None else load_split(cfg, seed)
+    report = check_images(split.all_samples, split.classes, progress=progress)
     skipped: list[tuple[str, str]] = []
     if report.problems:
         listing = "\n".join(f"  {p}: {why}" for p, why in report.problems[:20])
@@ -143,13 +79,11 @@ def prepare_data(cfg: DataConfig, seed: int, *, progress: bool = True) -> Prepar
                 + (f"\n  ... and {more} more" if more > 0 else "")
                 + "\nfix or remove them, or set data.skip_unreadable=true to train without them"
             )
-        bad = {p for p, _ in report.problems}
         skipped = [(str(p), why) for p, why in report.problems]
-        splits = {name: [s for s in part if s.path not in bad] for name, part in splits.items()}
-    if not splits["train"]:
+        split = split.without({p for p, _ in report.problems})
+    if not split.parts["train"]:
         raise DataError("the training split is empty; check data.root / data.split_csv")
-    counts = prepared_split_report(cfg, classes, splits, given)
-    return PreparedData(classes=classes, splits=splits, skipped=skipped, split_report=counts)
+    return PreparedData(split=split, skipped=skipped)
 
 
 def build_stain(cfg: DataConfig) -> ReinhardNormalizer | None:
@@ -173,10 +107,14 @@ def make_dataset(
 
 
 def normalisation_stats(
-    cfg: DataConfig, train: Sequence[Sample], stain: TensorTransform | None
+    cfg: DataConfig, train: Sequence[Sample], stain: TensorTransform | None, model_name: str
 ) -> tuple[list[float], list[float]]:
+    """Input mean/std the model will carry (``data.normalize``)."""
     if cfg.normalize == "imagenet":
         return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    if cfg.normalize == "model":
+        mean, std = pretrained_mean_std(model_name)
+        return list(mean), list(std)
     if cfg.normalize == "none":
         return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
     dataset = make_dataset(train, cfg, build_eval_transform(cfg.image_size), stain)
@@ -192,12 +130,12 @@ class ImageDataModule(L.LightningDataModule):
         cfg: DataConfig,
         augment: AugmentConfig,
         stain: TensorTransform | None,
+        train_image_size: int | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.train_set = make_dataset(
-            prepared.splits["train"], cfg, build_train_transform(cfg.image_size, augment), stain
-        )
+        train_transform = build_train_transform(train_image_size or cfg.image_size, augment)
+        self.train_set = make_dataset(prepared.splits["train"], cfg, train_transform, stain)
         self.val_set = (
             make_dataset(prepared.splits["val"], cfg, build_eval_transform(cfg.image_size), stain)
             if prepared.splits["val"]

@@ -15,23 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from histolite.config import DistillConfig, TrainConfig
+from histolite.data.split_policy import Split, load_split
+from histolite.data.splits import read_split_csv
 from histolite.errors import HistoliteError
 from histolite.fileio import read_json, write_json
-from histolite.models import NormalizedClassifier
 from histolite.models.loading import (
     load_run,
-    model_state_from_checkpoint,
     require_classifier,
 )
-from histolite.runspec import CHECKPOINT_DIR, RunSpec, checkpoint_path, is_rank_zero
-from histolite.train.losses import DistillationLoss
-from histolite.train.module import ClassifierModule
-from histolite.train.runner import train_run
+from histolite.runspec import CHECKPOINT_DIR, SPLIT_FILE, RunSpec, checkpoint_path, is_rank_zero
+from histolite.train.data import ImageDataModule, PreparedData, build_stain, stain_spec
+from histolite.train.losses import DistillationLoss, Mix
+from histolite.train.module import ClassifierModule, module_options, resize_batch
+from histolite.train.runner import run_split, train_run
 from histolite.train.schedule import read_schedule
+from histolite.train.teacher import Teacher, create_teacher
 
 PLAN_FILE = "distill_plan.json"
 SWITCHES_FILE = "teacher_switches.json"
@@ -106,18 +107,19 @@ def interval_for_epoch(intervals: list[TeacherInterval], epoch: int) -> TeacherI
 
 
 class DistillModule(ClassifierModule):
-    """Student training with a frozen teacher on the same augmented batch.
+    """Student training with a frozen teacher on the same augmented (and mixed) batch.
 
     The teacher is deliberately not a registered submodule: it gets no gradients, is not in the
-    optimizer, and is not written into the student's checkpoints.
+    optimizer, and is not written into the student's checkpoints. Batches arrive at the larger
+    of the two input sizes; each model gets its own size from the same view.
     """
 
-    teacher: NormalizedClassifier
+    teacher: Teacher
 
     def __init__(
         self,
         model: nn.Module,
-        teacher: NormalizedClassifier,
+        teacher: Teacher,
         teacher_run: Path,
         teacher_image_size: int,
         intervals: list[TeacherInterval],
@@ -126,9 +128,6 @@ class DistillModule(ClassifierModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
-        teacher.requires_grad_(False).eval()
-        if self.channels_last:
-            teacher = teacher.to(memory_format=torch.channels_last)
         object.__setattr__(self, "teacher", teacher)
         self.teacher_run = teacher_run
         self.teacher_image_size = teacher_image_size
@@ -137,18 +136,13 @@ class DistillModule(ClassifierModule):
         self.switches_file = switches_file
         self.loaded_checkpoint: str | None = None
 
-    def train(self, mode: bool = True) -> DistillModule:
-        super().train(mode)
-        self.teacher.eval()  # BatchNorm/dropout of the teacher stay frozen
-        return self
-
     def _ensure_teacher(self, epoch: int) -> TeacherInterval:
         interval = interval_for_epoch(self.intervals, epoch)
         if interval.checkpoint != self.loaded_checkpoint:
             path = self.teacher_run / CHECKPOINT_DIR / interval.checkpoint
             if not path.is_file():
                 raise HistoliteError(f"{path}: teacher checkpoint missing (was it deleted?)")
-            self.teacher.load_state_dict(model_state_from_checkpoint(path))
+            self.teacher.load(path)
             self.loaded_checkpoint = interval.checkpoint
             if is_rank_zero():
                 history = read_json(self.switches_file) if self.switches_file.is_file() else []
@@ -160,7 +154,6 @@ class DistillModule(ClassifierModule):
                     }
                 )
                 write_json(self.switches_file, history)
-        self.teacher.to(self.device).eval()
         return interval
 
     def on_train_epoch_start(self) -> None:
@@ -175,20 +168,16 @@ class DistillModule(ClassifierModule):
                 sync_dist=True,
             )
 
-    def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def training_loss(self, x: Tensor, y: Tensor, mix: Mix | None) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             teacher_x = x
             if x.shape[-1] != self.teacher_image_size or x.shape[-2] != self.teacher_image_size:
-                size = (self.teacher_image_size, self.teacher_image_size)
-                teacher_x = F.interpolate(
-                    x, size=size, mode="bilinear", antialias=True, align_corners=False
-                )
-            if self.channels_last:
-                teacher_x = teacher_x.contiguous(memory_format=torch.channels_last)
+                teacher_x = resize_batch(x, self.teacher_image_size)
             teacher_logits = self.teacher(teacher_x)
         student_logits = self(x)
-        self._log_teacher_metrics(student_logits, teacher_logits, y)
-        return self.kd(student_logits, teacher_logits, y), student_logits
+        shown = y if mix is None or mix.lam >= 0.5 else mix.other
+        self._log_teacher_metrics(student_logits, teacher_logits, shown)
+        return self.kd(student_logits, teacher_logits, y, mix), student_logits
 
     def _log_teacher_metrics(
         self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor
@@ -202,6 +191,68 @@ class DistillModule(ClassifierModule):
         self.log_epoch_mean("teacher_train_acc", (teacher_pred == y).float().mean(), len(y))
         agreement = (student_logits.detach().argmax(dim=1) == teacher_pred).float().mean()
         self.log_epoch_mean("teacher_agreement", agreement, len(y))
+
+
+def _comparable_stain(stain: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Stain statistics without where they were read from (the same target from two paths)."""
+    if stain is None:
+        return None
+    return {k: v for k, v in stain.items() if k != "source"}
+
+
+def teacher_mismatches(
+    teacher_dir: Path, teacher_spec: RunSpec, cfg: TrainConfig, split: Split
+) -> list[str]:
+    """Why this teacher cannot teach this student, as readable lines (empty: it can).
+
+    Teacher and student must see the same classes, the same stain normalisation and the same
+    field of view (whole images or the same patch geometry; resolution may differ, the batch is
+    resized). A teacher that trained on images in the student's validation or test split has
+    seen the answers there and would inflate the student's scores.
+    """
+    problems = []
+    if tuple(teacher_spec.classes) != tuple(split.classes):
+        problems.append(
+            f"classes differ: the teacher has {list(teacher_spec.classes)}, the student's data "
+            f"{list(split.classes)}"
+        )
+    student_stain = stain_spec(cfg.data)
+    if _comparable_stain(teacher_spec.stain) != _comparable_stain(student_stain):
+        problems.append(
+            "stain normalisation differs: the teacher used "
+            f"{_comparable_stain(teacher_spec.stain) or 'none'}, the student "
+            f"{_comparable_stain(student_stain) or 'none'}"
+        )
+    student_patches = cfg.data.patches.model_dump() if cfg.data.patches else None
+    if teacher_spec.patches != student_patches:
+        teacher_patches = teacher_spec.patches or "whole images"
+        problems.append(
+            f"input geometry differs: the teacher's patches are {teacher_patches}, "
+            f"the student's {student_patches or 'whole images'}"
+        )
+    teacher_split = teacher_dir / SPLIT_FILE
+    if teacher_split.is_file():
+        table = read_split_csv(teacher_split)
+        teacher_train = {s.path.resolve() for s, name in table.rows if name == "train"}
+        for name in ("val", "test"):
+            seen = sum(1 for s in split.parts[name] if s.path.resolve() in teacher_train)
+            if seen:
+                problems.append(
+                    f"the teacher trained on {seen} of the {len(split.parts[name])} images in the "
+                    f"student's {name} split; use the teacher's split (the same data.split_seed "
+                    "and split settings, or data.split_csv=TEACHER/split.csv)"
+                )
+    return problems
+
+
+def resolve_teacher_runtime(cfg: DistillConfig) -> str:
+    """``auto``: ONNX Runtime when training on the CPU, the PyTorch teacher on a GPU."""
+    if cfg.distill.teacher_runtime != "auto":
+        return cfg.distill.teacher_runtime
+    on_cpu = cfg.trainer.accelerator == "cpu" or (
+        cfg.trainer.accelerator == "auto" and not torch.cuda.is_available()
+    )
+    return "onnx" if on_cpu else "torch"
 
 
 def _teacher_dir_for_resume(out: Path) -> Path:
@@ -236,27 +287,34 @@ def distill_run(
         intervals = plan_intervals(
             teacher_dir, cfg.distill.mode, cfg.trainer.max_epochs, cfg.distill.teacher_checkpoint
         )
-    teacher = require_classifier(
+    teacher_model = require_classifier(
         load_run(teacher_dir, intervals[0].checkpoint, device="cpu"), "a distillation teacher"
     )
+    split = run_split(out) if resume else load_split(cfg.data, cfg.seed)
+    problems = teacher_mismatches(teacher_dir, teacher_spec, cfg, split)
+    if problems:
+        raise HistoliteError(
+            f"teacher {teacher_dir} does not fit this student:\n  " + "\n  ".join(problems)
+        )
     if announce is not None:
         announce(describe_plan(intervals))
 
+    # One view for both models: batches come at the larger size, each model gets its own.
+    batch_size = max(teacher_spec.image_size, cfg.data.image_size)
+
     def build(model: nn.Module, config: TrainConfig, spec: RunSpec) -> DistillModule:
-        if tuple(spec.classes) != tuple(teacher_spec.classes):
-            raise HistoliteError(
-                f"teacher {teacher_dir} was trained on classes {list(teacher_spec.classes)}, "
-                f"but the data has {list(spec.classes)}; distil on the same classes"
-            )
         loss = DistillationLoss(
             cfg.distill.ce_weight,
             cfg.distill.kd_weight,
             cfg.distill.temperature,
             config.trainer.label_smoothing,
         )
+        runtime = resolve_teacher_runtime(cfg)
         return DistillModule(
             model,
-            teacher,
+            create_teacher(
+                teacher_model, runtime, teacher_spec.image_size, config.trainer.channels_last
+            ),
             teacher_dir,
             teacher_spec.image_size,
             intervals,
@@ -264,9 +322,23 @@ def distill_run(
             out / SWITCHES_FILE,
             optimizer=config.optimizer,
             scheduler=config.scheduler,
-            max_epochs=config.trainer.max_epochs,
-            monitor=config.trainer.monitor,
-            channels_last=config.trainer.channels_last,
+            **{**module_options(config), "input_size": config.data.image_size},
+        )
+
+    def datamodule(
+        prepared: PreparedData,
+        config: TrainConfig,
+        spec: RunSpec,
+        model: nn.Module,
+        run_dir: Path,
+        show: bool,
+    ) -> ImageDataModule:
+        return ImageDataModule(
+            prepared,
+            config.data,
+            config.augment,
+            build_stain(config.data),
+            train_image_size=batch_size,
         )
 
     if is_rank_zero():
@@ -285,7 +357,9 @@ def distill_run(
         out,
         resume=resume,
         progress=progress,
+        split=split,
         module_builder=build,
+        datamodule_builder=datamodule,
         extra_metadata={
             "teacher_run": str(teacher_dir.resolve()),
             "teacher_model": teacher_spec.model_name,

@@ -1,30 +1,32 @@
-"""Training losses as small, named, registered pieces (torchdistill style)."""
+"""Training losses as small, named pieces (torchdistill style): cross-entropy of a mixed batch,
+the temperature-scaled KL divergence, and their weighted sum for distillation."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LossFactory = Callable[..., nn.Module]
-_LOSSES: dict[str, LossFactory] = {}
+
+@dataclass(frozen=True)
+class Mix:
+    """Mixup of a batch: each image is ``lam`` itself and ``1 - lam`` the image ``other`` came
+    from (Zhang et al. 2018); the labels mix with the same weight."""
+
+    other: Tensor
+    lam: float
 
 
-def register_loss(name: str) -> Callable[[LossFactory], LossFactory]:
-    def decorator(factory: LossFactory) -> LossFactory:
-        if name in _LOSSES:
-            raise ValueError(f"loss {name!r} is already registered")
-        _LOSSES[name] = factory
-        return factory
-
-    return decorator
-
-
-def create_loss(name: str, **kwargs: float) -> nn.Module:
-    if name not in _LOSSES:
-        raise KeyError(f"unknown loss {name!r}; known: {', '.join(sorted(_LOSSES))}")
-    return _LOSSES[name](**kwargs)
+def mixed_cross_entropy(
+    logits: Tensor, y: Tensor, mix: Mix | None, label_smoothing: float = 0.0
+) -> Tensor:
+    """Cross-entropy with the labels of a (possibly mixed) batch."""
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    if mix is None:
+        return loss
+    other = F.cross_entropy(logits, mix.other, label_smoothing=label_smoothing)
+    return mix.lam * loss + (1.0 - mix.lam) * other
 
 
 def kd_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -39,7 +41,6 @@ def kd_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: f
     return kl * temperature**2
 
 
-@register_loss("kd")
 class DistillationLoss(nn.Module):
     """``ce_weight * CE(y, s) + kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T))``."""
 
@@ -58,19 +59,13 @@ class DistillationLoss(nn.Module):
         self.temperature = temperature
         self.label_smoothing = label_smoothing
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
-        ce = F.cross_entropy(student_logits, target, label_smoothing=self.label_smoothing)
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        target: Tensor,
+        mix: Mix | None = None,
+    ) -> Tensor:
+        ce = mixed_cross_entropy(student_logits, target, mix, self.label_smoothing)
         kd = kd_divergence(student_logits, teacher_logits, self.temperature)
         return self.ce_weight * ce + self.kd_weight * kd
-
-
-@register_loss("ce")
-class CrossEntropy(nn.Module):
-    """Plain cross-entropy with optional label smoothing (the supervised baseline)."""
-
-    def __init__(self, label_smoothing: float = 0.0) -> None:
-        super().__init__()
-        self.label_smoothing = label_smoothing
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from histolite.config import OptimizerConfig, SchedulerConfig, TrainConfig
+from histolite.train.losses import Mix, mixed_cross_entropy
 from histolite.train.optim import build_optimizer, build_scheduler
 
 
@@ -29,9 +30,13 @@ class ClassifierModule(L.LightningModule):
         monitor: str = "val_acc",
         label_smoothing: float = 0.0,
         channels_last: bool = False,
+        mixup_alpha: float = 0.0,
+        input_size: int | None = None,
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
+        self.mixup_alpha = mixup_alpha
+        self.input_size = input_size
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         self.optimizer_cfg = optimizer
         self.scheduler_cfg = scheduler
@@ -40,6 +45,8 @@ class ClassifierModule(L.LightningModule):
         self.label_smoothing = label_smoothing
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_size is not None and x.shape[-1] != self.input_size:
+            x = resize_batch(x, self.input_size)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
@@ -63,15 +70,25 @@ class ClassifierModule(L.LightningModule):
         self.log_epoch_mean(f"{stage}_loss", loss, len(y), prog_bar=stage == "val")
         self.log_epoch_mean(f"{stage}_acc", acc, len(y), prog_bar=True)
 
-    def training_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def training_loss(self, x: Tensor, y: Tensor, mix: Mix | None) -> tuple[Tensor, Tensor]:
         """(loss, student logits) for one batch."""
         logits = self(x)
-        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits
+        return mixed_cross_entropy(logits, y, mix, self.label_smoothing), logits
+
+    def mix_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Mix | None]:
+        """Mixup with a Beta(alpha, alpha) weight per batch, when ``mixup_alpha`` is set."""
+        if self.mixup_alpha <= 0 or len(y) < 2:
+            return x, None
+        lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
+        order = torch.randperm(len(y), device=y.device)
+        return lam * x + (1.0 - lam) * x[order], Mix(y[order], lam)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss, logits = self.training_loss(x, y)
-        self._log_metrics("train", loss, logits, y)
+        x, mix = self.mix_batch(x, y)
+        loss, logits = self.training_loss(x, y, mix)
+        shown = y if mix is None or mix.lam >= 0.5 else mix.other  # the dominant image's label
+        self._log_metrics("train", loss, logits, shown)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -102,6 +119,11 @@ class ClassifierModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
+def resize_batch(x: Tensor, size: int) -> Tensor:
+    """Bilinear, antialiased resize of a float batch to ``size`` x ``size``."""
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def module_options(cfg: TrainConfig) -> dict[str, Any]:
     """The :class:`ClassifierModule` settings a config decides (supervised and MIL training)."""
     return {
@@ -109,4 +131,5 @@ def module_options(cfg: TrainConfig) -> dict[str, Any]:
         "monitor": cfg.trainer.monitor,
         "label_smoothing": cfg.trainer.label_smoothing,
         "channels_last": cfg.trainer.channels_last,
+        "mixup_alpha": cfg.augment.mixup_alpha,
     }

@@ -27,13 +27,21 @@ from torch import nn
 
 from histolite.config import TrainConfig, dump_config, load_config
 from histolite.data.folder import LabelledImages
-from histolite.data.splits import write_split_csv
+from histolite.data.split_policy import Split
+from histolite.data.splits import SPLIT_NAMES, read_split_csv, write_split_csv
 from histolite.errors import HistoliteError
-from histolite.fileio import write_json, write_text
+from histolite.fileio import read_json, write_json, write_text
 from histolite.models import NormalizedClassifier, create_model
 from histolite.models.mil import mil_spec
 from histolite.runinfo import run_metadata
-from histolite.runspec import CHECKPOINT_DIR, RUN_SPEC_FILE, RunSpec, is_rank_zero
+from histolite.runspec import (
+    CHECKPOINT_DIR,
+    RUN_SPEC_FILE,
+    SPLIT_FILE,
+    SPLIT_REPORT_FILE,
+    RunSpec,
+    is_rank_zero,
+)
 from histolite.train.data import (
     ImageDataModule,
     PreparedData,
@@ -92,7 +100,17 @@ def resolve_config(
         saved = out / "config.yaml"
         if not saved.is_file():
             raise HistoliteError(f"{out}: nothing to resume (no config.yaml); start a new run")
-        return load_config(saved, list(overrides), model)
+        before = load_config(saved, [], model)
+        after = load_config(saved, list(overrides), model)
+        changed = [
+            key for key in ("seed", "data", "model") if getattr(before, key) != getattr(after, key)
+        ]
+        if changed:
+            raise HistoliteError(
+                f"--resume cannot change {', '.join(changed)} of {out} (the split, seed and model "
+                "are fixed when a run starts); start a new run with --out instead"
+            )
+        return after
     # DDP workers start after rank 0 has written the run files: only rank 0 guards the folder.
     if (out / RUN_SPEC_FILE).exists() and is_rank_zero():
         raise HistoliteError(
@@ -101,6 +119,20 @@ def resolve_config(
     if config_path is None:
         raise HistoliteError("a CONFIG file is required unless --resume is given")
     return load_config(config_path, list(overrides), model)
+
+
+def run_split(run_dir: Path) -> Split:
+    """The split a run trained on, read back from its ``split.csv`` (classes in the run's order)."""
+    path = run_dir / SPLIT_FILE
+    if not path.is_file():
+        raise HistoliteError(f"{path}: missing; cannot resume without the run's split")
+    classes = RunSpec.load(run_dir).classes
+    table = read_split_csv(path, classes=classes)
+    parts = {name: list(table.subset(name).samples) for name in SPLIT_NAMES}
+    report = (
+        read_json(run_dir / SPLIT_REPORT_FILE) if (run_dir / SPLIT_REPORT_FILE).is_file() else {}
+    )
+    return Split(classes, parts, report, str(path))
 
 
 def default_datamodule(
@@ -132,11 +164,11 @@ def _write_run_files(
     write_text(out / "config.yaml", dump_config(cfg))
     spec.save(out)
     write_split_csv(
-        out / "split.csv",
+        out / SPLIT_FILE,
         LabelledImages(prepared.classes, tuple(prepared.all_samples)),
         prepared.split_names(),
     )
-    write_json(out / "split_report.json", prepared.split_report)
+    write_json(out / SPLIT_REPORT_FILE, prepared.split_report)
     if prepared.skipped:
         write_json(
             out / "skipped_files.json", [{"path": p, "problem": w} for p, w in prepared.skipped]
@@ -157,7 +189,7 @@ def _run_spec(cfg: TrainConfig, prepared: PreparedData, out: Path, resume: bool)
     if resume and (out / RUN_SPEC_FILE).is_file():
         return RunSpec.load(out)  # reuse the stored mean/std: computed once per run
     stain = build_stain(cfg.data)
-    mean, std = normalisation_stats(cfg.data, prepared.splits["train"], stain)
+    mean, std = normalisation_stats(cfg.data, prepared.splits["train"], stain, cfg.model.name)
     return RunSpec(
         model_name=cfg.model.name,
         classes=prepared.classes,
@@ -235,11 +267,18 @@ def train_run(
     datamodule_builder: DataModuleBuilder = default_datamodule,
     extra_callbacks: Sequence[Callback] = (),
     extra_metadata: dict[str, Any] | None = None,
+    split: Split | None = None,
 ) -> Path:
-    """Train per ``cfg`` into ``out``; ``resume`` continues from ``out/checkpoints/last.ckpt``."""
+    """Train per ``cfg`` into ``out``; ``resume`` continues from ``out/checkpoints/last.ckpt``.
+
+    ``split`` is the split to train on when the caller has already made it (distillation checks
+    it against the teacher's); a resumed run always reuses its own ``split.csv``.
+    """
     out = Path(out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    prepared = prepare_data(cfg.data, cfg.seed, progress=progress and is_rank_zero())
+    if resume:
+        split = run_split(out)
+    prepared = prepare_data(cfg.data, cfg.seed, progress=progress and is_rank_zero(), split=split)
     spec = _run_spec(cfg, prepared, out, resume)
     if is_rank_zero():
         out.mkdir(parents=True, exist_ok=True)

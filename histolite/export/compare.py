@@ -1,7 +1,10 @@
 """``histolite compare``: several runs on the same test data in one table (Markdown + JSON).
 
-One command gives the papers' comparison tables: accuracy, balanced accuracy, macro F1,
-per-class precision/recall/F1, parameters, weight size and CPU throughput at batch 1 and 64.
+One command gives the papers' comparison tables, with what "small" costs next to every accuracy:
+accuracy, balanced accuracy, macro F1, per-class precision/recall/F1, parameters, weight size,
+multiply-accumulates at the served input size, PyTorch CPU throughput at batch 1 and 64, and the
+throughput of the deployable ONNX INT8 export at batch 64. It lives in ``export`` because that
+last column exports each run.
 """
 
 from __future__ import annotations
@@ -10,11 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from histolite.errors import HistoliteError
 from histolite.evaluate.report import evaluate_run
 from histolite.evaluate.speed import images_per_second
+from histolite.export.onnx import export_run
+from histolite.export.runtime import OnnxClassifier, onnx_images_per_second
 from histolite.fileio import write_json, write_text
-from histolite.models import count_parameters, weight_size_mb
+from histolite.models import count_macs, count_parameters, weight_size_mb
 from histolite.models.loading import load_run, require_classifier
 
 
@@ -39,8 +46,13 @@ def compare_runs(
     progress: bool = True,
     speed_seconds: float = 1.0,
     tta: bool = False,
+    int8: bool = True,
 ) -> list[dict[str, Any]]:
-    """Evaluate each run on the same data; write compare.md / compare.json into ``out``."""
+    """Evaluate each run on the same data; write compare.md / compare.json into ``out``.
+
+    With ``int8`` each run is also exported to ONNX INT8 (parity-checked) under
+    ``out/exports/<name>``, and that graph's CPU throughput at batch 64 is measured.
+    """
     run_dirs = [Path(r) for r in runs]
     labels = _run_names(run_dirs, names)
     out = Path(out)
@@ -72,6 +84,12 @@ def compare_runs(
             "cpu_images_per_s_b64": images_per_second(
                 classifier, size, 64, min_seconds=speed_seconds
             ),
+            "macs": count_macs(classifier, size),
+            "onnx_int8_images_per_s_b64": (
+                _int8_throughput(run, out / "exports" / Path(label).name, speed_seconds, progress)
+                if int8
+                else None
+            ),
         }
         if "image_level" in report:
             row["image_level_accuracy"] = {
@@ -84,17 +102,34 @@ def compare_runs(
     return rows
 
 
+def _int8_throughput(run: Path, export_dir: Path, seconds: float, progress: bool) -> float | str:
+    """Images/s of the run's ONNX INT8 export at batch 64, or why there is none."""
+    if not export_dir.exists():
+        try:
+            export_run(run, export_dir, int8=True, progress=progress)
+        except HistoliteError as exc:
+            return f"n/a: {exc}"
+    return onnx_images_per_second(OnnxClassifier(export_dir), 64, min_seconds=seconds)
+
+
+def _rate(value: float | str | None) -> str:
+    if isinstance(value, (int, float)):
+        return f"{value:.0f}"
+    return "n/a" if value is None or not value else "failed"
+
+
 def format_comparison(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
-        "| run | model | accuracy | balanced acc. | macro F1 | parameters | size MB | "
-        "CPU img/s b1 | CPU img/s b64 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | model | accuracy | balanced acc. | macro F1 | parameters | size MB | MMACs | "
+        "CPU img/s b1 | CPU img/s b64 | ONNX INT8 img/s b64 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['model']} | {r['accuracy']:.4f} | {r['balanced_accuracy']:.4f} | "
             f"{r['macro_f1']:.4f} | {r['parameters']:,} | {r['size_mb']:.2f} | "
-            f"{r['cpu_images_per_s_b1']:.0f} | {r['cpu_images_per_s_b64']:.0f} |"
+            f"{r['macs'] / 1e6:.1f} | {r['cpu_images_per_s_b1']:.0f} | "
+            f"{r['cpu_images_per_s_b64']:.0f} | {_rate(r.get('onnx_int8_images_per_s_b64'))} |"
         )
     if any("image_level_accuracy" in r for r in rows):
         lines += [
@@ -126,7 +161,8 @@ def format_comparison(rows: Sequence[dict[str, Any]]) -> str:
     n = rows[0]["n"] if rows else 0
     lines += [
         "",
-        f"{rows[0]['level'] if rows else 'image'}-level metrics on n={n} test items; "
-        "CPU throughput measured on random input, single process.",
+        f"{rows[0]['level'] if rows else 'image'}-level metrics on n={n} test items; MACs at "
+        "each model's input size; throughput measured on random input, single process, "
+        f"{torch.get_num_threads()} threads.",
     ]
     return "\n".join(lines) + "\n"

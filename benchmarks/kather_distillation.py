@@ -1,0 +1,228 @@
+"""Kather 2016 distillation benchmark: teacher, student alone, vanilla KD, multi-part KD, ResNet-8.
+
+Every row is trained through the CLI exactly as a user would, for several seeds, on two splits:
+``grouped`` (whole source images per split, the recipes' default) and ``tile`` (the literature's
+stratified tile split, where tiles of one source image sit in training and test). The teacher
+of each split is trained once (seed 0) and teaches every student seed; students of one seed
+share initialisation and batch order across arms, so the paired differences are meaningful.
+
+    python benchmarks/kather_distillation.py --data ../shared/data/kather2016 --out runs/kd \\
+        --seeds 1 2 3 --splits grouped tile
+
+Finished runs are skipped, so an interrupted benchmark continues where it stopped. Results go to
+OUT/results.csv (one line per run) and OUT/table.md (the BENCHMARKS.md table: mean +- sd over
+seeds, paired differences, parameters, MACs, size, ONNX INT8 images/s at batch 64, train time,
+and the command of each row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLITS = {
+    "grouped": [],  # the recipes' default: source-image level, split_seed 0
+    "tile": ["data.split_by=stratified"],
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    command: str  # train | distill
+    config: str
+    extra: tuple[str, ...] = ()
+
+    @property
+    def distils(self) -> bool:
+        return self.command == "distill"
+
+
+ARMS = {
+    "teacher": Arm("teacher", "train", "configs/kather2016_pretrained_teacher.yaml"),
+    "student": Arm("student", "train", "configs/kather2016_student.yaml"),
+    "vanilla_kd": Arm("vanilla_kd", "distill", "configs/kather2016_student_kd.yaml"),
+    "multipart_kd": Arm("multipart_kd", "distill", "configs/kather2016_student_multipart.yaml"),
+    # The old default student, on the same split as the others.
+    "resnet8": Arm(
+        "resnet8",
+        "train",
+        "configs/kather2016_resnet8.yaml",
+        (
+            "data.split_by=group",
+            "data.val_split_by=group_if_possible",
+            "data.val_fraction=0.1",
+            "data.test_fraction=0.2",
+            "data.split_seed=0",
+        ),
+    ),
+}
+FIELDS = ("split", "arm", "seed", "accuracy", "balanced_accuracy", "macro_f1", "seconds", "run")
+
+
+def run_dir(out: Path, split: str, arm: str, seed: int) -> Path:
+    return out / split / f"{arm}_s{seed}"
+
+
+def command(arm: Arm, data: Path, out: Path, split: str, seed: int) -> list[str]:
+    args = ["histolite", arm.command, arm.config, "--out", str(run_dir(out, split, arm.name, seed))]
+    if arm.distils:
+        args += ["--teacher", str(run_dir(out, split, "teacher", 0))]
+    sets = [f"data.root={data}", f"seed={seed}", *arm.extra, *SPLITS[split]]
+    for item in sets:
+        args += ["--set", item]
+    return [*args, "--no-progress"]
+
+
+def finished(run: Path) -> bool:
+    return (run / "reports" / "test" / "report.json").is_file()
+
+
+def train(arm: Arm, data: Path, out: Path, split: str, seed: int, results: Path) -> None:
+    run = run_dir(out, split, arm.name, seed)
+    if finished(run):
+        return
+    args = command(arm, data, out, split, seed)
+    print("$", shlex.join(args), flush=True)
+    log = run.with_suffix(".log")
+    run.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with log.open("w") as fh:
+        code = subprocess.call(
+            [str(Path(sys.executable).with_name("histolite")), *args[1:]], stdout=fh, stderr=fh
+        )
+    seconds = time.perf_counter() - started
+    if code != 0:
+        raise SystemExit(f"{arm.name} seed {seed} ({split}) failed; see {log}")
+    report = json.loads((run / "reports" / "test" / "report.json").read_text())
+    row = {
+        "split": split,
+        "arm": arm.name,
+        "seed": seed,
+        "accuracy": report["accuracy"],
+        "balanced_accuracy": report["balanced_accuracy"],
+        "macro_f1": report["macro_f1"],
+        "seconds": round(seconds, 1),
+        "run": str(run),
+    }
+    new = not results.is_file()
+    with results.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    print(f"  {split} {arm.name} seed {seed}: accuracy {row['accuracy']:.4f} ({seconds:.0f} s)")
+
+
+def cost(run: Path, out: Path) -> dict[str, object]:
+    """Parameters, MACs, size and ONNX INT8 images/s of one run (exported once per arm)."""
+    from histolite.export.onnx import export_run
+    from histolite.export.runtime import OnnxClassifier, onnx_images_per_second
+    from histolite.models import count_macs, count_parameters, weight_size_mb
+    from histolite.models.loading import load_run
+
+    loaded = load_run(run, device="cpu")
+    export = out / "exports" / run.parent.name / run.name
+    if not export.exists():
+        export_run(run, export, int8=True, progress=False)
+    model = OnnxClassifier(export)
+    return {
+        "parameters": count_parameters(loaded.model),
+        "macs": count_macs(loaded.model, loaded.spec.image_size),
+        "size_mb": weight_size_mb(loaded.model),
+        "int8_mb": (export / "model.onnx").stat().st_size / 1e6,
+        "int8_images_per_s": onnx_images_per_second(model, 64, min_seconds=3.0),
+        "input_size": loaded.spec.image_size,
+    }
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f} (n=1)"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def table(results: Path, out: Path, data: Path) -> str:
+    rows = list(csv.DictReader(results.open()))
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
+    acc = {(r["split"], r["arm"], int(r["seed"])): float(r["accuracy"]) for r in rows}
+    lines = [
+        "| row | "
+        + " | ".join(f"accuracy % ({s})" for s in splits)
+        + " | parameters | MMACs | size MB (fp32 / INT8) | ONNX INT8 img/s b64 | train min |",
+        "|---|" + "---:|" * len(splits) + "---:|---:|---:|---:|---:|",
+    ]
+    for arm in arms:
+        cells = []
+        for split in splits:
+            values = [v for (s, a, _), v in acc.items() if s == split and a == arm]
+            cells.append(_mean_sd(values) if values else "–")
+        first = next(r for r in rows if r["arm"] == arm)
+        c = cost(Path(first["run"]), out)
+        minutes = statistics.mean(float(r["seconds"]) for r in rows if r["arm"] == arm) / 60
+        lines.append(
+            f"| {arm} | "
+            + " | ".join(cells)
+            + f" | {c['parameters']:,} | {c['macs'] / 1e6:.1f} | "  # type: ignore[operator]
+            f"{c['size_mb']:.2f} / {c['int8_mb']:.2f} | {c['int8_images_per_s']:.0f} | "
+            f"{minutes:.1f} |"
+        )
+    lines += ["", "Seed-paired differences (points of accuracy):", ""]
+    for split in splits:
+        for arm, base in (
+            ("vanilla_kd", "student"),
+            ("multipart_kd", "student"),
+            ("multipart_kd", "vanilla_kd"),
+        ):
+            seeds = sorted(
+                seed
+                for (s, a, seed) in acc
+                if s == split and a == arm and (split, base, seed) in acc
+            )
+            if seeds:
+                diffs = [100 * (acc[split, arm, n] - acc[split, base, n]) for n in seeds]
+                lines.append(
+                    f"- {split}: {arm} − {base}: mean {statistics.mean(diffs):+.2f} "
+                    f"(per seed {', '.join(f'{d:+.2f}' for d in diffs)})"
+                )
+    lines += ["", "Commands (seed S, split grouped; the tile rows add --set data.split_by=stratified):"]
+    for arm in arms:
+        example = command(ARMS[arm], data, out, "grouped", 1 if arm != "teacher" else 0)
+        lines.append(f"- {arm}: `{shlex.join(example).replace('_s1', '_sS')}`")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="Kather class folders")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--splits", nargs="+", default=["grouped", "tile"], choices=SPLITS)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--table-only", action="store_true", help="only rebuild the table")
+    args = parser.parse_args()
+    results = args.out / "results.csv"
+    if not args.table_only:
+        for split in args.splits:
+            if "teacher" in args.arms or any(ARMS[a].distils for a in args.arms):
+                train(ARMS["teacher"], args.data, args.out, split, 0, results)
+            for seed in args.seeds:
+                for name in args.arms:
+                    if name != "teacher":
+                        train(ARMS[name], args.data, args.out, split, seed, results)
+    text = table(results, args.out, args.data)
+    (args.out / "table.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from histolite.cli import main
+
+main()

@@ -1,0 +1,20 @@
+"""The ``histolite`` Typer application and its command groups (commands live beside it)."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    help="Small, accurate, deployable classifiers for H&E histology images.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: download, check, split, synthetic.")
+stain_app = typer.Typer(no_args_is_help=True, help="Stain normalisation.")
+models_app = typer.Typer(no_args_is_help=True, help="Model registry.")
+audit_app = typer.Typer(no_args_is_help=True, help="The service's prediction audit log.")
+app.add_typer(data_app, name="data")
+app.add_typer(stain_app, name="stain")
+app.add_typer(models_app, name="models")
+app.add_typer(audit_app, name="audit")

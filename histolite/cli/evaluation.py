@@ -1,0 +1,120 @@
+"""``histolite evaluate``, ``explain`` and ``predict``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from histolite.cli.app import app
+from histolite.errors import HistoliteError
+
+
+@app.command("evaluate")
+def evaluate(
+    run: Path = typer.Argument(..., help="Run directory from `histolite train`."),
+    data: Path = typer.Option(..., "--data", help="Image folder, or a split CSV."),
+    out: Path = typer.Option(..., "--out", help="Report folder."),
+    split: str = typer.Option("test", help="Which split of a split CSV to evaluate."),
+    checkpoint: str = typer.Option("best", help="best, last, or a checkpoint file name."),
+    batch_size: int = typer.Option(64, help="Inference batch size."),
+    tta: bool = typer.Option(
+        False, "--tta", help="Average over the 8 flips/rotations of each image (8x slower)."
+    ),
+) -> None:
+    """Write report.json, classification_report.csv, confusion matrices and training curves."""
+    from histolite.evaluate import evaluate_run
+
+    report = evaluate_run(
+        run, data, out, split=split, checkpoint=checkpoint, batch_size=batch_size, tta=tta
+    )
+    typer.echo(
+        f"{report['level']}-level: accuracy {report['accuracy']:.4f}, balanced accuracy "
+        f"{report['balanced_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f} "
+        f"(n={report['n']})"
+    )
+    if "image_level" in report:
+        for method, metrics in report["image_level"].items():
+            typer.echo(f"image-level ({method}): accuracy {metrics['accuracy']:.4f}")
+    typer.echo(f"report written to {out}")
+
+
+@app.command("explain")
+def explain(
+    run: Path = typer.Argument(..., help="Run directory."),
+    image: Path = typer.Argument(..., help="Image to explain."),
+    out: Path = typer.Option(..., "--out", help="Overlay PNG to write (the image's size)."),
+    method: str = typer.Option(
+        "auto", help="auto (attention for MIL runs, else gradcam), attention or gradcam."
+    ),
+    target: str | None = typer.Option(
+        None, help="Grad-CAM: class to explain (default: the predicted one)."
+    ),
+    layer: str | None = typer.Option(
+        None, help="Grad-CAM: module name (default: the last spatial feature map)."
+    ),
+    alpha: float = typer.Option(0.45, help="Heatmap opacity, 0 to 1."),
+    checkpoint: str = typer.Option("best", help="best, last, or a checkpoint file name."),
+) -> None:
+    """Draw where the model looked: MIL attention per patch, or Grad-CAM, over the image."""
+    from histolite.data.images import load_rgb
+    from histolite.evaluate.explain import explain_image, render_overlay
+    from histolite.models.loading import load_run
+
+    loaded = load_run(run, checkpoint)
+    classes = loaded.spec.classes
+    if target is not None and target not in classes:
+        raise HistoliteError(f"--target {target!r} is not one of the run's classes {list(classes)}")
+    pixels = load_rgb(image)
+    explanation = explain_image(
+        loaded,
+        pixels,
+        method=method,
+        target=classes.index(target) if target is not None else None,
+        layer=layer,
+    )
+    render_overlay(pixels, explanation.heatmap, out, alpha=alpha)
+    typer.echo(
+        json.dumps(
+            {
+                "file": str(image),
+                "overlay": str(out),
+                "method": explanation.method,
+                "explained_class": classes[explanation.target],
+                "predicted_class": classes[int(explanation.probs.argmax())],
+                "probabilities": {
+                    c: round(float(p), 6) for c, p in zip(classes, explanation.probs, strict=True)
+                },
+            }
+        )
+    )
+
+
+@app.command("predict")
+def predict(
+    run: Path = typer.Argument(..., help="Run directory."),
+    images: list[Path] = typer.Argument(..., help="Images to classify."),
+    checkpoint: str = typer.Option("best", help="best, last, or a checkpoint file name."),
+) -> None:
+    """Classify images; prints one JSON line per image (file, class, probabilities)."""
+    from histolite.data.images import load_rgb
+    from histolite.evaluate.inference import predict_image
+    from histolite.models.loading import load_run
+
+    loaded = load_run(run, checkpoint)
+    for path in images:
+        probs = predict_image(loaded, load_rgb(path))
+        best = int(probs.argmax())
+        typer.echo(
+            json.dumps(
+                {
+                    "file": str(path),
+                    "class": loaded.spec.classes[best],
+                    "probabilities": {
+                        c: round(float(p), 6)
+                        for c, p in zip(loaded.spec.classes, probs, strict=True)
+                    },
+                }
+            )
+        )

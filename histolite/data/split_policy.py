@@ -1,0 +1,184 @@
+"""Split policy: which images may sit on which side of a split, decided once per run.
+
+A :class:`SplitPolicy` says whether a dataset is split by group or by image, what a group is
+(source image, patient, slide, or a user regex), and how validation is drawn. :func:`load_split`
+applies it (or reads a split CSV) and returns one :class:`Split` that training, distillation
+and evaluation pass on; nothing downstream decides splits again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from histolite.config import DataConfig
+from histolite.data.folder import LabelledImages, Sample
+from histolite.data.layouts import scan_dataset
+from histolite.data.registry import get_dataset
+from histolite.data.splits import (
+    SPLIT_NAMES,
+    make_split,
+    read_split_csv,
+    split_report,
+    warn_image_level_split,
+)
+from histolite.errors import DataError
+
+GROUP_DESCRIPTIONS = {
+    "source_image": "tiles cut from one source image",
+    "patient": "images of one patient",
+    "slide": "images of one slide",
+    "group": "files whose names match data.group_regex with the same key",
+    "image": "one image (no grouping known)",
+}
+
+
+@dataclass(frozen=True)
+class SplitPolicy:
+    """How one dataset is split."""
+
+    grouped: bool
+    group_kind: str
+    group_regex: str | None
+    val_split_by: str
+    val: float
+    test: float
+    seed: int
+
+    def describe(self) -> str:
+        level = f"{self.group_kind}-level" if self.grouped else "image-level (stratified)"
+        if self.grouped and self.val and self.val_split_by == "stratified":
+            level += "; validation: images of the training groups"
+        elif self.grouped and self.val and self.val_split_by == "group_if_possible":
+            level += "; validation: whole groups where a class has enough, else images"
+        return level
+
+
+def resolve_grouping(cfg: DataConfig) -> tuple[str, str | None]:
+    """(group kind, regex or None when the layout sets groups) for this data."""
+    spec = get_dataset(cfg.dataset)
+    offered = dict(spec.groupings)
+    if cfg.group_regex is not None:
+        return "group", cfg.group_regex
+    if spec.patient_level:
+        if cfg.group_by not in (None, "patient"):
+            raise DataError(f"data.group_by={cfg.group_by!r}: {spec.name} groups by patient only")
+        return "patient", None
+    if cfg.group_by is not None:
+        if cfg.group_by not in offered:
+            names = ", ".join(offered) or "none; set data.group_regex"
+            raise DataError(
+                f"data.group_by={cfg.group_by!r} is not a grouping of dataset {spec.name!r} "
+                f"(offered: {names})"
+            )
+        return cfg.group_by, offered[cfg.group_by]
+    if spec.groupings:
+        return spec.groupings[0]
+    return "image", None
+
+
+def resolve_policy(cfg: DataConfig, seed: int) -> SplitPolicy:
+    """``split_by: auto`` groups wherever a grouping is known (dataset entry or regex)."""
+    kind, regex = resolve_grouping(cfg)
+    by = cfg.split_by
+    if by == "auto":
+        by = "stratified" if kind == "image" else "group"
+    if by == "group" and kind == "image":
+        raise DataError(
+            "data.split_by=group needs data.group_regex (a regex whose first group is the "
+            "slide or patient id in each file name)"
+        )
+    return SplitPolicy(
+        grouped=by == "group",
+        group_kind=kind,
+        group_regex=regex,
+        val_split_by=cfg.val_split_by,
+        val=cfg.val_fraction,
+        test=cfg.test_fraction,
+        seed=cfg.split_seed if cfg.split_seed is not None else seed,
+    )
+
+
+@dataclass
+class Split:
+    """Samples per split and what the run records about how they were split."""
+
+    classes: tuple[str, ...]
+    parts: dict[str, list[Sample]]
+    report: dict[str, object] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def all_samples(self) -> list[Sample]:
+        return [s for name in SPLIT_NAMES for s in self.parts[name]]
+
+    def split_names(self) -> list[str]:
+        return [name for name in SPLIT_NAMES for _ in self.parts[name]]
+
+    def as_images(self) -> LabelledImages:
+        return LabelledImages(self.classes, tuple(self.all_samples))
+
+    def without(self, paths: set[Path]) -> Split:
+        """The same split without some files (unreadable ones the user chose to skip)."""
+        parts = {
+            name: [s for s in part if s.path not in paths] for name, part in self.parts.items()
+        }
+        return Split(self.classes, parts, self.report, self.source)
+
+
+def _report(
+    policy: SplitPolicy | None,
+    classes: Sequence[str],
+    parts: dict[str, list[Sample]],
+    warnings_given: Sequence[str],
+) -> dict[str, object]:
+    kind = policy.group_kind if policy is not None else "group"
+    report = split_report(
+        classes,
+        parts,
+        split_by=("group" if policy.grouped else "stratified") if policy else "csv",
+        group_kind=kind,
+        warnings_given=warnings_given,
+    )
+    report["group_description"] = GROUP_DESCRIPTIONS.get(kind, kind)
+    if policy is not None:
+        report["policy"] = policy.describe()
+        report["group_regex"] = policy.group_regex
+        report["val_split_by"] = policy.val_split_by
+        report["seed"] = policy.seed
+    return report
+
+
+def load_split(cfg: DataConfig, seed: int) -> Split:
+    """Samples per split, from ``data.split_csv`` or by splitting ``data.root`` per policy."""
+    if cfg.split_csv is not None:
+        table = read_split_csv(cfg.split_csv)
+        read = {name: list(table.subset(name).samples) for name in SPLIT_NAMES}
+        LabelledImages(table.classes, tuple(read["train"])).require_trainable(cfg.split_csv)
+        return Split(table.classes, read, _report(None, table.classes, read, []), cfg.split_csv)
+    if cfg.root is None:
+        raise DataError("set data.root (an image folder) or data.split_csv (a split CSV)")
+    policy = resolve_policy(cfg, seed)
+    spec = get_dataset(cfg.dataset)
+    images = scan_dataset(
+        cfg.dataset,
+        cfg.root,
+        labels=cfg.labels,
+        magnification=cfg.magnification,
+        group_regex=policy.group_regex,
+    )
+    images.require_trainable(cfg.root)
+    given = [] if policy.grouped or not spec.patient_level else [warn_image_level_split(spec.name)]
+    names = make_split(
+        images,
+        val=policy.val,
+        test=policy.test,
+        seed=policy.seed,
+        grouped=policy.grouped,
+        val_split_by=policy.val_split_by,
+    )
+    parts: dict[str, list[Sample]] = {name: [] for name in SPLIT_NAMES}
+    for sample, name in zip(images.samples, names, strict=True):
+        parts[name].append(sample)
+    return Split(images.classes, parts, _report(policy, images.classes, parts, given), cfg.root)

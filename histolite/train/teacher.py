@@ -1,0 +1,109 @@
+"""A frozen distillation teacher that labels the student's batches, in PyTorch or ONNX Runtime.
+
+The teacher runs on every augmented batch the student sees ("consistent" teaching, Beyer et al.
+2022), so its forward pass is the largest cost of distillation on a CPU. ONNX Runtime runs the
+same graph faster on CPU than eager PyTorch (depthwise convolutions in particular; see
+BENCHMARKS.md), so ``distill.teacher_runtime: onnx`` exports each teacher checkpoint once to a
+temporary ONNX file and labels batches through it. On a GPU the PyTorch teacher stays on the
+device and needs no copies.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from histolite.models import NormalizedClassifier
+from histolite.models.loading import model_state_from_checkpoint
+
+ONNX_OPSET = 17
+
+
+class Teacher(Protocol):
+    """Logits of a batch of float RGB images in [0, 1] (B, 3, H, W)."""
+
+    def load(self, checkpoint: Path) -> None: ...
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+class TorchTeacher:
+    """The teacher as a PyTorch module in eval mode, on the student's device."""
+
+    def __init__(self, model: NormalizedClassifier, channels_last: bool) -> None:
+        self.model = model.requires_grad_(False).eval()
+        self.channels_last = channels_last
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def load(self, checkpoint: Path) -> None:
+        self.model.load_state_dict(model_state_from_checkpoint(checkpoint))
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Tensor:
+        self.model.to(x.device).eval()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+
+class OnnxTeacher:
+    """The teacher exported to ONNX (FP32) and run by ONNX Runtime on the CPU.
+
+    Each checkpoint is exported once when it is loaded; the file lives in a temporary folder
+    that is removed with the object.
+    """
+
+    def __init__(self, model: NormalizedClassifier, image_size: int, threads: int = 0) -> None:
+        self.model = model.requires_grad_(False).eval().cpu()
+        self.image_size = image_size
+        self.threads = threads or torch.get_num_threads()
+        self._folder = tempfile.TemporaryDirectory(prefix="histolite-teacher-")
+        self._session: object | None = None
+        self._export()
+
+    def _export(self) -> None:
+        import onnxruntime as ort
+
+        path = Path(self._folder.name) / "teacher.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                self.model,
+                (torch.rand(1, 3, self.image_size, self.image_size),),
+                str(path),
+                dynamo=False,
+                input_names=["image"],
+                output_names=["logits"],
+                opset_version=ONNX_OPSET,
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        os.remove(path)  # the session holds the graph
+
+    def load(self, checkpoint: Path) -> None:
+        self.model.load_state_dict(model_state_from_checkpoint(checkpoint))
+        self._export()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        assert self._session is not None
+        batch = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        (logits,) = self._session.run(None, {"image": batch})  # type: ignore[attr-defined]
+        return torch.from_numpy(logits).to(x.device)
+
+
+def create_teacher(
+    model: NormalizedClassifier, runtime: str, image_size: int, channels_last: bool
+) -> Teacher:
+    """``torch`` or ``onnx`` (CPU only: a GPU run keeps the PyTorch teacher on the device)."""
+    if runtime == "onnx":
+        return OnnxTeacher(model, image_size)
+    return TorchTeacher(model, channels_last)
