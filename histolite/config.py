@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from histolite.errors import ConfigError
+from histolite.runspec import PatchSpec
 
 
 class _Strict(BaseModel):
@@ -30,9 +31,8 @@ class PatchConfig(_Strict):
     stride: int | None = Field(default=None, gt=0, description="defaults to size (no overlap)")
     min_tissue: float = Field(default=0.0, ge=0.0, le=1.0)
 
-    @property
-    def step(self) -> int:
-        return self.stride or self.size
+    def spec(self) -> PatchSpec:
+        return PatchSpec(self.size, self.stride, self.min_tissue)
 
 
 class DataConfig(_Strict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,13 +40,6 @@ def write_text(target: str | Path, text: str) -> Path:
 def write_json(target: str | Path, data: Any) -> Path:
     """Write JSON atomically (indented, keys in insertion order, NaN refused)."""
     return write_text(target, json.dumps(data, indent=2, allow_nan=False) + "\n")
-
-
-def write_with(target: str | Path, writer: Callable[[Path], object]) -> Path:
-    """Call ``writer(tmp_path)`` and atomically move its result to ``target``."""
-    with atomic_path(target) as tmp:
-        writer(tmp)
-    return Path(target)
 
 
 def read_json(path: str | Path) -> Any:

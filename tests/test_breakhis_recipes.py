@@ -51,13 +51,18 @@ def test_breakhis_head_is_built_for_design_b() -> None:
     assert 11_000_000 < count_parameters(model) < 11_500_000
 
 
-def test_pretrained_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_download_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub answers but the download breaks: the error still says what to do."""
     import timm
 
-    def offline(*args: object, **kwargs: object) -> None:
-        raise OSError("network is unreachable")
+    from histolite.models import pretrained
 
-    monkeypatch.setattr(timm, "create_model", offline)
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(pretrained, "_host_reachable", lambda *args, **kwargs: True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(timm, "create_model", broken)
     with pytest.raises(ModelError, match=r"model\.weights=PATH, or set model\.pretrained=false"):
         create_model("densenet201", 2, pretrained=True)
 

@@ -53,7 +53,7 @@ def test_end_to_end_synthetic_train_evaluate_predict(
         capsys,
         monkeypatch,
     )
-    assert code == 0 and split.is_file() and "(group split)" in out and " groups" in out
+    assert code == 0 and split.is_file() and "(group-level split)" in out and " groups" in out
 
     config = write_config(tmp_path / "cfg.yaml", data)
     run = tmp_path / "run"

@@ -17,9 +17,9 @@ from histolite.config import DistillConfig, PatchConfig, StainConfig
 from histolite.errors import HistoliteError
 from histolite.export.compare import compare_runs
 from histolite.models import NormalizedClassifier, create_model
+from histolite.runspec import RunDir
 from histolite.train import resolve_config, train_run
 from histolite.train.distill import (
-    SWITCHES_FILE,
     DistillModule,
     TeacherInterval,
     describe_plan,
@@ -148,7 +148,7 @@ def test_multipart_switches_checkpoints_at_the_right_epochs(
     before = _digest(teacher_run / "checkpoints")
     cfg = _student_config(tmp_path, synthetic_dir, "multipart", epochs=4)
     run = distill_run(cfg, teacher_run, tmp_path / "multipart", progress=False)
-    switches = json.loads((run / SWITCHES_FILE).read_text())
+    switches = json.loads(RunDir(run).teacher_switches.read_text())
     assert [(s["student_epoch"], s["checkpoint"]) for s in switches] == [
         (0, "epoch_002.ckpt"),
         (2, "epoch_004.ckpt"),
@@ -231,7 +231,7 @@ def test_resume_mid_interval_restores_the_right_checkpoint(
 
     resumed_cfg = resolve_config(None, [], run, resume=True, model=DistillConfig)
     distill_run(resumed_cfg, None, run, resume=True, progress=False)  # teacher from the plan
-    switches = json.loads((run / SWITCHES_FILE).read_text())
+    switches = json.loads(RunDir(run).teacher_switches.read_text())
     resumed = [s for s in switches if s["student_epoch"] == stop_after]
     assert resumed and resumed[0]["checkpoint"] == expected
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 3

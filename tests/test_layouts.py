@@ -18,9 +18,9 @@ from histolite.cli import app
 from histolite.config import DataConfig
 from histolite.data.layouts import parse_breakhis_name, scan_dataset
 from histolite.data.registry import download_dataset, file_digests, get_dataset, safe_extract
+from histolite.data.split_policy import load_split
 from histolite.data.splits import LeakageWarning
 from histolite.errors import DataError
-from histolite.data.split_policy import load_split
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from histolite.data.patches import (
     tissue_fraction,
 )
 from histolite.errors import DataError
+from histolite.runspec import PatchSpec
 
 
 @pytest.mark.parametrize(
@@ -56,14 +57,14 @@ def _tiff(path: Path, h: int, w: int, tissue_rows: int) -> Path:
 def test_index_keeps_coordinates_label_group_and_filters_background(tmp_path: Path) -> None:
     image = _tiff(tmp_path / "big.tif", 96, 128, tissue_rows=32)
     sample = Sample(image, 2, "Invasive", "patient7")
-    everything = index_patches([sample], 32, 32)
+    everything = index_patches([sample], PatchSpec(32))
     assert len(everything) == 3 * 4
     assert {(r.label, r.group) for r in everything} == {(2, "patient7")}
     assert (everything[5].y, everything[5].x) == (32, 32)
-    tissue = index_patches([sample], 32, 32, min_tissue=0.5)
+    tissue = index_patches([sample], PatchSpec(32, min_tissue=0.5))
     assert [(r.y, r.x) for r in tissue] == [(0, 0), (0, 32), (0, 64), (0, 96)]
     with pytest.raises(DataError, match="no patches"):
-        index_patches([sample], 256, 256)
+        index_patches([sample], PatchSpec(256))
 
 
 def test_extract_patches_writes_pngs(tmp_path: Path) -> None:

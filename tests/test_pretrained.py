@@ -113,7 +113,7 @@ def test_models_without_local_weights_fail_at_once_offline(
     started = time.perf_counter()
     with pytest.raises(ModelError, match=r"model\.weights=PATH.*tf_efficientnet_lite0"):
         create_model("resnet18", num_classes=2, pretrained=True)
-    with pytest.raises(ModelError, match="model.weights=PATH"):
+    with pytest.raises(ModelError, match=r"model\.weights=PATH"):
         create_model("shufflenet_v2_x0_5", num_classes=2, pretrained=True)
     assert time.perf_counter() - started < 5.0
 

@@ -15,7 +15,7 @@ from histolite.errors import DataError, HistoliteError
 from histolite.evaluate import evaluate_run, load_run
 from histolite.evaluate.inference import predict_image
 from histolite.evaluate.plots import read_epoch_metrics
-from histolite.runspec import RunSpec
+from histolite.runspec import PatchSpec, RunSpec
 from histolite.train import resolve_config, train_run
 
 
@@ -136,7 +136,8 @@ def test_patch_training_reports_patch_and_image_level(tmp_path: Path, synthetic_
         ],
     )
     spec = RunSpec.load(run)
-    assert spec.patches == {"size": 16, "stride": 8, "min_tissue": 0.0}
+    assert spec.patches == PatchSpec(size=16, stride=8, min_tissue=0.0)
+    assert spec.patches.step == 8
     report = evaluate_run(run, run / "split.csv", tmp_path / "rep", progress=False)
     assert report["level"] == "patch"
     assert report["n"] == 16 * 9  # 16 test images x 3 x 3 patches
@@ -149,7 +150,7 @@ def test_stain_normalisation_is_part_of_the_run(tmp_path: Path, synthetic_dir: P
     target = sorted((synthetic_dir / "stroma").iterdir())[0]
     run = _train(tmp_path, synthetic_dir, overrides=[f"data.stain={{target: {target}}}"])
     spec = RunSpec.load(run)
-    assert spec.stain is not None and spec.stain["method"] == "reinhard"
+    assert spec.stain is not None and spec.stain.method == "reinhard"
     assert load_run(run).stain is not None
 
 

@@ -37,15 +37,16 @@ def evaluate_test_split(run_dir: Path) -> None:
     """After training, report on the run's own held-out test split, if it has one."""
     from histolite.data.splits import read_split_csv
     from histolite.evaluate import evaluate_run
-    from histolite.runspec import is_rank_zero
+    from histolite.runspec import RunDir, is_rank_zero
 
-    split_csv = run_dir / "split.csv"
+    files = RunDir(run_dir)
+    split_csv = files.split_csv
     if not is_rank_zero() or not split_csv.is_file():
         return
     if not read_split_csv(split_csv).subset("test").samples:
         return
-    report = evaluate_run(run_dir, split_csv, run_dir / "reports" / "test", split="test")
+    report = evaluate_run(run_dir, split_csv, files.test_report_dir, split="test")
     typer.echo(
         f"test split: accuracy {report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f} "
-        f"(report in {run_dir / 'reports' / 'test'})"
+        f"(report in {files.test_report_dir})"
     )

@@ -24,10 +24,6 @@ class CheckReport:
     problems: list[tuple[Path, str]] = field(default_factory=list)
     odd_size: list[tuple[Path, tuple[int, int]]] = field(default_factory=list)
 
-    @property
-    def unreadable(self) -> list[Path]:
-        return [p for p, _ in self.problems]
-
     def summary_lines(self) -> list[str]:
         lines = ["class counts:"]
         lines += [f"  {name}: {n}" for name, n in self.class_counts.items()]

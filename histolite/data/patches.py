@@ -19,6 +19,7 @@ from histolite.data.folder import Sample
 from histolite.data.images import image_size, load_rgb
 from histolite.errors import DataError
 from histolite.fileio import atomic_path
+from histolite.runspec import PatchSpec
 
 
 def patch_grid_shape(height: int, width: int, size: int, stride: int) -> tuple[int, int]:
@@ -56,13 +57,12 @@ class PatchRef:
     group: str
 
 
-def index_patches(
-    samples: Sequence[Sample], size: int, stride: int, min_tissue: float = 0.0
-) -> list[PatchRef]:
+def index_patches(samples: Sequence[Sample], patch: PatchSpec) -> list[PatchRef]:
     """Grid patches of every sample; with ``min_tissue`` > 0, mostly-background ones are dropped.
 
     Without the tissue filter only image headers are read, so indexing is cheap.
     """
+    size, stride, min_tissue = patch.size, patch.step, patch.min_tissue
     refs: list[PatchRef] = []
     for i, sample in enumerate(samples):
         if min_tissue > 0:

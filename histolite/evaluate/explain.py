@@ -133,9 +133,8 @@ def gradcam_explanation(
     image = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).permute(2, 0, 1)
     height, width = pixels.shape[:2]
     if run.spec.patches is not None:
-        size = int(run.spec.patches["size"])
-        stride = int(run.spec.patches.get("stride") or size)
-        positions = grid_positions(height, width, size, stride) or [(0, 0)]
+        size = run.spec.patches.size
+        positions = grid_positions(height, width, size, run.spec.patches.step) or [(0, 0)]
     else:
         size, positions = max(height, width), [(0, 0)]
 

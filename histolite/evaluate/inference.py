@@ -58,10 +58,7 @@ def predict(
         return bag_level_predictions(run, samples, predict_bags(run, samples, progress=progress))
     patches = None
     if run.spec.patches is not None:
-        p = run.spec.patches
-        patches = index_patches(
-            samples, p["size"], p.get("stride") or p["size"], p.get("min_tissue", 0.0)
-        )
+        patches = index_patches(samples, run.spec.patches)
     dataset = ImageDataset(
         samples, build_eval_transform(run.spec.image_size), stain=run.stain, patches=patches
     )
@@ -90,8 +87,7 @@ def predict_image(run: LoadedRun, pixels: np.ndarray, batch_size: int = 64) -> n
     transform = build_eval_transform(run.spec.image_size)
     tensor = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).permute(2, 0, 1)
     if run.spec.patches is not None:
-        size = run.spec.patches["size"]
-        stride = run.spec.patches.get("stride") or size
+        size, stride = run.spec.patches.size, run.spec.patches.step
         crops = [
             tensor[:, y : y + size, x : x + size]
             for y, x in grid_positions(tensor.shape[1], tensor.shape[2], size, stride)
@@ -122,14 +118,14 @@ class BagPrediction:
 
 
 def _bag_dataset(run: LoadedRun, samples: Sequence[Sample]) -> ImageBagDataset:
-    patch = run.spec.mil["patch"] if run.spec.mil else {}
-    size = int(patch["size"])
+    assert run.spec.mil is not None
+    patch = run.spec.mil.patch
     return ImageBagDataset(
         samples,
-        size,
-        int(patch.get("stride") or size),
+        patch.size,
+        patch.step,
         build_eval_transform(run.spec.image_size),
-        min_tissue=float(patch.get("min_tissue", 0.0)),
+        min_tissue=patch.min_tissue,
         stain=run.stain,
     )
 

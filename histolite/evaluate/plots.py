@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from histolite.fileio import atomic_path
+from histolite.runspec import RunDir
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -62,7 +63,7 @@ def plot_confusion_matrix(
 def read_epoch_metrics(run_dir: Path) -> dict[str, dict[int, float]]:
     """Epoch-level metrics merged over every (re)start's metrics.csv; later values win."""
     series: dict[str, dict[int, float]] = {}
-    for path in sorted((run_dir / "logs").glob("csv*/metrics.csv")):
+    for path in RunDir(run_dir).metric_files():
         with path.open(newline="") as fh:
             for row in csv.DictReader(fh):
                 if not row.get("epoch"):

@@ -24,7 +24,7 @@ from histolite.evaluate.plots import plot_confusion_matrix, plot_training_curves
 from histolite.fileio import atomic_path, write_json
 from histolite.models.loading import LoadedRun, load_run
 from histolite.runinfo import fingerprint_files, run_metadata
-from histolite.runspec import SPLIT_FILE
+from histolite.runspec import RunDir
 
 
 def load_eval_samples(
@@ -137,7 +137,7 @@ def evaluate_run(
     """Predict ``data`` with the run's model and write the report bundle into ``out``."""
     run = load_run(run_dir, checkpoint)
     samples = load_eval_samples(data, run.spec.classes, split)
-    seen = training_rows_in(run.run_dir / SPLIT_FILE, samples)
+    seen = training_rows_in(RunDir(run.run_dir).split_csv, samples)
     leak = warn_training_rows(run.run_dir, seen, len(samples)) if seen else None
     bags = predict_bags(run, samples, progress=progress) if run.is_mil else None
     preds = (

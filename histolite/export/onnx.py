@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from histolite.export.runtime import CARD_FILE, MODEL_FILE, OnnxClassifier, imag
 from histolite.fileio import read_json, write_json
 from histolite.models import count_parameters
 from histolite.models.loading import LoadedRun, load_run, require_classifier
+from histolite.runspec import RunDir
 
 OPSET = 17
 INTENDED_USE = (
@@ -55,7 +56,7 @@ class ExportResult:
 
 
 def _split_samples(run: LoadedRun, preferred: Sequence[str]) -> list[Sample]:
-    split_csv = run.run_dir / "split.csv"
+    split_csv = RunDir(run.run_dir).split_csv
     if not split_csv.is_file():
         raise ExportError(
             f"{run.run_dir}: split.csv missing; cannot pick parity/calibration images"
@@ -79,8 +80,7 @@ def _spread(samples: list[Sample], count: int) -> list[Sample]:
 def _tile_geometry(run: LoadedRun, train: list[Sample]) -> tuple[int, int, str]:
     """Patch size and stride for serving: the run's patches, else its usual training tile."""
     if run.spec.patches is not None:
-        size = int(run.spec.patches["size"])
-        return size, int(run.spec.patches.get("stride") or size), "training patches"
+        return run.spec.patches.size, run.spec.patches.step, "training patches"
     sizes = Counter(image_size(s.path) for s in _spread(train, 200))
     (height, width), _ = sizes.most_common(1)[0]
     side = min(height, width)
@@ -143,11 +143,12 @@ _CARD_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "n"
 
 def _run_metrics(run: LoadedRun) -> dict[str, Any] | None:
     """Held-out metrics for the card: the run's test report, else computed on its test split."""
-    report_path = run.run_dir / "reports" / "test" / "report.json"
+    files = RunDir(run.run_dir)
+    report_path = files.test_report_dir / "report.json"
     if report_path.is_file():
         report = read_json(report_path)
     else:
-        split_csv = run.run_dir / "split.csv"
+        split_csv = files.split_csv
         test = (
             list(read_split_csv(split_csv, classes=run.spec.classes).subset("test").samples)
             if split_csv.is_file()
@@ -224,17 +225,17 @@ def export_run(
             "input_size": size,
             "mean": list(run.spec.mean),
             "std": list(run.spec.std),
-            "stain": run.spec.stain,
+            "stain": asdict(run.spec.stain) if run.spec.stain else None,
             "patch_size": patch_size,
             "patch_stride": stride,
             "patch_geometry_source": geometry_source,
             "model": run.spec.model_name,
             "parameters": count_parameters(run.model),
             "metrics": _run_metrics(run),
-            "training_data_fingerprint": read_json(run_dir / "metadata.json").get(
+            "training_data_fingerprint": read_json(RunDir(run_dir).metadata).get(
                 "dataset_fingerprint"
             )
-            if (run_dir / "metadata.json").is_file()
+            if RunDir(run_dir).metadata.is_file()
             else None,
             "source_run": str(run_dir.resolve()),
             "checkpoint": checkpoint,

@@ -49,8 +49,8 @@ def model_state_from_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 def stain_from_spec(spec: RunSpec) -> ReinhardNormalizer | None:
     if spec.stain is None:
         return None
-    stats = ReinhardStats.from_dict(spec.stain, source="run.json stain")
-    return ReinhardNormalizer(stats, ignore_background=bool(spec.stain.get("ignore_background")))
+    stats = ReinhardStats(mean=spec.stain.mean, std=spec.stain.std)
+    return ReinhardNormalizer(stats, ignore_background=spec.stain.ignore_background)
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None = None) -> LoadedRun:

@@ -12,13 +12,13 @@ zero attention, so a padded batch gives exactly the outputs of one bag at a time
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from histolite.models.registry import create_feature_extractor
 from histolite.models.wrapper import NormalizedClassifier
+from histolite.runspec import MilSpec
 
 
 class AttentionPooling(nn.Module):
@@ -88,25 +88,12 @@ class AttentionMIL(nn.Module):
         return self.classifier(pooled), attention
 
 
-def mil_spec(
-    pooling: str, embed_dim: int, attention_dim: int, dropout: float, patch: dict[str, Any]
-) -> dict[str, Any]:
-    """What ``run.json`` records so the model can be rebuilt without the config."""
-    return {
-        "pooling": pooling,
-        "embed_dim": embed_dim,
-        "attention_dim": attention_dim,
-        "dropout": dropout,
-        "patch": patch,
-    }
-
-
 def build_attention_mil(
     backbone: str,
     num_classes: int,
     mean: Sequence[float],
     std: Sequence[float],
-    spec: dict[str, Any],
+    spec: MilSpec,
     *,
     pretrained: bool = False,
     weights: str | None = None,
@@ -117,8 +104,8 @@ def build_attention_mil(
         NormalizedClassifier(features, mean, std),
         dim,
         num_classes,
-        embed_dim=int(spec["embed_dim"]),
-        attention_dim=int(spec["attention_dim"]),
-        gated=spec["pooling"] == "gated",
-        dropout=float(spec["dropout"]),
+        embed_dim=spec.embed_dim,
+        attention_dim=spec.attention_dim,
+        gated=spec.pooling == "gated",
+        dropout=spec.dropout,
     )

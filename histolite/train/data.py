@@ -20,6 +20,7 @@ from histolite.data.transforms import build_eval_transform, build_train_transfor
 from histolite.errors import DataError
 from histolite.models import pretrained_mean_std
 from histolite.runinfo import fingerprint_files
+from histolite.runspec import StainSpec
 from histolite.stain import ReinhardNormalizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -102,7 +103,7 @@ def make_dataset(
 ) -> ImageDataset:
     patches = None
     if cfg.patches is not None:
-        patches = index_patches(samples, cfg.patches.size, cfg.patches.step, cfg.patches.min_tissue)
+        patches = index_patches(samples, cfg.patches.spec())
     return ImageDataset(samples, transform, stain=stain, patches=patches)
 
 
@@ -159,14 +160,15 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
 
 
-def stain_spec(cfg: DataConfig) -> dict[str, object] | None:
+def stain_spec(cfg: DataConfig) -> StainSpec | None:
     """The stain target as saved statistics, so inference needs no reference image."""
     normalizer = build_stain(cfg)
     if normalizer is None:
         return None
     assert cfg.stain is not None
-    return {
-        **normalizer.target.to_dict(),
-        "ignore_background": cfg.stain.ignore_background,
-        "source": str(Path(cfg.stain.target)),
-    }
+    return StainSpec(
+        mean=tuple(normalizer.target.mean),
+        std=tuple(normalizer.target.std),
+        ignore_background=cfg.stain.ignore_background,
+        source=str(Path(cfg.stain.target)),
+    )

@@ -26,16 +26,13 @@ from histolite.models.loading import (
     load_run,
     require_classifier,
 )
-from histolite.runspec import CHECKPOINT_DIR, SPLIT_FILE, RunSpec, checkpoint_path, is_rank_zero
+from histolite.runspec import RunDir, RunSpec, checkpoint_path, is_rank_zero
 from histolite.train.data import ImageDataModule, PreparedData, build_stain, stain_spec
 from histolite.train.losses import DistillationLoss, Mix
 from histolite.train.module import ClassifierModule, module_options, resize_batch
 from histolite.train.runner import run_split, train_run
 from histolite.train.schedule import read_schedule
 from histolite.train.teacher import Teacher, create_teacher
-
-PLAN_FILE = "distill_plan.json"
-SWITCHES_FILE = "teacher_switches.json"
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ def plan_intervals(
     if mode == "vanilla":
         path = checkpoint_path(teacher_run, teacher_checkpoint)
         return [TeacherInterval(0, student_epochs - 1, path.name, None)]
-    schedule = read_schedule(teacher_run / CHECKPOINT_DIR)
+    schedule = read_schedule(RunDir(teacher_run).checkpoints)
     if not schedule:
         raise HistoliteError(
             f"{teacher_run}: no scheduled teacher checkpoints (checkpoints/schedule.json); "
@@ -139,7 +136,7 @@ class DistillModule(ClassifierModule):
     def _ensure_teacher(self, epoch: int) -> TeacherInterval:
         interval = interval_for_epoch(self.intervals, epoch)
         if interval.checkpoint != self.loaded_checkpoint:
-            path = self.teacher_run / CHECKPOINT_DIR / interval.checkpoint
+            path = RunDir(self.teacher_run).checkpoints / interval.checkpoint
             if not path.is_file():
                 raise HistoliteError(f"{path}: teacher checkpoint missing (was it deleted?)")
             self.teacher.load(path)
@@ -193,13 +190,6 @@ class DistillModule(ClassifierModule):
         self.log_epoch_mean("teacher_agreement", agreement, len(y))
 
 
-def _comparable_stain(stain: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Stain statistics without where they were read from (the same target from two paths)."""
-    if stain is None:
-        return None
-    return {k: v for k, v in stain.items() if k != "source"}
-
-
 def teacher_mismatches(
     teacher_dir: Path, teacher_spec: RunSpec, cfg: TrainConfig, split: Split
 ) -> list[str]:
@@ -216,21 +206,21 @@ def teacher_mismatches(
             f"classes differ: the teacher has {list(teacher_spec.classes)}, the student's data "
             f"{list(split.classes)}"
         )
-    student_stain = stain_spec(cfg.data)
-    if _comparable_stain(teacher_spec.stain) != _comparable_stain(student_stain):
+    theirs, ours = teacher_spec.stain, stain_spec(cfg.data)
+    if (theirs and theirs.statistics()) != (ours and ours.statistics()):
         problems.append(
             "stain normalisation differs: the teacher used "
-            f"{_comparable_stain(teacher_spec.stain) or 'none'}, the student "
-            f"{_comparable_stain(student_stain) or 'none'}"
+            f"{theirs.describe() if theirs else 'none'}, the student "
+            f"{ours.describe() if ours else 'none'}"
         )
-    student_patches = cfg.data.patches.model_dump() if cfg.data.patches else None
+    student_patches = cfg.data.patches.spec() if cfg.data.patches else None
     if teacher_spec.patches != student_patches:
         teacher_patches = teacher_spec.patches or "whole images"
         problems.append(
             f"input geometry differs: the teacher's patches are {teacher_patches}, "
             f"the student's {student_patches or 'whole images'}"
         )
-    teacher_split = teacher_dir / SPLIT_FILE
+    teacher_split = RunDir(teacher_dir).split_csv
     if teacher_split.is_file():
         table = read_split_csv(teacher_split)
         teacher_train = {s.path.resolve() for s, name in table.rows if name == "train"}
@@ -256,9 +246,9 @@ def resolve_teacher_runtime(cfg: DistillConfig) -> str:
 
 
 def _teacher_dir_for_resume(out: Path) -> Path:
-    plan = out / PLAN_FILE
+    plan = RunDir(out).distill_plan
     if not plan.is_file():
-        raise HistoliteError(f"{out}: no {PLAN_FILE}; pass --teacher TEACHER_RUN")
+        raise HistoliteError(f"{out}: no {plan.name}; pass --teacher TEACHER_RUN")
     return Path(read_json(plan)["teacher_run"])
 
 
@@ -280,8 +270,9 @@ def distill_run(
     out = Path(out)
     teacher_dir = Path(teacher_run) if teacher_run is not None else _teacher_dir_for_resume(out)
     teacher_spec = RunSpec.load(teacher_dir)
-    if resume and (out / PLAN_FILE).is_file():  # keep the original plan, even with more epochs
-        stored = read_json(out / PLAN_FILE)["intervals"]
+    files = RunDir(out)
+    if resume and files.distill_plan.is_file():  # keep the original plan, even with more epochs
+        stored = read_json(files.distill_plan)["intervals"]
         intervals = [TeacherInterval(**item) for item in stored]
     else:
         intervals = plan_intervals(
@@ -319,7 +310,7 @@ def distill_run(
             teacher_spec.image_size,
             intervals,
             loss,
-            out / SWITCHES_FILE,
+            files.teacher_switches,
             optimizer=config.optimizer,
             scheduler=config.scheduler,
             **{**module_options(config), "input_size": config.data.image_size},
@@ -344,7 +335,7 @@ def distill_run(
     if is_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
         write_json(
-            out / PLAN_FILE,
+            files.distill_plan,
             {
                 "teacher_run": str(teacher_dir.resolve()),
                 "teacher_model": teacher_spec.model_name,

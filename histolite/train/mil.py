@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,10 @@ from histolite.data.transforms import build_eval_transform, build_train_transfor
 from histolite.errors import ConfigError
 from histolite.fileio import atomic_path
 from histolite.models.mil import AttentionMIL, build_attention_mil
-from histolite.runspec import RunSpec
+from histolite.runspec import RunDir, RunSpec
 from histolite.train.data import PreparedData, build_stain
 from histolite.train.module import ClassifierModule, module_options
 from histolite.train.runner import train_run
-
-FEATURE_DIR = "features"
 
 
 def build_mil_model(spec: RunSpec, cfg: TrainConfig) -> AttentionMIL:
@@ -100,7 +99,7 @@ def feature_cache_key(cfg: TrainConfig, spec: RunSpec, samples: Sequence[Sample]
         "image_size": spec.image_size,
         "mean": spec.mean,
         "std": spec.std,
-        "stain": spec.stain,
+        "stain": asdict(spec.stain) if spec.stain else None,
         "patch": cfg.mil.patch.model_dump(),
         "files": [str(s.path.resolve()) for s in samples],
     }
@@ -175,7 +174,7 @@ class MILDataModule(L.LightningDataModule):
             return ImageBagDataset(
                 samples,
                 patch.size,
-                patch.step,
+                patch.spec().step,
                 transform,
                 min_tissue=patch.min_tissue,
                 stain=stain,
@@ -243,7 +242,7 @@ def mil_run(
         )
     out = Path(out)
     mil = cfg.mil
-    cache_dir = Path(mil.feature_cache) if mil.feature_cache else out / FEATURE_DIR
+    cache_dir = Path(mil.feature_cache) if mil.feature_cache else RunDir(out).features
 
     def datamodule_builder(
         prepared: PreparedData,

@@ -1,16 +1,4 @@
-"""Run a training job into a run directory.
-
-Run layout::
-
-    RUN/config.yaml         resolved config (what was actually used)
-    RUN/metadata.json       version, git commit, torch, platform, seed, dataset fingerprint
-    RUN/run.json            model + preprocessing contract for inference (RunSpec)
-    RUN/split.csv           the exact split (path, label, group, split)
-    RUN/split_report.json   images and patients/slides per class per split, leakage warnings
-    RUN/checkpoints/        best.ckpt, last.ckpt (+ scheduled ones)
-    RUN/logs/csvN/          metrics.csv per (re)start; RUN/logs/tbN/ TensorBoard
-    RUN/train_summary.json  best score, epochs, wall time
-"""
+"""Run a training job into a run directory (layout: :class:`histolite.runspec.RunDir`)."""
 
 from __future__ import annotations
 
@@ -32,16 +20,8 @@ from histolite.data.splits import SPLIT_NAMES, read_split_csv, write_split_csv
 from histolite.errors import HistoliteError
 from histolite.fileio import read_json, write_json, write_text
 from histolite.models import NormalizedClassifier, create_model
-from histolite.models.mil import mil_spec
 from histolite.runinfo import run_metadata
-from histolite.runspec import (
-    CHECKPOINT_DIR,
-    RUN_SPEC_FILE,
-    SPLIT_FILE,
-    SPLIT_REPORT_FILE,
-    RunSpec,
-    is_rank_zero,
-)
+from histolite.runspec import MilSpec, RunDir, RunSpec, is_rank_zero
 from histolite.train.data import (
     ImageDataModule,
     PreparedData,
@@ -97,7 +77,7 @@ def resolve_config(
 ) -> TrainConfig:
     """The config to run: the file + overrides, or on resume the run's saved config + overrides."""
     if resume:
-        saved = out / "config.yaml"
+        saved = RunDir(out).config
         if not saved.is_file():
             raise HistoliteError(f"{out}: nothing to resume (no config.yaml); start a new run")
         before = load_config(saved, [], model)
@@ -112,7 +92,7 @@ def resolve_config(
             )
         return after
     # DDP workers start after rank 0 has written the run files: only rank 0 guards the folder.
-    if (out / RUN_SPEC_FILE).exists() and is_rank_zero():
+    if RunDir(out).spec.exists() and is_rank_zero():
         raise HistoliteError(
             f"{out} already holds a run; pass --resume to continue it, or choose another --out"
         )
@@ -123,15 +103,14 @@ def resolve_config(
 
 def run_split(run_dir: Path) -> Split:
     """The split a run trained on, read back from its ``split.csv`` (classes in the run's order)."""
-    path = run_dir / SPLIT_FILE
+    files = RunDir(run_dir)
+    path = files.split_csv
     if not path.is_file():
         raise HistoliteError(f"{path}: missing; cannot resume without the run's split")
     classes = RunSpec.load(run_dir).classes
     table = read_split_csv(path, classes=classes)
     parts = {name: list(table.subset(name).samples) for name in SPLIT_NAMES}
-    report = (
-        read_json(run_dir / SPLIT_REPORT_FILE) if (run_dir / SPLIT_REPORT_FILE).is_file() else {}
-    )
+    report = read_json(files.split_report) if files.split_report.is_file() else {}
     return Split(classes, parts, report, str(path))
 
 
@@ -161,20 +140,19 @@ def build_classifier(spec: RunSpec, cfg: TrainConfig) -> NormalizedClassifier:
 def _write_run_files(
     out: Path, cfg: TrainConfig, spec: RunSpec, prepared: PreparedData, extra_meta: dict[str, Any]
 ) -> None:
-    write_text(out / "config.yaml", dump_config(cfg))
+    files = RunDir(out)
+    write_text(files.config, dump_config(cfg))
     spec.save(out)
     write_split_csv(
-        out / SPLIT_FILE,
+        files.split_csv,
         LabelledImages(prepared.classes, tuple(prepared.all_samples)),
         prepared.split_names(),
     )
-    write_json(out / SPLIT_REPORT_FILE, prepared.split_report)
+    write_json(files.split_report, prepared.split_report)
     if prepared.skipped:
-        write_json(
-            out / "skipped_files.json", [{"path": p, "problem": w} for p, w in prepared.skipped]
-        )
+        write_json(files.skipped_files, [{"path": p, "problem": w} for p, w in prepared.skipped])
     write_json(
-        out / "metadata.json",
+        files.metadata,
         run_metadata(
             seed=cfg.seed,
             dataset_fingerprint=prepared.fingerprint(),
@@ -186,7 +164,7 @@ def _write_run_files(
 
 
 def _run_spec(cfg: TrainConfig, prepared: PreparedData, out: Path, resume: bool) -> RunSpec:
-    if resume and (out / RUN_SPEC_FILE).is_file():
+    if resume and RunDir(out).spec.is_file():
         return RunSpec.load(out)  # reuse the stored mean/std: computed once per run
     stain = build_stain(cfg.data)
     mean, std = normalisation_stats(cfg.data, prepared.splits["train"], stain, cfg.model.name)
@@ -199,14 +177,14 @@ def _run_spec(cfg: TrainConfig, prepared: PreparedData, out: Path, resume: bool)
         head=cfg.model.head,
         head_dropout=cfg.model.head_dropout,
         stain=stain_spec(cfg.data),
-        patches=cfg.data.patches.model_dump() if cfg.data.patches else None,
+        patches=cfg.data.patches.spec() if cfg.data.patches else None,
         mil=(
-            mil_spec(
+            MilSpec(
                 cfg.mil.pooling,
                 cfg.mil.embed_dim,
                 cfg.mil.attention_dim,
                 cfg.mil.dropout,
-                cfg.mil.patch.model_dump(),
+                cfg.mil.patch.spec(),
             )
             if cfg.mil
             else None
@@ -252,7 +230,7 @@ def checkpoint_schedule(cfg: TrainConfig) -> CheckpointSchedule | None:
 
 
 def _next_log_version(out: Path) -> int:
-    logs = out / "logs"
+    logs = RunDir(out).logs
     return len(list(logs.glob("csv*"))) if logs.is_dir() else 0
 
 
@@ -289,10 +267,11 @@ def train_run(
     datamodule = datamodule_builder(prepared, cfg, spec, model, out, progress and is_rank_zero())
     has_val = getattr(datamodule, "val_set", None) is not None
     monitor = cfg.trainer.monitor if has_val else None
-    checkpoints = checkpoint_callbacks(out / CHECKPOINT_DIR, monitor)
+    files = RunDir(out)
+    checkpoints = checkpoint_callbacks(files.checkpoints, monitor)
     schedule = checkpoint_schedule(cfg)
     if schedule is not None:
-        checkpoints_dir = out / CHECKPOINT_DIR
+        checkpoints_dir = files.checkpoints
         extra_callbacks = [
             ScheduledCheckpoints(schedule, checkpoints_dir, cfg.trainer.max_epochs),
             *extra_callbacks,
@@ -318,7 +297,7 @@ def train_run(
             TensorBoardLogger(out, name="logs", version=f"tb{version}", default_hp_metric=False),
         ],
     )
-    last = out / CHECKPOINT_DIR / "last.ckpt"
+    last = files.checkpoints / "last.ckpt"
     if resume and not last.is_file():
         raise HistoliteError(f"{last}: no checkpoint to resume from")
     started = time.perf_counter()
@@ -333,7 +312,7 @@ def train_run(
         best = checkpoints[-1] if monitor else None
         score = best.best_model_score if best is not None else None
         write_json(
-            out / "train_summary.json",
+            files.train_summary,
             {
                 "epochs_completed": trainer.current_epoch,
                 "monitor": monitor,
@@ -346,5 +325,5 @@ def train_run(
             },
         )
         if best is None and last.exists():  # no validation data: the last epoch is the model
-            shutil.copyfile(last, out / CHECKPOINT_DIR / "best.ckpt")
+            shutil.copyfile(last, files.checkpoints / "best.ckpt")
     return out
