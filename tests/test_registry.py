@@ -45,7 +45,7 @@ def test_download_from_local_archive_is_verified_and_extracted(tmp_path: Path) -
     extracted = download_dataset(
         "kather2016", tmp_path / "out", source=archive, spec=spec, progress=False
     )
-    images = scan_image_folder(extracted, group_regex=spec.group_regex)
+    images = scan_image_folder(extracted, group_regex=dict(spec.groupings)["patient"])
     assert images.classes == spec.classes
     assert len(images.samples) == 16
     assert {s.group for s in images.samples} == {"CRC-Prim-HE-01", "CRC-Prim-HE-02"}

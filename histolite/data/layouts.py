@@ -16,6 +16,7 @@ from pathlib import Path
 from histolite.data.folder import LabelledImages, Sample, scan_image_folder
 from histolite.data.registry import DatasetSpec, get_dataset
 from histolite.errors import DataError
+from histolite.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,8 @@ class LayoutOptions:
 
 
 LayoutParser = Callable[[Path, DatasetSpec, LayoutOptions], LabelledImages]
-_LAYOUTS: dict[str, LayoutParser] = {}
-
-
-def register_layout(name: str) -> Callable[[LayoutParser], LayoutParser]:
-    def decorator(fn: LayoutParser) -> LayoutParser:
-        if name in _LAYOUTS:
-            raise ValueError(f"layout {name!r} is already registered")
-        _LAYOUTS[name] = fn
-        return fn
-
-    return decorator
+_LAYOUTS: Registry[LayoutParser] = Registry("layout")
+register_layout = _LAYOUTS.register
 
 
 def scan_dataset(

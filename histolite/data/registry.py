@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from histolite.errors import DataError
 from histolite.fileio import atomic_path
+from histolite.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -47,28 +48,23 @@ class DatasetSpec:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-_DATASETS: dict[str, DatasetSpec] = {}
+_DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
     """Add a dataset; names are unique."""
-    if spec.name in _DATASETS:
-        raise ValueError(f"dataset {spec.name!r} is already registered")
-    _DATASETS[spec.name] = spec
-    return spec
+    return _DATASETS.add(spec.name, spec)
 
 
 def get_dataset(name: str) -> DatasetSpec:
-    try:
-        return _DATASETS[name]
-    except KeyError:
-        raise DataError(
-            f"unknown dataset {name!r}; known datasets: {', '.join(sorted(_DATASETS))}"
-        ) from None
+    spec = _DATASETS.get(name)
+    if spec is None:
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(_DATASETS)}")
+    return spec
 
 
 def list_datasets() -> list[DatasetSpec]:
-    return [_DATASETS[n] for n in sorted(_DATASETS)]
+    return [_DATASETS[n] for n in _DATASETS]
 
 
 register_dataset(

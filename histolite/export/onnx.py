@@ -160,6 +160,86 @@ def _run_metrics(run: LoadedRun) -> dict[str, Any] | None:
     return {"source": "run test split", **{k: report[k] for k in _CARD_METRICS if k in report}}
 
 
+def _export_graph(run: LoadedRun, path: Path) -> None:
+    """Stain normalisation + classifier + softmax as one FP32 ONNX graph, batch size free."""
+    graph = ServingGraph(require_classifier(run, "ONNX export"), run.stain).eval()
+    size = run.spec.image_size
+    with torch.no_grad():
+        torch.onnx.export(
+            graph,
+            (torch.rand(1, 3, size, size),),
+            str(path),
+            dynamo=False,
+            input_names=["image"],
+            output_names=["probabilities"],
+            opset_version=OPSET,
+            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+        )
+
+
+def _model_card(
+    run: LoadedRun,
+    *,
+    int8: bool,
+    name: str,
+    version: str,
+    checkpoint: str,
+    geometry: tuple[int, int, str],
+) -> dict[str, Any]:
+    """What a served model needs to preprocess inputs, and what a reader needs to trust it."""
+    patch_size, stride, geometry_source = geometry
+    metadata = RunDir(run.run_dir).metadata
+    return {
+        "name": name,
+        "version": version,
+        "format": "onnx",
+        "precision": "int8" if int8 else "fp32",
+        "opset": OPSET,
+        "input": {
+            "name": "image",
+            "layout": "NCHW",
+            "dtype": "float32",
+            "range": [0.0, 1.0],
+            "colour": "RGB",
+            "resize": "bilinear",
+        },
+        "output": {"name": "probabilities", "softmax": True},
+        "classes": list(run.spec.classes),
+        "input_size": run.spec.image_size,
+        "mean": list(run.spec.mean),
+        "std": list(run.spec.std),
+        "stain": asdict(run.spec.stain) if run.spec.stain else None,
+        "patch_size": patch_size,
+        "patch_stride": stride,
+        "patch_geometry_source": geometry_source,
+        "model": run.spec.model_name,
+        "parameters": count_parameters(run.model),
+        "metrics": _run_metrics(run),
+        "training_data_fingerprint": read_json(metadata).get("dataset_fingerprint")
+        if metadata.is_file()
+        else None,
+        "source_run": str(run.run_dir.resolve()),
+        "checkpoint": checkpoint,
+        "intended_use": INTENDED_USE,
+        "histolite_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _parity(
+    run: LoadedRun, exported: OnnxClassifier, samples: list[Sample], progress: bool
+) -> tuple[float, float]:
+    """(top-1 agreement, largest probability difference) of ONNX against PyTorch."""
+    agree, max_diff = 0, 0.0
+    for sample in tqdm(samples, desc="parity check", disable=not progress, leave=False):
+        pixels = load_rgb(sample.path)
+        reference = predict_image(run, pixels)
+        served = exported.predict(pixels).probabilities
+        agree += int(reference.argmax() == served.argmax())
+        max_diff = max(max_diff, float(np.abs(reference - served).max()))
+    return agree / len(samples), max_diff
+
+
 def export_run(
     run_dir: str | Path,
     out: str | Path,
@@ -173,32 +253,25 @@ def export_run(
     min_agreement: float = 0.99,
     progress: bool = True,
 ) -> ExportResult:
-    """Export ``run_dir`` to ``out`` (model.onnx + model.json) after a parity check."""
+    """Export ``run_dir`` to ``out`` (model.onnx + model.json) after a parity check.
+
+    Everything is staged in a temporary folder beside ``out`` and renamed into place only when
+    the exported graph agrees with PyTorch on ``min_agreement`` of the parity images.
+    """
     run_dir, out = Path(run_dir), Path(out)
     if out.exists():
         raise HistoliteError(f"{out} already exists; choose another --out or remove it")
     run = load_run(run_dir, checkpoint, device="cpu")
-    classifier = require_classifier(run, "ONNX export")
+    require_classifier(run, "ONNX export")
     train = _split_samples(run, ("train",))
-    patch_size, stride, geometry_source = _tile_geometry(run, train)
-    size = run.spec.image_size
+    geometry = _tile_geometry(run, train)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        graph = ServingGraph(classifier, run.stain).eval()
         fp32 = staging / ("model_fp32.onnx" if int8 else MODEL_FILE)
-        with torch.no_grad():
-            torch.onnx.export(
-                graph,
-                (torch.rand(1, 3, size, size),),
-                str(fp32),
-                dynamo=False,
-                input_names=["image"],
-                output_names=["probabilities"],
-                opset_version=OPSET,
-                dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
-            )
+        _export_graph(run, fp32)
         if int8:
+            size, (patch_size, stride, _) = run.spec.image_size, geometry
             batches = [
                 image_to_batch(load_rgb(s.path), size, patch_size, stride)[0]
                 for s in _spread(train, calibration_samples)
@@ -206,54 +279,22 @@ def export_run(
             _quantize(fp32, staging / MODEL_FILE, batches)
             for leftover in staging.glob("model_*.onnx"):
                 leftover.unlink()
-        card: dict[str, Any] = {
-            "name": name or run_dir.name,
-            "version": version,
-            "format": "onnx",
-            "precision": "int8" if int8 else "fp32",
-            "opset": OPSET,
-            "input": {
-                "name": "image",
-                "layout": "NCHW",
-                "dtype": "float32",
-                "range": [0.0, 1.0],
-                "colour": "RGB",
-                "resize": "bilinear",
-            },
-            "output": {"name": "probabilities", "softmax": True},
-            "classes": list(run.spec.classes),
-            "input_size": size,
-            "mean": list(run.spec.mean),
-            "std": list(run.spec.std),
-            "stain": asdict(run.spec.stain) if run.spec.stain else None,
-            "patch_size": patch_size,
-            "patch_stride": stride,
-            "patch_geometry_source": geometry_source,
-            "model": run.spec.model_name,
-            "parameters": count_parameters(run.model),
-            "metrics": _run_metrics(run),
-            "training_data_fingerprint": read_json(RunDir(run_dir).metadata).get(
-                "dataset_fingerprint"
-            )
-            if RunDir(run_dir).metadata.is_file()
-            else None,
-            "source_run": str(run_dir.resolve()),
-            "checkpoint": checkpoint,
-            "intended_use": INTENDED_USE,
-            "histolite_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        write_json(staging / CARD_FILE, card)
-        exported = OnnxClassifier(staging)
+        card = _model_card(
+            run,
+            int8=int8,
+            name=name or run_dir.name,
+            version=version,
+            checkpoint=checkpoint,
+            geometry=geometry,
+        )
         checks = _spread(_split_samples(run, ("test", "val", "train")), parity_samples)
-        agree, max_diff = 0, 0.0
-        for sample in tqdm(checks, desc="parity check", disable=not progress, leave=False):
-            pixels = load_rgb(sample.path)
-            reference = predict_image(run, pixels)
-            served = exported.predict(pixels).probabilities
-            agree += int(reference.argmax() == served.argmax())
-            max_diff = max(max_diff, float(np.abs(reference - served).max()))
-        agreement = agree / len(checks)
+        agreement, max_diff = _parity(run, OnnxClassifier(staging, card=card), checks, progress)
+        if agreement < min_agreement:
+            raise ExportError(
+                f"parity check failed: the ONNX model agrees with the PyTorch model on "
+                f"{agreement:.1%} of {len(checks)} images (need {min_agreement:.0%}); largest "
+                f"probability difference {max_diff:.4f}. Nothing was written."
+            )
         card["size_bytes"] = (staging / MODEL_FILE).stat().st_size
         card["parity"] = {
             "samples": len(checks),
@@ -262,12 +303,6 @@ def export_run(
             "required_agreement": min_agreement,
             "reference": "PyTorch checkpoint through histolite's evaluation path",
         }
-        if agreement < min_agreement:
-            raise ExportError(
-                f"parity check failed: the ONNX model agrees with the PyTorch model on "
-                f"{agreement:.1%} of {len(checks)} images (need {min_agreement:.0%}); largest "
-                f"probability difference {max_diff:.4f}. Nothing was written."
-            )
         write_json(staging / CARD_FILE, card)
         staging.rename(out)
     finally:

@@ -81,12 +81,18 @@ class OnnxClassifier:
     """One ONNX Runtime session shared by all requests (``run`` is thread-safe)."""
 
     def __init__(
-        self, model_dir: str | Path, *, threads: int | None = None, max_batch: int = 64
+        self,
+        model_dir: str | Path,
+        *,
+        threads: int | None = None,
+        max_batch: int = 64,
+        card: dict[str, Any] | None = None,
     ) -> None:
+        """``card``: use this model card instead of reading ``model.json`` (export staging)."""
         import onnxruntime as ort
 
         self.model_dir = Path(model_dir)
-        self.card = load_card(self.model_dir)
+        self.card = card if card is not None else load_card(self.model_dir)
         path = self.model_dir / MODEL_FILE
         if not path.is_file():
             raise HistoliteError(f"{path}: model file missing")

@@ -23,11 +23,12 @@ from histolite.models.pretrained import (
     require_timm_download,
     require_torchvision_download,
 )
+from histolite.registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
 HeadKind = Literal["default", "breakhis"]
 
-_MODELS: dict[str, ModelFactory] = {}
+_MODELS: Registry[ModelFactory] = Registry("model")
 
 # Backbones the published designs use; `models list` shows these with their sizes.
 FEATURED_BACKBONES = (
@@ -46,14 +47,11 @@ FEATURED_BACKBONES = (
 
 def register_model(fn: ModelFactory) -> ModelFactory:
     """Register a factory ``fn(num_classes, **kwargs) -> nn.Module`` under its function name."""
-    if fn.__name__ in _MODELS:
-        raise ValueError(f"model {fn.__name__!r} is already registered")
-    _MODELS[fn.__name__] = fn
-    return fn
+    return _MODELS.add(fn.__name__, fn)
 
 
 def registered_models() -> list[str]:
-    return sorted(_MODELS)
+    return _MODELS.names()
 
 
 def list_model_names(pattern: str | None = None) -> list[str]:

@@ -19,17 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from histolite.data.images import ImageTooLarge, UnsupportedImage, decode_rgb
+from histolite.data.images import decode_rgb
 from histolite.errors import DataError
 from histolite.export.runtime import OnnxClassifier
 from histolite.serve.audit import AuditLog
 from histolite.serve.fetch import UrlFetcher, UrlFetchError
 from histolite.serve.metrics import Metrics
+from histolite.serve.middleware import BodyLimit, ClientError, RequestMetrics, client_status
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -61,157 +61,116 @@ class ServeSettings:
         )
 
 
-class ClientError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["url"],
+                    "properties": {
+                        "url": {
+                            "type": "string",
+                            "format": "uri",
+                            "description": "public http(s) URL of an image",
+                        }
+                    },
+                }
+            },
+        },
+    }
+}
 
 
-class BodyLimit:
-    """ASGI middleware: 413 when a request body exceeds the limit (declared or streamed)."""
+class PredictionService:
+    """What a prediction request does, apart from HTTP routing: read, classify, audit, count."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.classifier = OnnxClassifier(settings.model_dir, threads=settings.threads)
+        self.card = self.classifier.card
+        self.audit = AuditLog(settings.audit_db) if settings.audit_db else None
+        self.metrics = Metrics()
+        self.fetcher = UrlFetcher(
+            timeout=settings.url_timeout,
+            max_bytes=settings.max_request_bytes,
+            allow_private=settings.allow_private_urls,
+        )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _too_large(self.limit)(scope, receive, send)
-            return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise ClientError(413, f"request body exceeds {self.limit} bytes")
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except ClientError as exc:
-            await JSONResponse({"detail": str(exc)}, status_code=exc.status)(scope, receive, send)
-
-
-class RequestMetrics:
-    """Pure ASGI middleware recording status and latency per route (no BaseHTTPMiddleware cost)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def capture(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, capture)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            self.metrics.observe_request(
-                scope["method"], path, status, time.perf_counter() - started
-            )
-
-
-def _too_large(limit: int) -> Response:
-    return JSONResponse({"detail": f"request body exceeds {limit} bytes"}, status_code=413)
-
-
-def _client_status(exc: Exception) -> int:
-    if isinstance(exc, ImageTooLarge):
-        return 413
-    if isinstance(exc, UnsupportedImage):
-        return 415
-    return 422
-
-
-def create_app(settings: ServeSettings) -> FastAPI:
-    classifier = OnnxClassifier(settings.model_dir, threads=settings.threads)
-    card = classifier.card
-    audit = AuditLog(settings.audit_db) if settings.audit_db else None
-    metrics = Metrics()
-    fetcher = UrlFetcher(
-        timeout=settings.url_timeout,
-        max_bytes=settings.max_request_bytes,
-        allow_private=settings.allow_private_urls,
-    )
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        if audit is not None:
-            audit.close()
-
-    app = FastAPI(
-        lifespan=lifespan,
-        title="histolite",
-        version=str(card.get("version")),
-        description=f"H&E tile classifier `{card.get('name')}` ({card.get('model')}, "
-        f"{card.get('precision')}). Classes: {', '.join(classifier.classes)}.",
-    )
-    app.state.classifier, app.state.audit, app.state.metrics = classifier, audit, metrics
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    # added first, so it runs inside the metrics middleware and its 413s are counted
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
-
-    # outermost: sees every response, the BodyLimit 413s included
-    app.add_middleware(RequestMetrics, metrics=metrics)
-
-    @app.exception_handler(ClientError)
-    async def client_error(request: Request, exc: ClientError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
-
-    def check_key(request: Request) -> None:
-        if settings.api_key is None:
+    def check_key(self, request: Request) -> None:
+        if self.settings.api_key is None:
             return
         supplied = request.headers.get("x-api-key") or ""
         auth = request.headers.get("authorization") or ""
         if auth.lower().startswith("bearer "):
             supplied = supplied or auth[7:]
-        if not hmac.compare_digest(supplied.encode(), settings.api_key.encode()):
+        if not hmac.compare_digest(supplied.encode(), self.settings.api_key.encode()):
             raise ClientError(401, "missing or wrong API key (X-API-Key header)")
 
-    def classify(data: bytes, filename: str | None, client: str | None) -> dict[str, Any]:
+    async def read_images(self, request: Request) -> list[tuple[bytes, str | None]]:
+        """(bytes, file name) of each uploaded file, or of the one image a JSON URL names."""
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            try:
+                form = await request.form(max_files=self.settings.max_files, max_fields=32)
+            except ClientError:
+                raise
+            except Exception as exc:  # malformed multipart, too many parts
+                raise ClientError(400, f"malformed multipart upload ({exc})") from exc
+            uploads = [v for _, v in form.multi_items() if hasattr(v, "read")]
+            if not uploads:
+                raise ClientError(422, "no files in the upload; send images in the 'files' field")
+            return [(await u.read(), getattr(u, "filename", None)) for u in uploads]
+        if content_type.startswith("application/json"):
+            try:
+                body = await request.json()
+            except ClientError:
+                raise
+            except Exception as exc:
+                raise ClientError(422, f"request body is not valid JSON ({exc})") from exc
+            url = body.get("url") if isinstance(body, dict) else None
+            if not isinstance(url, str) or not url:
+                raise ClientError(422, 'JSON body must be {"url": "http(s)://..."}')
+            try:
+                data = await run_in_threadpool(self.fetcher.fetch, url)
+            except UrlFetchError as exc:
+                raise ClientError(exc.status, str(exc)) from exc
+            return [(data, url.rsplit("/", 1)[-1] or url)]
+        raise ClientError(415, "send multipart/form-data (field 'files') or JSON {\"url\": ...}")
+
+    def classify(self, data: bytes, filename: str | None, client: str | None) -> dict[str, Any]:
         started = time.perf_counter()
         try:
-            pixels = decode_rgb(data, filename or "upload", max_pixels=settings.max_pixels)
+            pixels = decode_rgb(data, filename or "upload", max_pixels=self.settings.max_pixels)
         except DataError as exc:
-            raise ClientError(_client_status(exc), str(exc)) from exc
-        prediction = classifier.predict(pixels)
+            raise ClientError(client_status(exc), str(exc)) from exc
+        classes = self.classifier.classes
+        prediction = self.classifier.predict(pixels)
         probs = {
-            c: round(float(p), 6)
-            for c, p in zip(classifier.classes, prediction.probabilities, strict=True)
+            c: round(float(p), 6) for c, p in zip(classes, prediction.probabilities, strict=True)
         }
-        predicted = classifier.classes[prediction.top_class()]
+        predicted = classes[prediction.top_class()]
         rows, cols = prediction.patch_probabilities.shape[:2]
-        if audit is not None:
-            audit.record(
+        if self.audit is not None:
+            self.audit.record(
                 client=client,
                 input_sha256=hashlib.sha256(data).hexdigest(),
                 filename=filename,
-                model_name=str(card.get("name")),
-                model_version=str(card.get("version")),
+                model_name=str(self.card.get("name")),
+                model_version=str(self.card.get("version")),
                 predicted_class=predicted,
                 probabilities=probs,
             )
-        metrics.observe_prediction(predicted)
+        self.metrics.observe_prediction(predicted)
         return {
             "filename": filename,
             "class": predicted,
@@ -228,82 +187,52 @@ def create_app(settings: ServeSettings) -> FastAPI:
                     for row in prediction.patch_probabilities
                 ],
             },
-            "model_version": str(card.get("version")),
+            "model_version": str(self.card.get("version")),
             "time_ms": round((time.perf_counter() - started) * 1000, 2),
         }
 
-    predict_body = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "files": {
-                                "type": "array",
-                                "items": {"type": "string", "format": "binary"},
-                            }
-                        },
-                    }
-                },
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["url"],
-                        "properties": {
-                            "url": {
-                                "type": "string",
-                                "format": "uri",
-                                "description": "public http(s) URL of an image",
-                            }
-                        },
-                    }
-                },
-            },
-        }
-    }
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    service = PredictionService(settings)
+    card = service.card
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if service.audit is not None:
+            service.audit.close()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="histolite",
+        version=str(card.get("version")),
+        description=f"H&E tile classifier `{card.get('name')}` ({card.get('model')}, "
+        f"{card.get('precision')}). Classes: {', '.join(service.classifier.classes)}.",
+    )
+    app.state.classifier, app.state.audit = service.classifier, service.audit
+    app.state.metrics = service.metrics
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # added first, so it runs inside the metrics middleware and its 413s are counted
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    # outermost: sees every response, the BodyLimit 413s included
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
+
+    @app.exception_handler(ClientError)
+    async def client_error(request: Request, exc: ClientError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     @app.post(
         "/v1/predict",
-        openapi_extra=predict_body,
+        openapi_extra=PREDICT_BODY,
         summary="Classify uploaded images or one image URL",
     )
     async def predict(request: Request) -> JSONResponse:
-        check_key(request)
+        service.check_key(request)
         client = request.client.host if request.client else None
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
-            try:
-                form = await request.form(max_files=settings.max_files, max_fields=32)
-            except ClientError:
-                raise
-            except Exception as exc:  # malformed multipart, too many parts
-                raise ClientError(400, f"malformed multipart upload ({exc})") from exc
-            uploads = [v for _, v in form.multi_items() if hasattr(v, "read")]
-            if not uploads:
-                raise ClientError(422, "no files in the upload; send images in the 'files' field")
-            items = [(await u.read(), getattr(u, "filename", None)) for u in uploads]
-        elif content_type.startswith("application/json"):
-            try:
-                body = await request.json()
-            except ClientError:
-                raise
-            except Exception as exc:
-                raise ClientError(422, f"request body is not valid JSON ({exc})") from exc
-            url = body.get("url") if isinstance(body, dict) else None
-            if not isinstance(url, str) or not url:
-                raise ClientError(422, 'JSON body must be {"url": "http(s)://..."}')
-            try:
-                data = await run_in_threadpool(fetcher.fetch, url)
-            except UrlFetchError as exc:
-                raise ClientError(exc.status, str(exc)) from exc
-            items = [(data, url.rsplit("/", 1)[-1] or url)]
-        else:
-            raise ClientError(
-                415, "send multipart/form-data (field 'files') or JSON {\"url\": ...}"
-            )
-        results = [await run_in_threadpool(classify, data, name, client) for data, name in items]
+        items = await service.read_images(request)
+        results = [
+            await run_in_threadpool(service.classify, data, name, client) for data, name in items
+        ]
         # plain JSON types already: skip FastAPI's jsonable_encoder pass over the patch grid
         return JSONResponse(
             {
@@ -323,12 +252,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.get("/readyz", summary="Readiness: model loaded and warmed up")
     def readyz() -> JSONResponse:
-        ready = classifier.ready
+        ready = service.classifier.ready
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
