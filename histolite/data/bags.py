@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from histolite.data.folder import Sample
 from histolite.data.images import load_rgb
 from histolite.data.patches import grid_positions, tissue_fraction
+from histolite.data.transforms import image_tensor, preprocess
 
 TensorTransform = Callable[[Tensor], Tensor]
 
@@ -48,14 +49,8 @@ def cut_instances(
     stain: TensorTransform | None = None,
 ) -> Tensor:
     """(N, 3, S, S) tensor of the patches at ``positions``, stain-normalised and transformed."""
-    image = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).permute(2, 0, 1)
-    crops = []
-    for y, x in positions:
-        crop = image[:, y : y + size, x : x + size]
-        if stain is not None:
-            crop = stain(crop)
-        crops.append(transform(crop))
-    return torch.stack(crops)
+    image = image_tensor(pixels)
+    return torch.stack([preprocess(image, transform, stain, (y, x, size)) for y, x in positions])
 
 
 class ImageBagDataset(Dataset[tuple[Tensor, int]]):

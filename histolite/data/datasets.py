@@ -6,13 +6,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from histolite.data.folder import Sample
 from histolite.data.images import load_rgb
 from histolite.data.patches import PatchRef
+from histolite.data.transforms import image_tensor, preprocess
 
 TensorTransform = Callable[[Tensor], Tensor]
 
@@ -65,14 +65,9 @@ class ImageDataset(Dataset[tuple[Tensor, int]]):
     def __getitem__(self, item: int) -> tuple[Tensor, int]:
         if self.patches is not None:
             ref = self.patches[item]
-            pixels = self._image(ref.image_index)[
-                ref.y : ref.y + ref.size, ref.x : ref.x + ref.size
-            ]
-            label = ref.label
-        else:
-            pixels = load_rgb(self.samples[item].path)
-            label = self.samples[item].label
-        tensor = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).permute(2, 0, 1)
-        if self.stain is not None:
-            tensor = self.stain(tensor)
-        return self.transform(tensor), label
+            image = image_tensor(self._image(ref.image_index))
+            return preprocess(
+                image, self.transform, self.stain, (ref.y, ref.x, ref.size)
+            ), ref.label
+        image = image_tensor(load_rgb(self.samples[item].path))
+        return preprocess(image, self.transform, self.stain), self.samples[item].label

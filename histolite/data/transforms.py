@@ -9,12 +9,37 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 Transform = Callable[[Tensor], Tensor]
+
+
+def image_tensor(pixels: np.ndarray) -> Tensor:
+    """An H x W x 3 uint8 array as a (3, H, W) uint8 tensor, without copying when possible."""
+    return torch.from_numpy(np.require(pixels, requirements=["C", "W"])).permute(2, 0, 1)
+
+
+def preprocess(
+    image: Tensor,
+    transform: Transform,
+    stain: Transform | None = None,
+    box: tuple[int, int, int] | None = None,
+) -> Tensor:
+    """The one order every path uses: crop ``box`` (y, x, size) -> stain -> transform.
+
+    Stain normalisation sees the uint8 crop at its own resolution, before any resize, in
+    training, evaluation, explanation and MIL alike.
+    """
+    if box is not None:
+        y, x, size = box
+        image = image[:, y : y + size, x : x + size]
+    if stain is not None:
+        image = stain(image)
+    return transform(image)
 
 
 class RandomRot90(torch.nn.Module):

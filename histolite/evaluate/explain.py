@@ -21,7 +21,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from histolite.data.patches import grid_positions
-from histolite.data.transforms import build_eval_transform
+from histolite.data.transforms import build_eval_transform, image_tensor, preprocess
 from histolite.errors import HistoliteError
 from histolite.evaluate.inference import predict_bag_pixels
 from histolite.fileio import atomic_path
@@ -130,7 +130,7 @@ def gradcam_explanation(
     model = require_classifier(run, "Grad-CAM")
     device = next(model.parameters()).device
     transform = build_eval_transform(run.spec.image_size)
-    image = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).permute(2, 0, 1)
+    image = image_tensor(pixels)
     height, width = pixels.shape[:2]
     if run.spec.patches is not None:
         size = run.spec.patches.size
@@ -139,10 +139,8 @@ def gradcam_explanation(
         size, positions = max(height, width), [(0, 0)]
 
     def tensor(y: int, x: int) -> Tensor:
-        crop = image[:, y : y + size, x : x + size] if run.spec.patches else image
-        if run.stain is not None:
-            crop = run.stain(crop)
-        return transform(crop).unsqueeze(0).to(device)
+        box = (y, x, size) if run.spec.patches else None
+        return preprocess(image, transform, run.stain, box).unsqueeze(0).to(device)
 
     layer = layer or last_spatial_layer(model, tensor(*positions[0]))
     if target is None:  # explain the image-level prediction, not each patch's own

@@ -14,7 +14,7 @@ from histolite.data.bags import ImageBagDataset, bag_positions, collate_bags, cu
 from histolite.data.datasets import ImageDataset
 from histolite.data.folder import Sample
 from histolite.data.patches import index_patches
-from histolite.data.transforms import build_eval_transform
+from histolite.data.transforms import build_eval_transform, image_tensor, preprocess
 from histolite.models.loading import LoadedRun
 
 
@@ -85,24 +85,22 @@ def predict_image(run: LoadedRun, pixels: np.ndarray, batch_size: int = 64) -> n
     if run.is_mil:
         return predict_bag_pixels(run, pixels).probs
     transform = build_eval_transform(run.spec.image_size)
-    tensor = torch.from_numpy(np.require(pixels, requirements=["C", "W"])).permute(2, 0, 1)
+    image = image_tensor(pixels)
+    boxes: list[tuple[int, int, int] | None] = [None]  # smaller than a patch: the whole image
     if run.spec.patches is not None:
         size, stride = run.spec.patches.size, run.spec.patches.step
-        crops = [
-            tensor[:, y : y + size, x : x + size]
-            for y, x in grid_positions(tensor.shape[1], tensor.shape[2], size, stride)
-        ]
-        if not crops:  # smaller than one patch: classify the whole image
-            crops = [tensor]
-    else:
-        crops = [tensor]
-    if run.stain is not None:
-        crops = [run.stain(c) for c in crops]
+        grid = grid_positions(image.shape[1], image.shape[2], size, stride)
+        boxes = [(y, x, size) for y, x in grid] or boxes
     device = next(run.model.parameters()).device
     probs = []
     with torch.inference_mode():
-        for start in range(0, len(crops), batch_size):
-            batch = torch.stack([transform(c) for c in crops[start : start + batch_size]])
+        for start in range(0, len(boxes), batch_size):
+            batch = torch.stack(
+                [
+                    preprocess(image, transform, run.stain, b)
+                    for b in boxes[start : start + batch_size]
+                ]
+            )
             probs.append(torch.softmax(run.model(batch.to(device)), dim=1).float().cpu())
     return torch.cat(probs).mean(dim=0).numpy()
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from histolite.data.folder import Sample, scan_image_folder
-from histolite.data.patches import aggregate_patch_predictions
+from histolite.data.patches import ImageLevelPrediction, aggregate_patch_predictions
 from histolite.data.splits import read_split_csv, training_rows_in, warn_training_rows
 from histolite.errors import DataError
 from histolite.evaluate.inference import (
@@ -103,13 +103,27 @@ def _write_attention_csv(
                 )
 
 
-def build_report(run: LoadedRun, samples: list[Sample], preds: Predictions) -> dict[str, Any]:
+def image_results(preds: Predictions) -> list[ImageLevelPrediction] | None:
+    """Patch predictions aggregated per image (None when the predictions are per image)."""
+    if not preds.patch_level:
+        return None
+    return aggregate_patch_predictions(preds.image_index.tolist(), preds.probs)
+
+
+def build_report(
+    run: LoadedRun,
+    samples: list[Sample],
+    preds: Predictions,
+    images: list[ImageLevelPrediction] | None = None,
+) -> dict[str, Any]:
+    """Metrics at the model's level, plus image-level metrics when it classified patches."""
     classes = run.spec.classes
     metrics = classification_metrics(preds.labels, preds.probs.argmax(axis=1), classes)
     level = "bag" if run.is_mil else "patch" if preds.patch_level else "image"
     report: dict[str, Any] = {"level": level, **metrics}
     if preds.patch_level:
-        images = aggregate_patch_predictions(preds.image_index.tolist(), preds.probs)
+        images = images if images is not None else image_results(preds)
+        assert images is not None
         truth = [samples[r.image_index].label for r in images]
         report["image_level"] = {
             "majority_vote": classification_metrics(
@@ -120,6 +134,51 @@ def build_report(run: LoadedRun, samples: list[Sample], preds: Predictions) -> d
             ),
         }
     return report
+
+
+def _predict_samples(
+    run: LoadedRun,
+    samples: list[Sample],
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    tta: bool,
+) -> tuple[Predictions, list[BagPrediction] | None]:
+    if run.is_mil:
+        bags = predict_bags(run, samples, progress=progress)
+        return bag_level_predictions(run, samples, bags), bags
+    preds = predict(
+        run, samples, batch_size=batch_size, num_workers=num_workers, progress=progress, tta=tta
+    )
+    return preds, None
+
+
+def _write_report_files(
+    out: Path,
+    run: LoadedRun,
+    samples: list[Sample],
+    report: dict[str, Any],
+    preds: Predictions,
+    images: list[ImageLevelPrediction] | None,
+    bags: list[BagPrediction] | None,
+) -> None:
+    classes = run.spec.classes
+    write_json(out / "report.json", report)
+    if bags is not None:
+        _write_attention_csv(out / "attention.csv", samples, bags, classes)
+    _write_class_report_csv(out / "classification_report.csv", report)
+    probs = np.stack([r.mean_probs for r in images]) if images is not None else preds.probs
+    _write_predictions_csv(out / "predictions.csv", samples, probs, classes)
+    title = f"{run.spec.model_name}: {report['level']} level"
+    plot_confusion_matrix(report["confusion_matrix"], classes, out / "confusion_matrix.png", title)
+    if images is not None:
+        plot_confusion_matrix(
+            report["image_level"]["mean_probability"]["confusion_matrix"],
+            classes,
+            out / "confusion_matrix_image_level.png",
+            title=f"{run.spec.model_name}: image level (mean probability)",
+        )
+    plot_training_curves(run.run_dir, out / "training_curves.png")
 
 
 def evaluate_run(
@@ -134,58 +193,30 @@ def evaluate_run(
     progress: bool = True,
     tta: bool = False,
 ) -> dict[str, Any]:
-    """Predict ``data`` with the run's model and write the report bundle into ``out``."""
+    """Predict ``data`` with the run's model and write the report bundle into ``out``.
+
+    Evaluating images the run trained on is allowed but warned about, and counted in the report.
+    """
     run = load_run(run_dir, checkpoint)
     samples = load_eval_samples(data, run.spec.classes, split)
     seen = training_rows_in(RunDir(run.run_dir).split_csv, samples)
     leak = warn_training_rows(run.run_dir, seen, len(samples)) if seen else None
-    bags = predict_bags(run, samples, progress=progress) if run.is_mil else None
-    preds = (
-        bag_level_predictions(run, samples, bags)
-        if bags is not None
-        else predict(
-            run, samples, batch_size=batch_size, num_workers=num_workers, progress=progress, tta=tta
-        )
+    preds, bags = _predict_samples(run, samples, batch_size, num_workers, progress, tta)
+    images = image_results(preds)
+    report = build_report(run, samples, preds, images)
+    report.update(
+        run=str(Path(run_dir)),
+        checkpoint=checkpoint,
+        test_time_augmentation="8 dihedral views" if tta else None,
+        data=str(data),
+        split=split if Path(data).suffix.lower() == ".csv" else None,
+        training_images_evaluated=seen,
     )
-    report = build_report(run, samples, preds)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    report["run"] = str(Path(run_dir))
-    report["checkpoint"] = checkpoint
-    report["test_time_augmentation"] = "8 dihedral views" if tta else None
-    report["data"] = str(data)
-    report["split"] = split if Path(data).suffix.lower() == ".csv" else None
-    report["training_images_evaluated"] = seen
     if leak is not None:
         report["warning"] = leak
-    write_json(out / "report.json", report)
-    if bags is not None:
-        _write_attention_csv(out / "attention.csv", samples, bags, run.spec.classes)
-    _write_class_report_csv(out / "classification_report.csv", report)
-    if preds.patch_level:
-        image_probs = np.stack(
-            [
-                r.mean_probs
-                for r in aggregate_patch_predictions(preds.image_index.tolist(), preds.probs)
-            ]
-        )
-        _write_predictions_csv(out / "predictions.csv", samples, image_probs, run.spec.classes)
-    else:
-        _write_predictions_csv(out / "predictions.csv", samples, preds.probs, run.spec.classes)
-    plot_confusion_matrix(
-        report["confusion_matrix"],
-        run.spec.classes,
-        out / "confusion_matrix.png",
-        title=f"{run.spec.model_name}: {report['level']} level",
-    )
-    if preds.patch_level:
-        plot_confusion_matrix(
-            report["image_level"]["mean_probability"]["confusion_matrix"],
-            run.spec.classes,
-            out / "confusion_matrix_image_level.png",
-            title=f"{run.spec.model_name}: image level (mean probability)",
-        )
-    plot_training_curves(Path(run_dir), out / "training_curves.png")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_report_files(out, run, samples, report, preds, images, bags)
     write_json(
         out / "metadata.json",
         run_metadata(

@@ -252,46 +252,54 @@ def _teacher_dir_for_resume(out: Path) -> Path:
     return Path(read_json(plan)["teacher_run"])
 
 
-def distill_run(
-    cfg: DistillConfig,
-    teacher_run: str | Path | None,
-    out: str | Path,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    announce: Callable[[list[str]], None] | None = None,
-) -> Path:
-    """Distil ``teacher_run`` into the student described by ``cfg``; writes a normal run.
+@dataclass(frozen=True)
+class DistillPlan:
+    """Which teacher run teaches, and which of its checkpoints in each student epoch."""
 
-    ``announce`` receives the teacher plan as readable lines before training starts.
-    """
-    if cfg.mil is not None:
-        raise HistoliteError("distillation trains image/patch classifiers; remove the mil section")
-    out = Path(out)
-    teacher_dir = Path(teacher_run) if teacher_run is not None else _teacher_dir_for_resume(out)
-    teacher_spec = RunSpec.load(teacher_dir)
-    files = RunDir(out)
-    if resume and files.distill_plan.is_file():  # keep the original plan, even with more epochs
-        stored = read_json(files.distill_plan)["intervals"]
-        intervals = [TeacherInterval(**item) for item in stored]
-    else:
-        intervals = plan_intervals(
-            teacher_dir, cfg.distill.mode, cfg.trainer.max_epochs, cfg.distill.teacher_checkpoint
+    teacher_dir: Path
+    teacher_spec: RunSpec
+    mode: str
+    intervals: list[TeacherInterval]
+
+    @classmethod
+    def make(
+        cls, cfg: DistillConfig, teacher_run: str | Path | None, out: Path, resume: bool
+    ) -> DistillPlan:
+        """A new plan, or on resume the stored one (kept even when epochs are added)."""
+        teacher_dir = Path(teacher_run) if teacher_run is not None else _teacher_dir_for_resume(out)
+        teacher_spec = RunSpec.load(teacher_dir)
+        stored = RunDir(out).distill_plan
+        if resume and stored.is_file():
+            intervals = [TeacherInterval(**item) for item in read_json(stored)["intervals"]]
+        else:
+            intervals = plan_intervals(
+                teacher_dir,
+                cfg.distill.mode,
+                cfg.trainer.max_epochs,
+                cfg.distill.teacher_checkpoint,
+            )
+        return cls(teacher_dir, teacher_spec, cfg.distill.mode, intervals)
+
+    def save(self, path: Path) -> None:
+        write_json(
+            path,
+            {
+                "teacher_run": str(self.teacher_dir.resolve()),
+                "teacher_model": self.teacher_spec.model_name,
+                "mode": self.mode,
+                "intervals": [asdict(i) for i in self.intervals],
+            },
         )
-    teacher_model = require_classifier(
-        load_run(teacher_dir, intervals[0].checkpoint, device="cpu"), "a distillation teacher"
+
+
+def _distill_module(
+    plan: DistillPlan, cfg: DistillConfig, switches: Path
+) -> Callable[[nn.Module, TrainConfig, RunSpec], DistillModule]:
+    teacher = require_classifier(
+        load_run(plan.teacher_dir, plan.intervals[0].checkpoint, device="cpu"),
+        "a distillation teacher",
     )
-    split = run_split(out) if resume else load_split(cfg.data, cfg.seed)
-    problems = teacher_mismatches(teacher_dir, teacher_spec, cfg, split)
-    if problems:
-        raise HistoliteError(
-            f"teacher {teacher_dir} does not fit this student:\n  " + "\n  ".join(problems)
-        )
-    if announce is not None:
-        announce(describe_plan(intervals))
-
-    # One view for both models: batches come at the larger size, each model gets its own.
-    batch_size = max(teacher_spec.image_size, cfg.data.image_size)
+    size = plan.teacher_spec.image_size
 
     def build(model: nn.Module, config: TrainConfig, spec: RunSpec) -> DistillModule:
         loss = DistillationLoss(
@@ -303,18 +311,24 @@ def distill_run(
         runtime = resolve_teacher_runtime(cfg)
         return DistillModule(
             model,
-            create_teacher(
-                teacher_model, runtime, teacher_spec.image_size, config.trainer.channels_last
-            ),
-            teacher_dir,
-            teacher_spec.image_size,
-            intervals,
+            create_teacher(teacher, runtime, size, config.trainer.channels_last),
+            plan.teacher_dir,
+            size,
+            plan.intervals,
             loss,
-            files.teacher_switches,
+            switches,
             optimizer=config.optimizer,
             scheduler=config.scheduler,
             **{**module_options(config), "input_size": config.data.image_size},
         )
+
+    return build
+
+
+def _shared_view_datamodule(
+    plan: DistillPlan,
+) -> Callable[[PreparedData, TrainConfig, RunSpec, nn.Module, Path, bool], ImageDataModule]:
+    """Training batches at the larger of the two input sizes: one view, each model its size."""
 
     def datamodule(
         prepared: PreparedData,
@@ -324,36 +338,54 @@ def distill_run(
         run_dir: Path,
         show: bool,
     ) -> ImageDataModule:
-        return ImageDataModule(
-            prepared,
-            config.data,
-            config.augment,
-            build_stain(config.data),
-            train_image_size=batch_size,
-        )
+        size = max(plan.teacher_spec.image_size, config.data.image_size)
+        stain = build_stain(config.data)
+        return ImageDataModule(prepared, config.data, config.augment, stain, train_image_size=size)
 
+    return datamodule
+
+
+def distill_run(
+    cfg: DistillConfig,
+    teacher_run: str | Path | None,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    announce: Callable[[list[str]], None] | None = None,
+) -> Path:
+    """Distil ``teacher_run`` into the student described by ``cfg``; writes a normal run.
+
+    The teacher is checked against the student's split before anything is written.
+    ``announce`` receives the teacher plan as readable lines before training starts.
+    """
+    if cfg.mil is not None:
+        raise HistoliteError("distillation trains image/patch classifiers; remove the mil section")
+    out = Path(out)
+    files = RunDir(out)
+    plan = DistillPlan.make(cfg, teacher_run, out, resume)
+    split = run_split(out) if resume else load_split(cfg.data, cfg.seed)
+    problems = teacher_mismatches(plan.teacher_dir, plan.teacher_spec, cfg, split)
+    if problems:
+        raise HistoliteError(
+            f"teacher {plan.teacher_dir} does not fit this student:\n  " + "\n  ".join(problems)
+        )
+    if announce is not None:
+        announce(describe_plan(plan.intervals))
     if is_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
-        write_json(
-            files.distill_plan,
-            {
-                "teacher_run": str(teacher_dir.resolve()),
-                "teacher_model": teacher_spec.model_name,
-                "mode": cfg.distill.mode,
-                "intervals": [asdict(i) for i in intervals],
-            },
-        )
+        plan.save(files.distill_plan)
     return train_run(
         cfg,
         out,
         resume=resume,
         progress=progress,
         split=split,
-        module_builder=build,
-        datamodule_builder=datamodule,
+        module_builder=_distill_module(plan, cfg, files.teacher_switches),
+        datamodule_builder=_shared_view_datamodule(plan),
         extra_metadata={
-            "teacher_run": str(teacher_dir.resolve()),
-            "teacher_model": teacher_spec.model_name,
+            "teacher_run": str(plan.teacher_dir.resolve()),
+            "teacher_model": plan.teacher_spec.model_name,
             "distill_mode": cfg.distill.mode,
         },
     )

@@ -234,6 +234,61 @@ def _next_log_version(out: Path) -> int:
     return len(list(logs.glob("csv*"))) if logs.is_dir() else 0
 
 
+def _trainer(
+    cfg: TrainConfig, files: RunDir, callbacks: list[Callback], progress: bool
+) -> L.Trainer:
+    """A Lightning trainer per the config, logging CSV and TensorBoard into the run."""
+    version = _next_log_version(files.root)
+    return L.Trainer(
+        default_root_dir=files.root,
+        max_epochs=cfg.trainer.max_epochs,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision,  # type: ignore[arg-type]
+        deterministic=cfg.trainer.deterministic,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        limit_train_batches=cfg.trainer.limit_train_batches,
+        enable_progress_bar=progress and cfg.trainer.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        logger=[
+            CSVLogger(files.root, name=files.logs.name, version=f"csv{version}"),
+            TensorBoardLogger(
+                files.root, name=files.logs.name, version=f"tb{version}", default_hp_metric=False
+            ),
+        ],
+    )
+
+
+def _write_summary(
+    files: RunDir,
+    trainer: L.Trainer,
+    best: ModelCheckpoint | None,
+    resumed: bool,
+    seconds: float,
+) -> None:
+    score = best.best_model_score if best is not None else None
+    write_json(
+        files.train_summary,
+        {
+            "epochs_completed": trainer.current_epoch,
+            "monitor": best.monitor if best is not None else None,
+            "best_score": float(score) if score is not None else None,
+            "train_seconds_this_session": round(seconds, 2),
+            "resumed": resumed,
+            "devices": trainer.num_devices,
+            "num_nodes": trainer.num_nodes,
+            "world_size": trainer.world_size,
+        },
+    )
+    last = files.checkpoints / "last.ckpt"
+    if best is None and last.exists():  # no validation data: the last epoch is the model
+        shutil.copyfile(last, files.checkpoints / "best.ckpt")
+
+
 def train_run(
     cfg: TrainConfig,
     out: str | Path,
@@ -271,32 +326,11 @@ def train_run(
     checkpoints = checkpoint_callbacks(files.checkpoints, monitor)
     schedule = checkpoint_schedule(cfg)
     if schedule is not None:
-        checkpoints_dir = files.checkpoints
         extra_callbacks = [
-            ScheduledCheckpoints(schedule, checkpoints_dir, cfg.trainer.max_epochs),
+            ScheduledCheckpoints(schedule, files.checkpoints, cfg.trainer.max_epochs),
             *extra_callbacks,
         ]
-    version = _next_log_version(out)
-    trainer = L.Trainer(
-        default_root_dir=out,
-        max_epochs=cfg.trainer.max_epochs,
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
-        precision=cfg.trainer.precision,  # type: ignore[arg-type]
-        deterministic=cfg.trainer.deterministic,
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
-        limit_train_batches=cfg.trainer.limit_train_batches,
-        enable_progress_bar=progress and cfg.trainer.progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[*checkpoints, *extra_callbacks],
-        logger=[
-            CSVLogger(out, name="logs", version=f"csv{version}"),
-            TensorBoardLogger(out, name="logs", version=f"tb{version}", default_hp_metric=False),
-        ],
-    )
+    trainer = _trainer(cfg, files, [*checkpoints, *extra_callbacks], progress)
     last = files.checkpoints / "last.ckpt"
     if resume and not last.is_file():
         raise HistoliteError(f"{last}: no checkpoint to resume from")
@@ -307,23 +341,7 @@ def train_run(
         ckpt_path=last if resume else None,
         weights_only=True,  # checkpoints are loaded without unpickling objects
     )
-    elapsed = time.perf_counter() - started
     if trainer.is_global_zero:
         best = checkpoints[-1] if monitor else None
-        score = best.best_model_score if best is not None else None
-        write_json(
-            files.train_summary,
-            {
-                "epochs_completed": trainer.current_epoch,
-                "monitor": monitor,
-                "best_score": float(score) if score is not None else None,
-                "train_seconds_this_session": round(elapsed, 2),
-                "resumed": resume,
-                "devices": trainer.num_devices,
-                "num_nodes": trainer.num_nodes,
-                "world_size": trainer.world_size,
-            },
-        )
-        if best is None and last.exists():  # no validation data: the last epoch is the model
-            shutil.copyfile(last, files.checkpoints / "best.ckpt")
+        _write_summary(files, trainer, best, resume, time.perf_counter() - started)
     return out
