@@ -1,31 +1,37 @@
-"""Shared fixtures: small synthetic datasets and configs, built once per session."""
+"""Shared fixtures: synthetic datasets, configs, the CLI, the real data when present.
+
+Tests reach these through fixtures only (never ``from conftest import``). The folders under
+``tests/`` mirror the package: ``tests/data`` tests ``histolite/data``, and so on.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from support import KATHER_DIR, REPO_ROOT, kather_available
 
 from histolite.cli import main
 from histolite.data.synthetic import generate_synthetic_dataset
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-KATHER_DIR = Path(os.environ.get("HISTOLITE_KATHER", REPO_ROOT.parent / "shared/data/kather2016"))
-
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
 
-def kather_available() -> bool:
-    return (KATHER_DIR / "01_TUMOR").is_dir()
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
 
 
-requires_kather = pytest.mark.skipif(
-    not kather_available(), reason=f"Kather tiles not found at {KATHER_DIR}"
-)
+@pytest.fixture(scope="session")
+def kather_dir() -> Path:
+    """The real Kather tiles; tests that need them are skipped (visibly) where they are absent."""
+    if not kather_available():
+        pytest.skip(f"Kather tiles not found at {KATHER_DIR} (set HISTOLITE_KATHER)")
+    return KATHER_DIR
 
 
 @pytest.fixture(scope="session")
@@ -43,43 +49,26 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def write_config(path: Path, data_root: Path, **sections: dict) -> Path:
-    """A tiny CPU config on ``data_root``; ``sections`` update the defaults per section."""
-    cfg: dict = {
-        "seed": 0,
-        "data": {
-            "root": str(data_root),
-            "image_size": 32,
-            "batch_size": 16,
-            "num_workers": 0,
-            "val_fraction": 0.25,
-        },
-        "model": {"name": "resnet8"},
-        "optimizer": {"name": "adam", "lr": 0.003},
-        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "progress_bar": False},
-    }
-    for key, value in sections.items():
-        cfg.setdefault(key, {}).update(value) if isinstance(value, dict) else cfg.update(
-            {key: value}
-        )
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-def run_cli(
-    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, str, str]:
-    """Run ``histolite ARGS`` in-process through the real entry point."""
-    monkeypatch.setattr(sys, "argv", ["histolite", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+CliRunner = Callable[[list[str]], tuple[int, str, str]]
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    """``run_cli(ARGS) -> (exit code, stdout, stderr)`` of ``histolite ARGS``, in-process."""
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["histolite", *args])
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from support import REPO_ROOT
 
 from histolite.config import TrainConfig, apply_overrides, dump_config, load_config
 from histolite.errors import ConfigError

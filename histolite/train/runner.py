@@ -31,6 +31,7 @@ from histolite.train.data import (
     stain_spec,
 )
 from histolite.train.module import ClassifierModule, module_options
+from histolite.train.rng import RngState
 from histolite.train.schedule import (
     AtEpochs,
     CheckpointSchedule,
@@ -330,7 +331,7 @@ def train_run(
             ScheduledCheckpoints(schedule, files.checkpoints, cfg.trainer.max_epochs),
             *extra_callbacks,
         ]
-    trainer = _trainer(cfg, files, [*checkpoints, *extra_callbacks], progress)
+    trainer = _trainer(cfg, files, [*checkpoints, RngState(), *extra_callbacks], progress)
     last = files.checkpoints / "last.ckpt"
     if resume and not last.is_file():
         raise HistoliteError(f"{last}: no checkpoint to resume from")

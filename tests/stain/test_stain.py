@@ -4,7 +4,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import KATHER_DIR, kather_available
 from PIL import Image
 
 from histolite.errors import DataError
@@ -21,14 +20,24 @@ def reference_reinhard(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     return skcolor.lab2rgb(out)
 
 
+def _pair(source: Path, target: Path) -> tuple[np.ndarray, np.ndarray]:
+    return np.array(Image.open(source).convert("RGB")), np.array(Image.open(target).convert("RGB"))
+
+
 def _tiles(synthetic_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    if kather_available():
-        src = sorted((KATHER_DIR / "01_TUMOR").iterdir())[0]
-        tgt = sorted((KATHER_DIR / "06_MUCOSA").iterdir())[0]
-    else:
-        src = sorted((synthetic_dir / "stroma").iterdir())[0]
-        tgt = sorted((synthetic_dir / "tumor").iterdir())[5]
-    return np.array(Image.open(src).convert("RGB")), np.array(Image.open(tgt).convert("RGB"))
+    """A synthetic H&E-like pair (always present)."""
+    return _pair(
+        sorted((synthetic_dir / "stroma").iterdir())[0],
+        sorted((synthetic_dir / "tumor").iterdir())[5],
+    )
+
+
+def _real_tiles(kather_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A real tumour tile normalised to a real mucosa tile; fails if those files are missing."""
+    return _pair(
+        sorted((kather_dir / "01_TUMOR").iterdir())[0],
+        sorted((kather_dir / "06_MUCOSA").iterdir())[0],
+    )
 
 
 def test_lab_conversion_matches_scikit_image(synthetic_dir: Path) -> None:
@@ -39,17 +48,21 @@ def test_lab_conversion_matches_scikit_image(synthetic_dir: Path) -> None:
     np.testing.assert_allclose(back, source / 255.0, atol=1e-6)
 
 
-def test_reinhard_matches_reference_on_a_real_tile(synthetic_dir: Path) -> None:
-    """Issue acceptance: mean absolute difference <= 1/255 against scikit-image."""
-    source, target = _tiles(synthetic_dir)
+@pytest.mark.parametrize("tiles", ["synthetic", "kather"])
+def test_reinhard_matches_reference(tiles: str, request: pytest.FixtureRequest) -> None:
+    """Against scikit-image in float64: float path within 2e-4, uint8 path within rounding."""
+    if tiles == "kather":
+        source, target = _real_tiles(request.getfixturevalue("kather_dir"))
+    else:
+        source, target = _tiles(request.getfixturevalue("synthetic_dir"))
     normalizer = ReinhardNormalizer.fit(target)
     ours = normalizer(torch.from_numpy(source).permute(2, 0, 1).float() / 255).permute(1, 2, 0)
-    reference = reference_reinhard(source, target)
-    assert np.abs(ours.numpy() - reference).mean() <= 1 / 255
-    # uint8 in, uint8 out, within rounding of the float result
+    reference = np.clip(reference_reinhard(source, target), 0.0, 1.0)
+    assert np.abs(ours.numpy() - reference).mean() <= 2e-4
+    # uint8 in, uint8 out: rounding to 1/255 steps costs at most half a step on average
     as_uint8 = normalizer(torch.from_numpy(source).permute(2, 0, 1))
     assert as_uint8.dtype == torch.uint8
-    assert np.abs(as_uint8.permute(1, 2, 0).numpy() / 255.0 - reference).mean() <= 1 / 255
+    assert np.abs(as_uint8.permute(1, 2, 0).numpy() / 255.0 - reference).mean() <= 0.5 / 255
 
 
 def test_batched_equals_one_by_one(synthetic_dir: Path) -> None:

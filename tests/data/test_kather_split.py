@@ -6,7 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from layout_fixtures import KATHER_CLASSES, make_kather
+from support import KATHER_CLASSES, make_kather
 
 from histolite.config import DataConfig
 from histolite.data.layouts import scan_dataset

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT
+from support import REPO_ROOT
 
 from histolite.serve.app import ServeSettings
 

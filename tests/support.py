@@ -1,12 +1,52 @@
-"""Tiny copies of public datasets' exact folder layouts and file names (random pixels)."""
+"""Helpers shared by the tests (plain functions; fixtures live in conftest.py files).
+
+- configs: ``write_config`` writes a tiny CPU experiment;
+- datasets: ``make_breakhis`` / ``make_idc`` / ``make_bach`` / ``make_nct`` / ``make_kather`` write
+  tiny copies of public datasets' exact folder layouts and file names (random pixels);
+- serving: ``train_small_run`` / ``export_small_model`` give a small exported model;
+- real data: ``KATHER_DIR`` / ``kather_available`` for the developers' Kather tiles.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import tifffile
+import yaml
 from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KATHER_DIR = Path(os.environ.get("HISTOLITE_KATHER", REPO_ROOT.parent / "shared/data/kather2016"))
+
+
+def kather_available() -> bool:
+    return (KATHER_DIR / "01_TUMOR").is_dir()
+
+
+def write_config(path: Path, data_root: Path, **sections: dict) -> Path:
+    """A tiny CPU config on ``data_root``; ``sections`` update the defaults per section."""
+    cfg: dict = {
+        "seed": 0,
+        "data": {
+            "root": str(data_root),
+            "image_size": 32,
+            "batch_size": 16,
+            "num_workers": 0,
+            "val_fraction": 0.25,
+        },
+        "model": {"name": "resnet8"},
+        "optimizer": {"name": "adam", "lr": 0.003},
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "progress_bar": False},
+    }
+    for key, value in sections.items():
+        cfg.setdefault(key, {}).update(value) if isinstance(value, dict) else cfg.update(
+            {key: value}
+        )
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
 
 # (tumour letter, subtype, patient, year) as they appear in BreakHis v1 file names.
 BREAKHIS_PATIENTS = (
@@ -141,3 +181,20 @@ def make_kather(
                 folder.mkdir(parents=True, exist_ok=True)
                 tifffile.imwrite(folder / name, rng.integers(0, 255, (24, 24, 3), dtype=np.uint8))
     return root
+
+
+def train_small_run(root: Path, data: Path, epochs: int = 4) -> Path:
+    from histolite.train import resolve_config, train_run
+
+    config = write_config(root / "cfg.yaml", data, data={"test_fraction": 0.25})
+    cfg = resolve_config(config, [f"trainer.max_epochs={epochs}"], root / "run", resume=False)
+    return train_run(cfg, root / "run", progress=False)
+
+
+def export_small_model(root: Path, data: Path, *, int8: bool = False) -> Path:
+    from histolite.export.onnx import export_run
+
+    run = root / "run" if (root / "run" / "run.json").is_file() else train_small_run(root, data)
+    out = root / ("model_int8" if int8 else "model")
+    export_run(run, out, int8=int8, progress=False, parity_samples=32)
+    return out

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from layout_fixtures import BREAKHIS_PATIENTS, make_bach, make_breakhis, make_idc, make_nct
+from support import BREAKHIS_PATIENTS, make_bach, make_breakhis, make_idc, make_nct
 from typer.testing import CliRunner
 
 from histolite.cli import app

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_config
 from PIL import Image
+from support import write_config
 from typer.testing import CliRunner
 
 from histolite.cli import app

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, write_config
 from PIL import Image
+from support import write_config
 
 
 def test_end_to_end_synthetic_train_evaluate_predict(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    run_cli: Callable[[list[str]], tuple[int, str, str]],
 ) -> None:
     data = tmp_path / "data"
     code, out, _ = run_cli(
@@ -32,7 +36,7 @@ def test_end_to_end_synthetic_train_evaluate_predict(
     )
     assert code == 0 and "wrote synthetic dataset" in out
 
-    code, out, _ = run_cli(["data", "check", str(data)], capsys, monkeypatch)
+    code, out, _ = run_cli(["data", "check", str(data)])
     assert code == 0 and "no problems found" in out and "tumor: 12" in out
 
     split = tmp_path / "split.csv"
@@ -87,7 +91,7 @@ def test_end_to_end_synthetic_train_evaluate_predict(
     assert report["n"] == 6 * 12
 
     images = sorted((data / "lympho").iterdir())[:2]
-    code, out, _ = run_cli(["predict", str(run), *map(str, images)], capsys, monkeypatch)
+    code, out, _ = run_cli(["predict", str(run), *map(str, images)])
     lines = [json.loads(line) for line in out.strip().splitlines()]
     assert code == 0 and len(lines) == 2
     assert set(lines[0]) == {"file", "class", "probabilities"}
@@ -99,11 +103,12 @@ def test_other_commands(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
     synthetic_dir: Path,
+    run_cli: Callable[[list[str]], tuple[int, str, str]],
 ) -> None:
-    code, out, _ = run_cli(["models", "list", "--filter", "resnet"], capsys, monkeypatch)
+    code, out, _ = run_cli(["models", "list", "--filter", "resnet"])
     assert code == 0 and "resnet8" in out and "77," in out and "resnet50" in out
 
-    code, out, _ = run_cli(["data", "list"], capsys, monkeypatch)
+    code, out, _ = run_cli(["data", "list"])
     assert "kather2016" in out
 
     tiles = sorted((synthetic_dir / "tumor").iterdir())[:2]
@@ -163,7 +168,11 @@ def _folder(root: Path, classes: dict[str, int], mode: str = "RGB") -> Path:
     ],
 )
 def test_bad_input_gives_one_clear_error(
-    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    case: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    run_cli: Callable[[list[str]], tuple[int, str, str]],
 ) -> None:
     data = _folder(tmp_path / "data", {"a": 3, "b": 3})
     config = write_config(tmp_path / "cfg.yaml", data)
@@ -200,7 +209,7 @@ def test_bad_input_gives_one_clear_error(
             str(tmp_path / "r"),
         ]
         expected = "not a histolite run"
-    code, _, err = run_cli(args, capsys, monkeypatch)
+    code, _, err = run_cli(args)
     assert code == 2
     assert err.startswith("error: ") and expected in err
     assert "Traceback" not in err

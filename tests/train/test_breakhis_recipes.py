@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from layout_fixtures import make_breakhis, make_idc
+from support import make_breakhis, make_idc
 from typer.testing import CliRunner
 
 from histolite.cli import app
@@ -16,7 +16,7 @@ from histolite.errors import ModelError
 from histolite.models import create_model
 from histolite.models.registry import BreakHisHead, count_parameters
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DESIGN_B = ["breakhis_resnet18", "breakhis_wide_resnet50", "breakhis_resnext50"]
 TINY = [
     "data.image_size=32",

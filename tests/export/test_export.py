@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serving import export_small_model, train_small_run
+from support import export_small_model, train_small_run
 
 from histolite.data.images import load_rgb
 from histolite.errors import HistoliteError

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_config
 from PIL import Image
+from support import write_config
 
 from histolite.config import load_config
 from histolite.errors import DataError, HistoliteError

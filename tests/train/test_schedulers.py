@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_config
+from support import write_config
 
 from histolite.config import SchedulerConfig, load_config
 from histolite.errors import ConfigError
@@ -77,7 +77,7 @@ def test_cosine_restarts_anneal_to_min_lr_at_each_cycle_end() -> None:
 
 
 def test_snapshot_teacher_recipe_keeps_a_checkpoint_at_every_cycle_end() -> None:
-    recipe = Path(__file__).parents[1] / "configs" / "kather2016_resnet18_snapshot_teacher.yaml"
+    recipe = Path(__file__).parents[2] / "configs" / "kather2016_resnet18_snapshot_teacher.yaml"
     cfg = load_config(recipe, ["data.root=unused"])
     assert cfg.scheduler.name == "cosine_restarts"
     assert cfg.trainer.checkpoint_at == cfg.scheduler.cycle_ends(cfg.trainer.max_epochs)

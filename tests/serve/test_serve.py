@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from serving import export_small_model
+from support import export_small_model
 
 from histolite.serve.app import ServeSettings, create_app
 from histolite.serve.audit import export_audit_csv
@@ -65,7 +65,7 @@ def test_health_model_docs_and_page(client: TestClient) -> None:
         assert client.get(asset).status_code == 200
     static = "".join(
         p.read_text()
-        for p in (Path(__file__).parents[1] / "histolite" / "serve" / "static").iterdir()
+        for p in (Path(__file__).parents[2] / "histolite" / "serve" / "static").iterdir()
     )
     assert "http://" not in static and "https://cdn" not in static  # no external assets
 

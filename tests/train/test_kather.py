@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import KATHER_DIR, requires_kather, write_config
+from support import write_config
 
 from histolite.evaluate import evaluate_run
 from histolite.train import resolve_config, train_run
@@ -11,9 +11,9 @@ from histolite.train import resolve_config, train_run
 TRAIN_PER_CLASS, TEST_PER_CLASS = 60, 20
 
 
-def _subset(root: Path) -> tuple[Path, Path]:
+def _subset(kather_dir: Path, root: Path) -> tuple[Path, Path]:
     """Symlinked train/test folders from disjoint tiles of each class."""
-    for class_dir in sorted(p for p in KATHER_DIR.iterdir() if p.is_dir()):
+    for class_dir in sorted(p for p in kather_dir.iterdir() if p.is_dir()):
         tiles = sorted(class_dir.iterdir())
         for split, chosen in (
             ("train", tiles[:TRAIN_PER_CLASS]),
@@ -26,10 +26,9 @@ def _subset(root: Path) -> tuple[Path, Path]:
     return root / "train", root / "test"
 
 
-@requires_kather
 @pytest.mark.kather
-def test_resnet8_beats_chance_on_real_tiles(tmp_path: Path) -> None:
-    train_dir, test_dir = _subset(tmp_path / "kather")
+def test_resnet8_beats_chance_on_real_tiles(tmp_path: Path, kather_dir: Path) -> None:
+    train_dir, test_dir = _subset(kather_dir, tmp_path / "kather")
     config = write_config(
         tmp_path / "cfg.yaml",
         train_dir,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from support import write_config
 
 
 @pytest.mark.slow

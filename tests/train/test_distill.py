@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, write_config
+from support import write_config
 
 from histolite.config import DistillConfig, PatchConfig, StainConfig
 from histolite.errors import HistoliteError
@@ -278,6 +279,7 @@ def test_distill_command_prints_the_plan_and_compare_builds_one_table(
     synthetic_dir: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    run_cli: Callable[[list[str]], tuple[int, str, str]],
 ) -> None:
     config = write_config(
         tmp_path / "student.yaml",
@@ -287,9 +289,7 @@ def test_distill_command_prints_the_plan_and_compare_builds_one_table(
     )
     student = tmp_path / "multipart"
     args = ["distill", str(config), "--teacher", str(teacher_run), "--out", str(student)]
-    code, out, err = run_cli(
-        [*args, "--set", "trainer.max_epochs=2", "--no-progress"], capsys, monkeypatch
-    )
+    code, out, err = run_cli([*args, "--set", "trainer.max_epochs=2", "--no-progress"])
     assert code == 0, err
     assert "teacher plan:\n  student epoch 1: epoch_002.ckpt (teacher epoch 2, validation" in out
     assert "student epoch 2: epoch_004.ckpt" in out
