@@ -139,6 +139,7 @@ def main() -> None:
             str(args.workers),
             "--audit-db",
             str(audit),
+            *(["--threads", str(args.threads)] if args.threads else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

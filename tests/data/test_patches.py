@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
 from histolite.data.folder import Sample
 from histolite.data.patches import (
@@ -72,6 +73,10 @@ def test_extract_patches_writes_pngs(tmp_path: Path) -> None:
     written = extract_patches(image, tmp_path / "out", 32, 16)
     assert len(written) == 3 * 5
     assert written[0].name == "slide_y0_x0.png"
+    source = tifffile.imread(image)
+    for path in written:  # each PNG holds exactly the source pixels at its name's position
+        y, x = (int(part[1:]) for part in path.stem.split("_")[1:])
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), source[y : y + 32, x : x + 32])
 
 
 def test_aggregation_majority_and_mean() -> None:
@@ -82,7 +87,7 @@ def test_aggregation_majority_and_mean() -> None:
             [0.0, 1.0],  # image 0: vote says 0, mean says 1
             [0.2, 0.8],  # image 1
             [0.9, 0.1],
-            [0.1, 0.9],  # image 2: tie -> higher mean (class 0: .5 vs .5)
+            [0.2, 0.8],  # image 2: one vote each; the tie goes to the higher mean (0.55: class 0)
         ]
     )
     result = aggregate_patch_predictions([0, 0, 0, 1, 2, 2], probs)
@@ -91,4 +96,4 @@ def test_aggregation_majority_and_mean() -> None:
         (1, 1, 1),
     ]
     np.testing.assert_allclose(result[0].mean_probs, [0.3833333, 0.6166667], atol=1e-6)
-    assert result[2].majority_vote in (0, 1)
+    assert (result[2].majority_vote, result[2].mean_probability) == (0, 0)

@@ -293,8 +293,9 @@ def test_distill_command_prints_the_plan_and_compare_builds_one_table(
     assert code == 0, err
     assert "teacher plan:\n  student epoch 1: epoch_002.ckpt (teacher epoch 2, validation" in out
     assert "student epoch 2: epoch_004.ckpt" in out
-    assert "test split: accuracy" in out
-    assert (student / "reports" / "test" / "report.json").is_file()
+    report = json.loads((student / "reports" / "test" / "report.json").read_text())
+    assert f"test split: accuracy {report['accuracy']:.4f}" in out
+    assert report["n"] == 16 and report["split"] == "test"
     rows = compare_runs(
         [teacher_run, student],
         teacher_run / "split.csv",
