@@ -190,6 +190,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", "http://10.0.0.7/secret.png")
             self.end_headers()
+        elif self.path.startswith("/loop/"):  # /loop/N redirects to /loop/N+1, forever
+            self.send_response(302)
+            self.send_header("Location", f"/loop/{int(self.path.rsplit('/', 1)[1]) + 1}")
+            self.end_headers()
         elif self.path.startswith("/redirect-local"):
             self.send_response(302)
             self.send_header("Location", "/tile.png")
@@ -231,6 +235,75 @@ def test_url_fetch_checks_every_redirect_hop(
     with pytest.raises(UrlFetchError, match=r"10\.0\.0\.7") as info:
         fetcher.fetch(f"{image_server}/redirect-private")  # refused before connecting
     assert info.value.status == 403
+
+
+@pytest.mark.parametrize("limit", [0, 2, 5])
+def test_url_fetch_stops_at_the_redirect_limit(image_server: str, limit: int) -> None:
+    fetcher = UrlFetcher(timeout=5, max_redirects=limit, allow_private=True)
+    with pytest.raises(UrlFetchError, match=f"more than {limit} redirects") as info:
+        fetcher.fetch(f"{image_server}/loop/0")
+    assert info.value.status == 422
+    # one hop fewer than the limit is followed to the image
+    if limit:
+        assert fetcher.fetch(f"{image_server}/redirect-local").startswith(b"\x89PNG")
+
+
+def test_every_client_error_the_api_gives(
+    model_dir: Path, tmp_path: Path, synthetic_dir: Path, image_server: str
+) -> None:
+    """Each 4xx of /v1/predict (and the routes around it), with the message that explains it."""
+    tile = _tile(synthetic_dir)
+    gray = _png(np.full((32, 32), 128, np.uint8))
+    big = _png(np.zeros((400, 400, 3), np.uint8))
+    cases: list[tuple[str, dict[str, object], int, str]] = [
+        ("no key", {"files": {"files": ("a.png", tile)}}, 401, "API key"),
+        ("file scheme", {"json": {"url": "file:///etc/passwd"}}, 400, "only http and https"),
+        ("private host", {"json": {"url": "http://10.1.2.3/a.png"}}, 403, "non-public"),
+        ("upstream 404", {"json": {"url": f"{image_server}/missing"}}, 422, "HTTP 404"),
+        ("redirect loop", {"json": {"url": f"{image_server}/loop/0"}}, 422, "redirects"),
+        ("no url", {"json": {"link": "x"}}, 422, "JSON body must be"),
+        (
+            "bad json",
+            {"content": b"{", "headers": {"content-type": "application/json"}},
+            422,
+            "not valid JSON",
+        ),
+        ("no files", {"data": {"note": "x"}, "files": {"other": ("", b"")}}, 422, "no files"),
+        ("empty file", {"files": {"files": ("e.png", b"")}}, 422, "empty"),
+        ("grayscale", {"files": {"files": ("g.png", gray)}}, 422, "grayscale"),
+        ("not an image", {"files": {"files": ("x.png", b"hello")}}, 415, "not a recognised"),
+        ("too many pixels", {"files": {"files": ("b.png", big)}}, 413, "exceeds the limit"),
+        ("form encoding", {"data": {"note": "form"}}, 415, "multipart/form-data"),
+        (
+            "too many files",
+            {"files": [("files", (f"{i}.png", tile)) for i in range(17)]},
+            400,
+            "malformed multipart upload",
+        ),
+    ]
+    headers = {"X-API-Key": "k"}
+    with _client(
+        model_dir, tmp_path, api_key="k", max_pixels=100_000, allow_private_urls=False
+    ) as c:
+        for name, kwargs, status, words in cases:
+            sent = dict(kwargs)
+            if name != "no key":
+                sent["headers"] = {**headers, **sent.get("headers", {})}  # type: ignore[dict-item]
+            if name in ("upstream 404", "redirect loop"):
+                continue  # needs a client that may reach loopback; checked below
+            response = c.post("/v1/predict", **sent)  # type: ignore[arg-type]
+            assert response.status_code == status, (name, response.text)
+            assert words in response.json()["detail"], (name, response.text)
+        assert c.get("/v1/predict", headers=headers).status_code == 405
+        assert c.get("/no/such/route").status_code == 404
+    with _client(model_dir, tmp_path, allow_private_urls=True, max_request_bytes=4096) as c:
+        for name, kwargs, status, words in cases:
+            if name in ("upstream 404", "redirect loop"):
+                response = c.post("/v1/predict", **kwargs)  # type: ignore[arg-type]
+                assert response.status_code == status, (name, response.text)
+                assert words in response.json()["detail"], (name, response.text)
+        body = c.post("/v1/predict", files={"files": ("big.bin", b"0" * 10_000)})
+        assert body.status_code == 413 and "exceeds 4096 bytes" in body.json()["detail"]
 
 
 def test_url_prediction_and_byte_cap(model_dir: Path, tmp_path: Path, image_server: str) -> None:
