@@ -40,6 +40,14 @@ class DataConfig(_Strict):
     root: str | None = None
     split_csv: str | None = None
     image_size: int = Field(default=112, ge=8)
+    mpp: float | None = Field(
+        default=None,
+        gt=0.0,
+        description=(
+            "microns per pixel of the images (default: the dataset's, e.g. Kather 0.495); "
+            "recorded in the model card so slides are tiled at the training magnification"
+        ),
+    )
     val_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     split_by: Literal["auto", "stratified", "group"] = Field(

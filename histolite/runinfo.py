@@ -34,8 +34,9 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
 def fingerprint_files(entries: Iterable[tuple[str, str]]) -> str:
     """A stable fingerprint of a dataset: SHA-256 over sorted (relative path, label) pairs.
 
-    File contents are not hashed: reading every byte of a large dataset twice is too slow, and
-    path + label + size is what decides whether two runs saw the same data.
+    File contents are not hashed (reading every byte of a large dataset twice is too slow):
+    two runs with the same fingerprint saw the same files under the same labels and splits,
+    not necessarily the same bytes.
     """
     digest = hashlib.sha256()
     for rel, label in sorted(entries):

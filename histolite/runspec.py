@@ -194,6 +194,7 @@ class RunSpec:
     stain: StainSpec | None = None
     patches: PatchSpec | None = None
     mil: MilSpec | None = None
+    mpp: float | None = None  # microns per pixel of the training images, as read
 
     @property
     def num_classes(self) -> int:

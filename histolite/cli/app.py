@@ -14,7 +14,11 @@ data_app = typer.Typer(no_args_is_help=True, help="Datasets: download, check, sp
 stain_app = typer.Typer(no_args_is_help=True, help="Stain normalisation.")
 models_app = typer.Typer(no_args_is_help=True, help="Model registry.")
 audit_app = typer.Typer(no_args_is_help=True, help="The service's prediction audit log.")
+slide_app = typer.Typer(
+    no_args_is_help=True, help="Whole-slide images: classify tiles, merge shards, features."
+)
 app.add_typer(data_app, name="data")
 app.add_typer(stain_app, name="stain")
 app.add_typer(models_app, name="models")
+app.add_typer(slide_app, name="slide")
 app.add_typer(audit_app, name="audit")

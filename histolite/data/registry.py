@@ -39,6 +39,7 @@ class DatasetSpec:
     size_bytes: int | None = None
     classes: tuple[str, ...] = ()
     groupings: tuple[tuple[str, str], ...] = ()
+    mpp: float | None = None  # microns per pixel of the images, where the publisher states it
     layout: str = "class_folders"
     patient_level: bool = False
     label_schemes: tuple[str, ...] = ()
@@ -77,6 +78,7 @@ register_dataset(
 register_dataset(
     DatasetSpec(
         name="kather2016",
+        mpp=0.495,
         description="Kather et al. 2016 colorectal texture tiles: 5,000 tiles, 150 px, 8 classes.",
         url="https://zenodo.org/records/53169/files/Kather_texture_2016_image_tiles_5000.zip?download=1",
         filename="Kather_texture_2016_image_tiles_5000.zip",
@@ -118,6 +120,7 @@ register_dataset(
 register_dataset(
     DatasetSpec(
         name="bach2018",
+        mpp=0.42,
         description="ICIAR 2018 BACH Part A: 400 breast H&E photos, 2048x1536 TIFF, 4 classes.",
         url="https://zenodo.org/records/3632035/files/ICIAR2018_BACH_Challenge.zip?download=1",
         filename="ICIAR2018_BACH_Challenge.zip",
@@ -198,6 +201,7 @@ _NCT_CITATION = (
 register_dataset(
     DatasetSpec(
         name="nct_crc_he_100k",
+        mpp=0.5,
         description="NCT-CRC-HE-100K: 100,000 colorectal tiles, 224 px (0.5 um/px), 9 classes.",
         url="https://zenodo.org/records/1214456/files/NCT-CRC-HE-100K.zip?download=1",
         filename="NCT-CRC-HE-100K.zip",
@@ -216,6 +220,7 @@ register_dataset(
 register_dataset(
     DatasetSpec(
         name="crc_val_he_7k",
+        mpp=0.5,
         description="CRC-VAL-HE-7K: 7,180 colorectal tiles from 50 other patients, 9 classes.",
         url="https://zenodo.org/records/1214456/files/CRC-VAL-HE-7K.zip?download=1",
         filename="CRC-VAL-HE-7K.zip",

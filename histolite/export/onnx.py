@@ -212,6 +212,9 @@ def _model_card(
         "patch_size": patch_size,
         "patch_stride": stride,
         "patch_geometry_source": geometry_source,
+        # physical scale: slides are tiled at tile_um microns, read at mpp microns per pixel
+        "mpp": run.spec.mpp,
+        "tile_um": round(patch_size * run.spec.mpp, 3) if run.spec.mpp else None,
         "model": run.spec.model_name,
         "parameters": count_parameters(run.model),
         "metrics": _run_metrics(run),

@@ -87,8 +87,13 @@ class OnnxClassifier:
         threads: int | None = None,
         max_batch: int = 64,
         card: dict[str, Any] | None = None,
+        device: str = "cpu",
     ) -> None:
-        """``card``: use this model card instead of reading ``model.json`` (export staging)."""
+        """``card``: use this model card instead of reading ``model.json`` (export staging).
+
+        ``device``: ``cpu``, ``cuda`` (ONNX Runtime's CUDA provider, an error if absent) or
+        ``auto`` (CUDA when the installed ONNX Runtime offers it, else CPU).
+        """
         import onnxruntime as ort
 
         self.model_dir = Path(model_dir)
@@ -99,7 +104,17 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        available = ort.get_available_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in available:
+            raise HistoliteError(
+                "device cuda: this ONNX Runtime has no CUDA provider; pip install onnxruntime-gpu"
+            )
+        use_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else []
+        self.session = ort.InferenceSession(
+            str(path), options, providers=[*providers] or ["CPUExecutionProvider"]
+        )
+        self.device = "cuda" if use_cuda else "cpu"
         self.input_name = self.session.get_inputs()[0].name
         self.classes: list[str] = list(self.card["classes"])
         self.input_size = int(self.card["input_size"])

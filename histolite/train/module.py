@@ -17,7 +17,9 @@ from histolite.train.optim import build_optimizer, build_scheduler
 class ClassifierModule(L.LightningModule):
     """Cross-entropy training of ``model``; logs loss/accuracy per epoch for train and val.
 
-    Subclasses change the objective by overriding :meth:`training_loss` only.
+    Distillation changes the objective by overriding :meth:`training_loss`; MIL, whose batches
+    carry a padding mask, overrides the steps themselves. Mixup (``mixup_alpha``) and a fixed
+    model input size (``input_size``, for batches loaded larger for a teacher) apply to both.
     """
 
     def __init__(

@@ -1,0 +1,301 @@
+"""Classify every tissue tile of a whole-slide image with an exported model (no torch needed).
+
+Per slide: a low-resolution tissue mask, a grid of tiles of the model's physical size (the
+training images' side x their microns per pixel, from the model card), each tile read from the
+pyramid level closest above the training resolution, batched through the model's own
+preprocessing (stain normalisation is inside the ONNX graph), and streamed to ``tiles.csv``:
+memory stays flat in slide size. Then the GeoJSON, heatmap and summary are written from the rows.
+
+``shard=(I, N)`` classifies only the tiles whose grid index is I modulo N, into
+``OUT/<stem>/shards/I-of-N/``; :func:`merge_shards` joins the shards into the same outputs an
+unsharded run writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from histolite.errors import DataError, HistoliteError
+from histolite.export.runtime import OnnxClassifier
+from histolite.fileio import atomic_path, read_json, write_json
+from histolite.slide.outputs import (
+    TileRow,
+    read_tiles_csv,
+    render_heatmap,
+    tile_header,
+    tile_line,
+    write_geojson,
+    write_mask,
+)
+from histolite.slide.reader import Slide, open_slide, read_region, thumbnail
+from histolite.slide.tiles import Tile, mm2, tile_grid, tissue_tiles
+from histolite.slide.tissue import tissue_mask
+
+THUMBNAIL_SIDE = 2048
+
+
+@dataclass(frozen=True)
+class SlideSettings:
+    """How slides are tiled; ``None`` fields come from the model card."""
+
+    tile_um: float | None = None
+    overlap: float = 0.0
+    min_tissue: float = 0.5
+    batch_size: int = 32
+    mpp: float | None = None  # override for slides whose files lack it
+    shard: tuple[int, int] = (0, 1)
+
+
+def model_geometry(model: OnnxClassifier, tile_um: float | None) -> tuple[float, int]:
+    """(tile side in microns, tile side in pixels at the training resolution) for a model."""
+    card = model.card
+    train_mpp = card.get("mpp")
+    read_px = int(card.get("patch_size") or card["input_size"])
+    if tile_um is None:
+        if not train_mpp:
+            raise HistoliteError(
+                f"{model.model_dir}: the model card records no training microns per pixel, so "
+                "the tile size is unknown; pass --tile-um (the physical side of a training "
+                "image, e.g. 74.25 for 150 px Kather tiles at 0.495 um/px), or re-export the "
+                "run after setting data.mpp"
+            )
+        tile_um = float(card.get("tile_um") or read_px * float(train_mpp))
+    elif train_mpp:
+        read_px = max(1, round(tile_um / float(train_mpp)))
+    return tile_um, read_px
+
+
+def _output_dir(out: Path, slide: Path, shard: tuple[int, int]) -> Path:
+    base = out / slide.stem
+    index, count = shard
+    return base if count == 1 else base / "shards" / f"{index}-of-{count}"
+
+
+def _batches(tiles: Sequence[Tile], size: int) -> Iterator[Sequence[Tile]]:
+    for start in range(0, len(tiles), size):
+        yield tiles[start : start + size]
+
+
+def _classify(
+    slide: Slide, model: OnnxClassifier, tiles: Sequence[Tile], read_px: int
+) -> np.ndarray:
+    size = model.input_size
+    batch = np.empty((len(tiles), 3, size, size), np.float32)
+    for i, tile in enumerate(tiles):
+        pixels = read_region(slide, tile.x, tile.y, tile.size, read_px)
+        if read_px != size:  # the served path: training-size tile, then the model's input size
+            pixels = np.asarray(
+                Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR)
+            )
+        batch[i] = pixels.transpose(2, 0, 1) / 255.0
+    return model.predict_batch(batch)
+
+
+def classify_slide(
+    path: Path,
+    model: OnnxClassifier,
+    out: Path,
+    settings: SlideSettings,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Classify one slide's tissue tiles into ``OUT/<stem>/``; returns its summary."""
+    started = time.perf_counter()
+    classes = list(model.classes)
+    slide = open_slide(path, settings.mpp)
+    try:
+        info = slide.info
+        thumb, scale = thumbnail(slide, min(THUMBNAIL_SIDE, max(info.width, info.height)))
+        mask = tissue_mask(thumb, info.mpp * scale)
+        tile_um, read_px = model_geometry(model, settings.tile_um)
+        grid = tile_grid(info, tile_um, settings.overlap)
+        tiles = tissue_tiles(grid, mask, scale, settings.min_tissue, settings.shard)
+        target = _output_dir(out, path, settings.shard)
+        target.mkdir(parents=True, exist_ok=True)
+        write_mask(target / "tissue_mask.png", mask)
+        masked = time.perf_counter()
+        rows: list[TileRow] = []
+        with (
+            atomic_path(target / "tiles.csv") as tmp,
+            tmp.open("w", newline="", encoding="utf-8") as fh,
+            tqdm(total=len(tiles), desc=path.name, unit="tile", disable=not progress) as bar,
+        ):
+            writer = csv.writer(fh)
+            writer.writerow(tile_header(classes))
+            for chunk in _batches(tiles, settings.batch_size):
+                probabilities = _classify(slide, model, chunk, read_px)
+                for tile, p in zip(chunk, probabilities, strict=True):
+                    row = TileRow(tile.index, tile.x, tile.y, tile.size, tile.tissue, tuple(p))
+                    writer.writerow(tile_line(row, classes))
+                    rows.append(row)
+                bar.update(len(chunk))
+        classified = time.perf_counter()
+    finally:
+        slide.close()
+    summary = _summary(path, model, info, settings, tile_um, read_px, grid.count, rows, mask, scale)
+    summary["timings_s"] = {
+        "tissue_mask": round(masked - started, 3),
+        "classification": round(classified - masked, 3),
+        "tiles_per_s": round(len(rows) / max(classified - masked, 1e-9), 2),
+    }
+    _write_outputs(
+        target, path, rows, classes, summary, thumb, scale, partial=settings.shard[1] > 1
+    )
+    summary["timings_s"]["total"] = round(time.perf_counter() - started, 3)
+    write_json(target / "summary.json", summary)
+    return summary
+
+
+def _summary(
+    path: Path,
+    model: OnnxClassifier,
+    info: Any,
+    settings: SlideSettings,
+    tile_um: float,
+    read_px: int,
+    grid_tiles: int,
+    rows: Sequence[TileRow],
+    mask: np.ndarray,
+    scale: float,
+) -> dict[str, Any]:
+    classes = list(model.classes)
+    labels = [r.label(classes) for r in rows]
+    tissue_mm2 = mm2(float(mask.sum()) * scale * scale, info.mpp)
+    counts = {c: labels.count(c) for c in classes}
+    return {
+        "slide": str(path),
+        "reader": info.reader,
+        "width": info.width,
+        "height": info.height,
+        "mpp": info.mpp,
+        "mpp_source": info.mpp_source,
+        "model": model.card.get("name"),
+        "model_version": model.card.get("version"),
+        "classes": classes,
+        "tile_um": tile_um,
+        "tile_px_level0": rows[0].size if rows else round(tile_um / info.mpp),
+        "tile_px_model": read_px,
+        "overlap": settings.overlap,
+        "min_tissue": settings.min_tissue,
+        "shard": {"index": settings.shard[0], "count": settings.shard[1]},
+        "grid_tiles": grid_tiles,
+        "tiles": len(rows),
+        "tissue_area_mm2": round(tissue_mm2, 4),
+        "class_counts": counts,
+        "class_fractions": {c: (n / len(rows) if rows else 0.0) for c, n in counts.items()},
+        "note": None if rows else "no tissue found: the slide looks blank at this tile size",
+    }
+
+
+def _write_outputs(
+    target: Path,
+    path: Path,
+    rows: Sequence[TileRow],
+    classes: Sequence[str],
+    summary: dict[str, Any],
+    thumb: np.ndarray,
+    scale: float,
+    *,
+    partial: bool,
+    weights: Sequence[float] | None = None,
+) -> None:
+    write_geojson(target / f"{path.stem}.geojson", rows, classes)
+    if not partial:
+        counts = ", ".join(f"{c} {n}" for c, n in summary["class_counts"].items() if n)
+        render_heatmap(
+            thumb,
+            scale,
+            rows,
+            classes,
+            target / "heatmap.png",
+            weights=weights,
+            title=f"{path.name}: {len(rows)} tiles of {summary['tile_um']:.1f} um ({counts})",
+        )
+    write_json(target / "summary.json", summary)
+
+
+def merge_shards(slide_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Join ``slide_dir/shards/I-of-N`` into the unsharded outputs; refuses an incomplete set."""
+    shard_dirs = sorted((slide_dir / "shards").glob("*-of-*"))
+    if not shard_dirs:
+        raise DataError(f"{slide_dir}: no shards/I-of-N folders to merge")
+    summaries = [read_json(d / "summary.json") for d in shard_dirs]
+    counts = {s["shard"]["count"] for s in summaries}
+    if len(counts) != 1:
+        raise DataError(f"{slide_dir}: shards of different counts {sorted(counts)}")
+    (count,) = counts
+    have = sorted(s["shard"]["index"] for s in summaries)
+    if have != list(range(count)):
+        missing = sorted(set(range(count)) - set(have))
+        raise DataError(f"{slide_dir}: shards {missing} of {count} are missing; run them first")
+    first = summaries[0]
+    keys = ("slide", "model", "model_version", "tile_um", "overlap", "min_tissue", "mpp", "classes")
+    for summary in summaries[1:]:
+        differing = [k for k in keys if summary[k] != first[k]]
+        if differing:
+            raise DataError(f"{slide_dir}: shards disagree on {differing}")
+    classes = first["classes"]
+    rows = sorted(
+        (r for d in shard_dirs for r in read_tiles_csv(d / "tiles.csv", classes)),
+        key=lambda r: r.index,
+    )
+    from histolite.slide.outputs import write_tiles_csv
+
+    write_tiles_csv(slide_dir / "tiles.csv", rows, classes)
+    slide_path = Path(first["slide"])
+    slide = open_slide(slide_path, first["mpp"] if first["mpp_source"] == "given (--mpp)" else None)
+    try:
+        info = slide.info
+        thumb, scale = thumbnail(slide, min(THUMBNAIL_SIDE, max(info.width, info.height)))
+    finally:
+        slide.close()
+    labels = [r.label(classes) for r in rows]
+    merged = {
+        **first,
+        "shard": {"index": None, "count": count, "merged_from": [str(d) for d in shard_dirs]},
+        "tiles": len(rows),
+        "class_counts": {c: labels.count(c) for c in classes},
+        "class_fractions": {c: (labels.count(c) / len(rows) if rows else 0.0) for c in classes},
+        "timings_s": {
+            "classification": round(sum(s["timings_s"]["classification"] for s in summaries), 3)
+        },
+    }
+    _write_outputs(slide_dir, slide_path, rows, classes, merged, thumb, scale, partial=False)
+    return merged
+
+
+def classify_slides(
+    paths: Sequence[Path],
+    model: OnnxClassifier,
+    out: Path,
+    settings: SlideSettings,
+    *,
+    progress: bool = True,
+    report: Callable[[Path, dict[str, Any] | None, str | None], None] | None = None,
+) -> dict[str, Any]:
+    """Classify several slides; one bad slide is reported and the others go on."""
+    done, failed = [], []
+    for path in paths:
+        try:
+            summary = classify_slide(path, model, out, settings, progress=progress)
+        except (DataError, HistoliteError, OSError) as exc:
+            failed.append({"slide": str(path), "error": str(exc)})
+            if report is not None:
+                report(path, None, str(exc))
+            continue
+        done.append({"slide": str(path), "tiles": summary["tiles"]})
+        if report is not None:
+            report(path, summary, None)
+    batch = {"classified": done, "failed": failed}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "batch_summary.json", batch)
+    return batch

@@ -1,0 +1,316 @@
+"""Whole-slide images: one reader interface over OpenSlide and tifffile.
+
+OpenSlide (the ``openslide-python`` + ``openslide-bin`` wheels, no system package) reads the
+vendor formats (Aperio SVS, Hamamatsu, MIRAX, ...). Pyramidal TIFF and OME-TIFF that OpenSlide
+cannot read go through tifffile, which decodes only the tiles a region touches, so memory stays
+flat in slide size. Microns per pixel come from the file (OpenSlide properties, the Aperio
+description, OME-XML, TIFF resolution tags) unless given; a slide without them is an error,
+because tiles at an unknown magnification are tiles at the wrong magnification.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from histolite.errors import DataError
+
+
+class SlideError(DataError):
+    """A slide cannot be opened or read; the message names the file."""
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """Geometry of a slide: level 0 size, the pyramid, and the physical pixel size."""
+
+    path: Path
+    width: int
+    height: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float
+    mpp_source: str
+    reader: str
+
+    def level_for(self, downsample: float) -> int:
+        """The coarsest level at least as fine as ``downsample`` (so reads resize down)."""
+        fine_enough = [
+            level for level, f in enumerate(self.level_downsamples) if f <= downsample * 1.001
+        ]
+        return max(fine_enough, key=lambda level: self.level_downsamples[level], default=0)
+
+
+class Slide(Protocol):
+    info: SlideInfo
+
+    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 pixels of a ``width`` x ``height`` box of ``level``, at level coordinates."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def read_region(slide: Slide, x: int, y: int, size: int, out: int) -> np.ndarray:
+    """A square of ``size`` level-0 pixels at (x, y), as ``out`` x ``out`` RGB.
+
+    Reads the pyramid level closest above the needed resolution and resizes from there.
+    Pixels outside the slide are white (background).
+    """
+    info = slide.info
+    level = info.level_for(size / out)
+    factor = info.level_downsamples[level]
+    lx, ly = int(x / factor), int(y / factor)
+    side = max(1, round(size / factor))
+    pixels = slide.read_level(level, lx, ly, side, side)
+    if pixels.shape[0] != out or pixels.shape[1] != out:
+        pixels = np.asarray(
+            Image.fromarray(pixels).resize((out, out), Image.Resampling.BILINEAR, reducing_gap=None)
+        )
+    return pixels
+
+
+def thumbnail(slide: Slide, max_side: int) -> tuple[np.ndarray, float]:
+    """The whole slide at most ``max_side`` pixels on its longer side, and its downsample."""
+    info = slide.info
+    scale = max(info.width, info.height) / max_side
+    level = info.level_for(max(scale, 1.0))
+    width, height = info.level_dimensions[level]
+    pixels = slide.read_level(level, 0, 0, width, height)
+    out_w = max(1, round(info.width / max(scale, 1.0)))
+    out_h = max(1, round(info.height / max(scale, 1.0)))
+    if (pixels.shape[1], pixels.shape[0]) != (out_w, out_h):
+        pixels = np.asarray(Image.fromarray(pixels).resize((out_w, out_h), Image.Resampling.BOX))
+    return pixels, info.width / out_w
+
+
+def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
+    """RGBA onto white: OpenSlide marks pixels outside the scanned area transparent."""
+    if rgba.shape[-1] == 3:
+        return rgba
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
+    return rgb.astype(np.uint8)
+
+
+_APERIO_MPP = re.compile(r"\bMPP\s*=\s*([0-9.]+)")
+
+
+def mpp_from_resolution(unit: Any, x_resolution: Any) -> float | None:
+    """Microns per pixel from TIFF XResolution (pixels per unit) and ResolutionUnit."""
+    try:
+        if isinstance(x_resolution, tuple):
+            x_resolution = x_resolution[0] / x_resolution[1]
+        pixels_per_unit = float(x_resolution)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    microns = {2: 25400.0, 3: 10000.0, "inch": 25400.0, "centimeter": 10000.0}.get(unit)
+    if microns is None or pixels_per_unit <= 1.0:  # 1 pixel per inch: no resolution recorded
+        return None
+    return microns / pixels_per_unit
+
+
+def _check_mpp(
+    path: Path, mpp: float | None, source: str, override: float | None
+) -> tuple[float, str]:
+    if override is not None:
+        if not 0.01 <= override <= 100:
+            raise SlideError(f"{path}: --mpp {override} is not a plausible microns per pixel")
+        return override, "given (--mpp)"
+    if mpp is None or not 0.01 <= mpp <= 100:
+        raise SlideError(
+            f"{path}: the file records no usable microns per pixel; pass --mpp (e.g. 0.25 for "
+            "40x or 0.5 for 20x scans) so tiles are cut at the right physical size"
+        )
+    return mpp, source
+
+
+class OpenSlideSlide:
+    """A slide read by OpenSlide."""
+
+    def __init__(self, path: Path, mpp: float | None = None) -> None:
+        import openslide
+
+        try:
+            self._slide = openslide.OpenSlide(str(path))
+        except Exception as exc:  # OpenSlideError, OpenSlideUnsupportedFormatError
+            raise SlideError(f"{path}: OpenSlide cannot open it ({exc})") from exc
+        props = self._slide.properties
+        found: float | None = None
+        source = ""
+        if props.get("openslide.mpp-x"):
+            found, source = float(props["openslide.mpp-x"]), "openslide.mpp-x"
+        else:
+            found = mpp_from_resolution(
+                props.get("tiff.ResolutionUnit"), props.get("tiff.XResolution")
+            )
+            source = "TIFF resolution tags"
+        value, source = _check_mpp(path, found, source, mpp)
+        width, height = self._slide.dimensions
+        self.info = SlideInfo(
+            path=path,
+            width=width,
+            height=height,
+            level_dimensions=tuple(self._slide.level_dimensions),
+            level_downsamples=tuple(float(d) for d in self._slide.level_downsamples),
+            mpp=value,
+            mpp_source=source,
+            reader=f"openslide ({props.get('openslide.vendor', 'unknown vendor')})",
+        )
+
+    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        factor = self.info.level_downsamples[level]
+        try:
+            region = self._slide.read_region(
+                (int(x * factor), int(y * factor)), level, (width, height)
+            )
+        except Exception as exc:
+            raise SlideError(
+                f"{self.info.path}: cannot read level {level} at ({x}, {y}): {exc}"
+            ) from exc
+        return _flatten_alpha(np.asarray(region))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+_NOT_TISSUE = ("label", "macro", "thumbnail", "overview")
+
+
+class TiffSlide:
+    """A pyramidal (or single-level) tiled TIFF / OME-TIFF read tile by tile with tifffile."""
+
+    def __init__(self, path: Path, mpp: float | None = None) -> None:
+        import tifffile
+
+        try:
+            self._tif = tifffile.TiffFile(str(path))
+            series = [
+                s
+                for s in self._tif.series
+                if not any(word in (s.name or "").lower() for word in _NOT_TISSUE)
+            ] or list(self._tif.series)
+            main = max(series, key=lambda s: int(np.prod(s.levels[0].shape[:2])))
+            # tifffile types pages as page-or-frame-or-None; slides have real pages
+            self._pages: list[Any] = [level.pages[0] for level in main.levels]
+        except SlideError:
+            raise
+        except Exception as exc:
+            raise SlideError(f"{path}: not a readable TIFF slide ({exc})") from exc
+        dims = []
+        for page in self._pages:
+            shape = page.shape
+            if len(shape) != 3 or shape[-1] not in (3, 4):
+                raise SlideError(f"{path}: expected RGB pages, found shape {shape}")
+            dims.append((int(shape[1]), int(shape[0])))
+        found, source = self._mpp()
+        value, source = _check_mpp(path, found, source, mpp)
+        self.info = SlideInfo(
+            path=path,
+            width=dims[0][0],
+            height=dims[0][1],
+            level_dimensions=tuple(dims),
+            level_downsamples=tuple(dims[0][0] / w for w, _ in dims),
+            mpp=value,
+            mpp_source=source,
+            reader="tifffile",
+        )
+
+    def _mpp(self) -> tuple[float | None, str]:
+        page = self._pages[0]
+        description = page.description or ""
+        match = _APERIO_MPP.search(description)
+        if match:
+            return float(match.group(1)), "Aperio description"
+        if self._tif.is_ome and self._tif.ome_metadata:
+            size = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', self._tif.ome_metadata)
+            size_unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', self._tif.ome_metadata)
+            if size and (size_unit is None or size_unit.group(1) in ("µm", "um", "micron")):
+                return float(size.group(1)), "OME-XML PhysicalSizeX"
+        unit = page.tags.get("ResolutionUnit")
+        resolution = page.tags.get("XResolution")
+        if unit is not None and resolution is not None:
+            return mpp_from_resolution(int(unit.value), resolution.value), "TIFF resolution tags"
+        return None, ""
+
+    def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        page = self._pages[level]
+        out = np.full((height, width, 3), 255, np.uint8)
+        full_h, full_w = page.shape[:2]
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, full_w), min(y + height, full_h)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        try:
+            if not page.is_tiled:  # strips: decode the page once (small single-level files)
+                whole = page.asarray()
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = whole[y0:y1, x0:x1, :3]
+                return out
+            self._copy_tiles(page, out, x, y, (x0, y0, x1, y1))
+        except SlideError:
+            raise
+        except Exception as exc:
+            raise SlideError(
+                f"{self.info.path}: cannot decode level {level} at ({x}, {y}): {exc}"
+            ) from exc
+        return out
+
+    def _copy_tiles(
+        self, page: Any, out: np.ndarray, x: int, y: int, box: tuple[int, int, int, int]
+    ) -> None:
+        x0, y0, x1, y1 = box
+        tw, th = page.tilewidth, page.tilelength
+        across = (page.shape[1] + tw - 1) // tw
+        handle = self._tif.filehandle
+        for row in range(y0 // th, (y1 - 1) // th + 1):
+            for col in range(x0 // tw, (x1 - 1) // tw + 1):
+                index = row * across + col
+                offset, count = page.dataoffsets[index], page.databytecounts[index]
+                if count == 0:
+                    continue  # sparse tile: background
+                handle.seek(offset)
+                data = handle.read(count)
+                if len(data) != count:
+                    raise SlideError(f"{self.info.path}: truncated tile {index}")
+                tile, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+                tile = np.asarray(tile).reshape(th, tw, -1)[..., :3]
+                ty, tx = row * th, col * tw
+                sy0, sx0 = max(y0, ty), max(x0, tx)
+                sy1, sx1 = min(y1, ty + th), min(x1, tx + tw)
+                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[
+                    sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx
+                ]
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
+    """OpenSlide where it can read the file, tifffile for pyramidal TIFF / OME-TIFF otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(f"{path}: slide file not found")
+    errors = []
+    try:
+        import openslide  # noqa: F401
+    except ImportError:
+        errors.append("OpenSlide not installed (pip install 'histolite[slide]')")
+    else:
+        try:
+            return OpenSlideSlide(path, mpp)
+        except SlideError as exc:
+            if "microns per pixel" in str(exc):
+                raise
+            errors.append(str(exc))
+    try:
+        return TiffSlide(path, mpp)
+    except SlideError as exc:
+        if "microns per pixel" in str(exc):
+            raise
+        errors.append(str(exc))
+    raise SlideError(f"{path}: not a readable slide: " + "; ".join(errors))
