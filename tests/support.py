@@ -198,3 +198,48 @@ def export_small_model(root: Path, data: Path, *, int8: bool = False) -> Path:
     out = root / ("model_int8" if int8 else "model")
     export_run(run, out, int8=int8, progress=False, parity_samples=32)
     return out
+
+
+def write_pyramid_tiff(
+    path: Path, level0: np.ndarray, mpp: float, levels: int = 2, tile: int = 64
+) -> Path:
+    """A tiled pyramidal TIFF (levels as successive pages, halving each time), mpp in tags.
+
+    OpenSlide ("generic-tiff") and tifffile both read this layout.
+    """
+    pixels = level0
+    with tifffile.TiffWriter(path) as tif:
+        for level in range(levels):
+            scale = mpp * 2**level
+            tif.write(
+                pixels,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="zlib",
+                resolution=(1e4 / scale, 1e4 / scale),
+                resolutionunit="CENTIMETER",
+                subfiletype=1 if level else 0,
+            )
+            h, w = pixels.shape[0] // 2 * 2, pixels.shape[1] // 2 * 2
+            pixels = (
+                pixels[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).round()
+            ).astype(np.uint8)
+    return path
+
+
+def mosaic_slide(
+    path: Path, tiles: list[list[np.ndarray | None]], mpp: float, upsample: int = 2
+) -> Path:
+    """Tiles laid out in a grid (None = white glass), each upsampled ``upsample`` x at level 0.
+
+    With ``upsample=2`` the pyramid's level 1 holds the original tiles pixel for pixel.
+    """
+    side = next(t for row in tiles for t in row if t is not None).shape[0]
+    rows, cols = len(tiles), len(tiles[0])
+    canvas = np.full((rows * side, cols * side, 3), 255, np.uint8)
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            if tile is not None:
+                canvas[r * side : (r + 1) * side, c * side : (c + 1) * side] = tile
+    level0 = canvas.repeat(upsample, axis=0).repeat(upsample, axis=1)
+    return write_pyramid_tiff(path, level0, mpp / upsample)

@@ -115,8 +115,14 @@ def classify_slide(
     try:
         info = slide.info
         thumb, scale = thumbnail(slide, min(THUMBNAIL_SIDE, max(info.width, info.height)))
-        mask = tissue_mask(thumb, info.mpp * scale)
         tile_um, read_px = model_geometry(model, settings.tile_um)
+        # specks smaller than a quarter tile cannot fill a tile; bigger ones are kept
+        mask = tissue_mask(
+            thumb,
+            info.mpp * scale,
+            min_object_um2=min(5000.0, tile_um**2 / 4),
+            hole_um2=min(2000.0, tile_um**2 / 8),
+        )
         grid = tile_grid(info, tile_um, settings.overlap)
         tiles = tissue_tiles(grid, mask, scale, settings.min_tissue, settings.shard)
         target = _output_dir(out, path, settings.shard)

@@ -1,0 +1,225 @@
+"""Whole-slide inference on mosaic slides with known tiles, the real SVS excerpt, bad files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from support import mosaic_slide, write_config, write_pyramid_tiff
+
+from histolite.errors import HistoliteError
+from histolite.export.onnx import export_run
+from histolite.export.runtime import OnnxClassifier
+from histolite.export.slide_inference import SlideSettings, classify_slide, merge_shards
+from histolite.slide.reader import OpenSlideSlide, SlideError, TiffSlide, open_slide, read_region
+from histolite.train import resolve_config, train_run
+
+SVS = Path(__file__).resolve().parents[3] / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
+COLUMNS, ROWS = 6, 4
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> OnnxClassifier:
+    """A small classifier of 32 px synthetic tiles at 0.5 um/px (16 um tiles)."""
+    root = tmp_path_factory.mktemp("slide_model")
+    config = write_config(root / "cfg.yaml", synthetic_dir, data={"mpp": 0.5})
+    cfg = resolve_config(config, ["trainer.max_epochs=3"], root / "run", resume=False)
+    run = train_run(cfg, root / "run", progress=False)
+    export_run(run, root / "model", progress=False, parity_samples=16)
+    return OnnxClassifier(root / "model")
+
+
+@pytest.fixture(scope="module")
+def mosaic(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> tuple[Path, list]:
+    """6 x 4 cells of known synthetic tiles; the last column is glass."""
+    classes = sorted(p.name for p in synthetic_dir.iterdir() if p.is_dir())
+    tiles: list[list[np.ndarray | None]] = []
+    truth: list[list[tuple[str, np.ndarray] | None]] = []
+    for r in range(ROWS):
+        row, known = [], []
+        for c in range(COLUMNS):
+            if c == COLUMNS - 1:
+                row.append(None)
+                known.append(None)
+                continue
+            name = classes[(r + c) % len(classes)]
+            pixels = np.asarray(Image.open(sorted((synthetic_dir / name).iterdir())[r + c]))
+            row.append(pixels)
+            known.append((name, pixels))
+        tiles.append(row)
+        truth.append(known)
+    path = mosaic_slide(tmp_path_factory.mktemp("mosaic") / "mosaic.tif", tiles, mpp=0.5)
+    return path, truth
+
+
+def _rows(folder: Path) -> list[dict[str, str]]:
+    with (folder / "tiles.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_tiles_line_up_with_the_mosaic_and_match_direct_prediction(
+    mosaic: tuple[Path, list], model: OnnxClassifier, tmp_path: Path
+) -> None:
+    path, truth = mosaic
+    summary = classify_slide(
+        path, model, tmp_path, SlideSettings(min_tissue=0.01), progress=False
+    )
+    assert summary["mpp"] == pytest.approx(0.25) and summary["tile_um"] == pytest.approx(16.0)
+    assert summary["tile_px_level0"] == 64 and summary["tile_px_model"] == 32
+    rows = _rows(tmp_path / "mosaic")
+    assert rows and len(rows) == summary["tiles"]
+    seen = set()
+    for row in rows:
+        x, y = int(row["x"]), int(row["y"])
+        assert x % 64 == 0 and y % 64 == 0 and row["width"] == row["height"] == "64"
+        cell = truth[y // 64][x // 64]
+        assert cell is not None, "a glass cell was classified"
+        name, pixels = cell
+        expected = model.predict(pixels).probabilities
+        got = np.array([float(row[f"prob_{c}"]) for c in model.classes])
+        np.testing.assert_allclose(got, expected, atol=1e-5)  # same pixels, same model path
+        seen.add((y // 64, x // 64))
+    tissue_cells = {(r, c) for r in range(ROWS) for c in range(COLUMNS - 1)}
+    # fat is glass-white between thin membranes: a saturation mask keeps little of it
+    assert {truth[r][c][0] for r, c in tissue_cells - seen} <= {"adipose"}
+    assert len(seen) >= 15
+    correct = sum(
+        row["label"] == truth[int(row["y"]) // 64][int(row["x"]) // 64][0] for row in rows
+    )
+    direct = sum(
+        model.classes[int(np.argmax(model.predict(truth[r][c][1]).probabilities))]
+        == truth[r][c][0]
+        for r, c in seen
+    )
+    assert correct == direct  # the slide path is as accurate as the model on the tiles
+
+
+def test_shards_are_disjoint_and_merge_to_the_unsharded_result(
+    mosaic: tuple[Path, list], model: OnnxClassifier, tmp_path: Path
+) -> None:
+    path, _ = mosaic
+    settings = SlideSettings(min_tissue=0.01, batch_size=5)
+    classify_slide(path, model, tmp_path / "whole", settings, progress=False)
+    for index in range(3):
+        shard = SlideSettings(min_tissue=0.01, batch_size=5, shard=(index, 3))
+        classify_slide(path, model, tmp_path / "sharded", shard, progress=False)
+    parts = [_rows(tmp_path / "sharded" / "mosaic" / "shards" / f"{i}-of-3") for i in range(3)]
+    indices = [{r["index"] for r in part} for part in parts]
+    assert all(a.isdisjoint(b) for i, a in enumerate(indices) for b in indices[i + 1 :])
+    merged = merge_shards(tmp_path / "sharded" / "mosaic", progress=False)
+    assert _rows(tmp_path / "sharded" / "mosaic") == _rows(tmp_path / "whole" / "mosaic")
+    assert merged["tiles"] == sum(len(p) for p in parts)
+    assert (tmp_path / "sharded" / "mosaic" / "heatmap.png").is_file()
+    shutil.rmtree(tmp_path / "sharded" / "mosaic" / "shards" / "1-of-3")
+    with pytest.raises(HistoliteError, match=r"shards \[1\] of 3 are missing"):
+        merge_shards(tmp_path / "sharded" / "mosaic", progress=False)
+
+
+def test_geojson_is_a_qupath_feature_collection(
+    mosaic: tuple[Path, list], model: OnnxClassifier, tmp_path: Path
+) -> None:
+    path, _ = mosaic
+    classify_slide(path, model, tmp_path, SlideSettings(min_tissue=0.01), progress=False)
+    data = json.loads((tmp_path / "mosaic" / "mosaic.geojson").read_text())
+    assert data["type"] == "FeatureCollection" and data["features"]
+    rows = {r["index"]: r for r in _rows(tmp_path / "mosaic")}
+    for feature in data["features"]:
+        assert feature["type"] == "Feature" and feature["geometry"]["type"] == "Polygon"
+        (ring,) = feature["geometry"]["coordinates"]
+        assert len(ring) == 5 and ring[0] == ring[-1]
+        props = feature["properties"]
+        assert props["objectType"] == "tile"
+        assert props["classification"]["name"] in model.classes
+        colour = props["classification"]["color"]
+        assert len(colour) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in colour)
+        row = rows[feature["id"].removeprefix("tile-")]
+        assert ring[0] == [int(row["x"]), int(row["y"])]
+        assert props["classification"]["name"] == row["label"]
+        probs = [props["measurements"][f"prob_{c}"] for c in model.classes]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_blank_slide_gives_a_summary_not_a_crash(model: OnnxClassifier, tmp_path: Path) -> None:
+    blank = write_pyramid_tiff(
+        tmp_path / "blank.tif", np.full((512, 512, 3), 246, np.uint8), mpp=0.25
+    )
+    summary = classify_slide(blank, model, tmp_path / "out", SlideSettings(), progress=False)
+    assert summary["tiles"] == 0 and summary["tissue_area_mm2"] == 0
+    assert "no tissue" in summary["note"]
+    assert (tmp_path / "out" / "blank" / "heatmap.png").is_file()
+    assert len(_rows(tmp_path / "out" / "blank")) == 0
+
+
+def test_broken_and_unscaled_files_are_named(model: OnnxClassifier, tmp_path: Path) -> None:
+    text = tmp_path / "notes.svs"
+    text.write_text("not a slide")
+    with pytest.raises(SlideError, match=r"notes\.svs"):
+        open_slide(text)
+    truncated = tmp_path / "cut.svs"
+    truncated.write_bytes(SVS.read_bytes()[:150_000] if SVS.is_file() else b"II*\x00" + b"\0" * 64)
+    with pytest.raises(SlideError, match=r"cut\.svs"):
+        slide = open_slide(truncated)
+        read_region(slide, 0, 0, slide.info.width, 256)  # broken tiles fail when read
+    no_mpp = tmp_path / "no_mpp.tif"
+    import tifffile
+
+    tifffile.imwrite(no_mpp, np.zeros((256, 256, 3), np.uint8), tile=(64, 64), photometric="rgb")
+    with pytest.raises(SlideError, match="no usable microns per pixel; pass --mpp"):
+        open_slide(no_mpp)
+    assert open_slide(no_mpp, mpp=0.5).info.mpp == 0.5
+
+
+def test_one_bad_slide_does_not_stop_the_batch(
+    mosaic: tuple[Path, list],
+    tmp_path: Path,
+    model: OnnxClassifier,
+    run_cli: Callable[[list[str]], tuple[int, str, str]],
+) -> None:
+    path, _ = mosaic
+    bad = tmp_path / "bad.svs"
+    bad.write_text("junk")
+    code, out, err = run_cli(
+        [
+            "slide",
+            "infer",
+            str(bad),
+            str(path),
+            "--model",
+            str(model.model_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--min-tissue",
+            "0.01",
+            "--no-progress",
+        ]
+    )
+    assert code == 1
+    assert "FAILED" in err and "bad.svs" in err
+    assert "mosaic.tif:" in out and (tmp_path / "out" / "mosaic" / "tiles.csv").is_file()
+    batch = json.loads((tmp_path / "out" / "batch_summary.json").read_text())
+    assert [f["slide"] for f in batch["failed"]] == [str(bad)]
+    assert [d["slide"] for d in batch["classified"]] == [str(path)]
+
+
+@pytest.mark.skipif(not SVS.is_file(), reason="CMU-1-Small-Region.svs not present")
+def test_real_svs_excerpt(tmp_path: Path, model: OnnxClassifier) -> None:
+    slide = open_slide(SVS)
+    assert slide.info.mpp == pytest.approx(0.499)
+    # the Label, Macro and Thumbnail pages are not the slide: both readers see the baseline
+    assert (slide.info.width, slide.info.height) == (2220, 2967)
+    tiff = TiffSlide(SVS)
+    assert (tiff.info.width, tiff.info.height, tiff.info.mpp) == (2220, 2967, 0.499)
+    region = slide.read_level(0, 600, 900, 256, 256)
+    np.testing.assert_array_equal(region, tiff.read_level(0, 600, 900, 256, 256))
+    assert isinstance(slide, OpenSlideSlide)
+    summary = classify_slide(SVS, model, tmp_path, SlideSettings(), progress=False)
+    area_mm2 = 2220 * 2967 * 0.499**2 / 1e6
+    # a tissue strip with glass around it (checked by eye): a quarter to a half of the area
+    assert 0.2 * area_mm2 < summary["tissue_area_mm2"] < 0.5 * area_mm2
+    assert summary["tiles"] > 0 and summary["tile_px_level0"] == round(16 / 0.499)
