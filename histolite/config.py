@@ -227,7 +227,13 @@ class DistillSection(_Strict):
 class MILConfig(_Strict):
     """Attention-based multiple-instance learning: each image is a bag of its grid patches."""
 
-    patch: PatchConfig = Field(description="instances: grid patches of each image")
+    patch: PatchConfig | None = Field(
+        default=None,
+        description=(
+            "instances: grid patches of each image; leave out for data.dataset=slide_features, "
+            "whose instances are precomputed tile features"
+        ),
+    )
     pooling: Literal["attention", "gated"] = Field(
         default="gated", description="Ilse et al. 2018 attention, or its gated variant"
     )
@@ -276,6 +282,13 @@ class TrainConfig(_Strict):
                 "data.patches (patch-level classification) and mil (images as bags of patches) "
                 "exclude each other; MIL instances are set by mil.patch"
             )
+        features = self.data.dataset == "slide_features"
+        if self.mil is not None and features and self.mil.patch is not None:
+            raise ValueError("slide feature bags are already tiles: remove mil.patch")
+        if self.mil is not None and not features and self.mil.patch is None:
+            raise ValueError("mil.patch is required: the patches that make each image a bag")
+        if features and self.mil is None:
+            raise ValueError("data.dataset=slide_features trains attention MIL: add a mil section")
         return self
 
 

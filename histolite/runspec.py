@@ -169,7 +169,13 @@ class MilSpec:
     embed_dim: int
     attention_dim: int
     dropout: float
-    patch: PatchSpec
+    patch: PatchSpec | None
+    feature_dim: int | None = None  # slide bags: precomputed features per tile
+    features: dict[str, Any] | None = None  # slide bags: how the features were made
+
+    @property
+    def precomputed(self) -> bool:
+        return self.patch is None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MilSpec:
@@ -178,7 +184,9 @@ class MilSpec:
             embed_dim=int(data["embed_dim"]),
             attention_dim=int(data["attention_dim"]),
             dropout=float(data["dropout"]),
-            patch=PatchSpec.from_dict(data["patch"]),
+            patch=PatchSpec.from_dict(data["patch"]) if data.get("patch") else None,
+            feature_dim=int(data["feature_dim"]) if data.get("feature_dim") else None,
+            features=data.get("features"),
         )
 
 

@@ -208,6 +208,7 @@ def write_pyramid_tiff(
     OpenSlide ("generic-tiff") and tifffile both read this layout.
     """
     pixels = level0
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tifffile.TiffWriter(path) as tif:
         for level in range(levels):
             scale = mpp * 2**level

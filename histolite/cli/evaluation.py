@@ -22,12 +22,20 @@ def evaluate(
     tta: bool = typer.Option(
         False, "--tta", help="Average over the 8 flips/rotations of each image (8x slower)."
     ),
+    progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Write report.json, classification_report.csv, confusion matrices and training curves."""
     from histolite.evaluate import evaluate_run
 
     report = evaluate_run(
-        run, data, out, split=split, checkpoint=checkpoint, batch_size=batch_size, tta=tta
+        run,
+        data,
+        out,
+        split=split,
+        checkpoint=checkpoint,
+        batch_size=batch_size,
+        tta=tta,
+        progress=progress,
     )
     typer.echo(
         f"{report['level']}-level: accuracy {report['accuracy']:.4f}, balanced accuracy "

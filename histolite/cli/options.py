@@ -33,7 +33,7 @@ def trainer_overrides(
     return [f"trainer.{k}={v}" for k, v in pairs.items() if v is not None]
 
 
-def evaluate_test_split(run_dir: Path) -> None:
+def evaluate_test_split(run_dir: Path, progress: bool = True) -> None:
     """After training, report on the run's own held-out test split, if it has one."""
     from histolite.data.splits import read_split_csv
     from histolite.evaluate import evaluate_run
@@ -45,7 +45,9 @@ def evaluate_test_split(run_dir: Path) -> None:
         return
     if not read_split_csv(split_csv).subset("test").samples:
         return
-    report = evaluate_run(run_dir, split_csv, files.test_report_dir, split="test")
+    report = evaluate_run(
+        run_dir, split_csv, files.test_report_dir, split="test", progress=progress
+    )
     typer.echo(
         f"test split: accuracy {report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f} "
         f"(report in {files.test_report_dir})"

@@ -80,3 +80,105 @@ def slide_merge(
     for folder in slide_dirs:
         merged = merge_shards(folder, progress=progress)
         typer.echo(f"{folder}: merged {merged['shard']['count']} shards, {merged['tiles']} tiles")
+
+
+@slide_app.command("features")
+def slide_features_command(
+    slides: list[Path] = typer.Argument(..., help="Slides to embed."),
+    out: Path = typer.Option(..., "--out", help="Folder for one <stem>.npz per slide."),
+    backbone: str = typer.Option("tf_efficientnet_lite0", help="Registry backbone."),
+    pretrained: bool = typer.Option(
+        True, help="ImageNet weights (offline for tf_efficientnet_lite0/1/2)."
+    ),
+    weights: Path | None = typer.Option(None, help="A local weights file for the backbone."),
+    tile_um: float = typer.Option(112.0, "--tile-um", help="Tile side in microns."),
+    tile_px: int = typer.Option(224, "--tile-px", help="Tile side in pixels fed to the backbone."),
+    min_tissue: float = typer.Option(0.5, "--min-tissue", help="Least tissue fraction per tile."),
+    mpp: float | None = typer.Option(
+        None, "--mpp", help="Microns per pixel, if the file lacks it."
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", help="Tiles per forward pass."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Cache per-tile embeddings of slides (slide bags for attention MIL).
+
+    Put each slide's file under BAGS/<class>/ and train with data.dataset=slide_features.
+    """
+    from histolite.train.slide_features import FeatureSettings, slide_features
+
+    settings = FeatureSettings(
+        backbone=backbone,
+        pretrained=pretrained,
+        weights=str(weights) if weights else None,
+        tile_um=tile_um,
+        tile_px=tile_px,
+        min_tissue=min_tissue,
+        mpp=mpp,
+        batch_size=batch_size,
+    )
+    for path in slide_features(slides, out, settings, progress=progress):
+        typer.echo(f"wrote {path}")
+
+
+@slide_app.command("predict")
+def slide_predict(
+    run: Path = typer.Argument(..., help="An attention-MIL run trained on slide features."),
+    features: list[Path] = typer.Argument(..., help="Slide feature files (slide features)."),
+    out: Path = typer.Option(..., "--out", help="Folder; one OUT/<stem>/ per slide."),
+    checkpoint: str = typer.Option("best", help="best, last, or a checkpoint file name."),
+) -> None:
+    """Slide label from a slide-bag MIL run, with each tile's attention drawn on the slide."""
+    import json
+
+    from histolite.data.feature_bags import load_bag
+    from histolite.data.folder import Sample
+    from histolite.errors import HistoliteError
+    from histolite.evaluate.inference import predict_feature_bags
+    from histolite.fileio import write_json
+    from histolite.models.loading import load_run
+    from histolite.slide.outputs import render_attention
+    from histolite.slide.reader import open_slide, thumbnail
+
+    loaded = load_run(run, checkpoint, device="cpu")
+    if loaded.spec.mil is None or not loaded.spec.mil.precomputed:
+        raise HistoliteError(f"{run}: not an attention-MIL run on slide features")
+    classes = loaded.spec.classes
+    for path in features:
+        bag = load_bag(path)
+        (prediction,) = predict_feature_bags(
+            loaded, [Sample(path, 0, "", path.stem)], progress=False
+        )
+        predicted = classes[int(prediction.probs.argmax())]
+        probabilities = {c: float(p) for c, p in zip(classes, prediction.probs, strict=True)}
+        target = out / path.stem
+        target.mkdir(parents=True, exist_ok=True)
+        result: dict[str, object] = {
+            "features": str(path),
+            "slide": bag.meta.get("slide"),
+            "class": predicted,
+            "probabilities": probabilities,
+            "tiles": len(bag.boxes),
+            "attention": [
+                {"x": int(x), "y": int(y), "width": int(w), "height": int(h), "weight": float(a)}
+                for (x, y, w, h), a in zip(bag.boxes, prediction.attention, strict=True)
+            ],
+        }
+        write_json(target / "mil_prediction.json", result)
+        slide_path = Path(str(bag.meta.get("slide", "")))
+        if slide_path.is_file():
+            slide = open_slide(slide_path, bag.meta.get("mpp"))
+            try:
+                thumb, scale = thumbnail(slide, 2048)
+            finally:
+                slide.close()
+            render_attention(
+                thumb,
+                scale,
+                [(int(x), int(y), int(w)) for x, y, w, _ in bag.boxes],
+                prediction.attention.tolist(),
+                target / "mil_heatmap.png",
+                title=f"{slide_path.name}: {predicted} ("
+                + ", ".join(f"{c} {p:.2f}" for c, p in probabilities.items())
+                + ")",
+            )
+        typer.echo(json.dumps({k: result[k] for k in ("features", "class", "probabilities")}))

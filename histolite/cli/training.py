@@ -55,7 +55,7 @@ def train(
         mil_run(cfg, out, resume=resume, progress=progress)
     else:
         train_run(cfg, out, resume=resume, progress=progress)
-    evaluate_test_split(out)
+    evaluate_test_split(out, progress)
     typer.echo(f"run written to {out}")
 
 
@@ -96,7 +96,7 @@ def distill(
         progress=progress,
         announce=lambda lines: typer.echo("teacher plan:\n  " + "\n  ".join(lines)),
     )
-    evaluate_test_split(out)
+    evaluate_test_split(out, progress)
     typer.echo(f"run written to {out}")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from histolite.data.feature_bags import FEATURE_SUFFIX, load_bag
 from histolite.data.folder import Sample
 from histolite.data.images import load_rgb
 from histolite.errors import DataError
@@ -42,6 +43,9 @@ class CheckReport:
 
 def _probe(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     try:
+        if path.suffix == FEATURE_SUFFIX:  # a slide bag: (tiles, features)
+            bag = load_bag(path)
+            return (int(bag.features.shape[0]), int(bag.features.shape[1])), None
         array = load_rgb(path)
     except DataError as exc:
         message = str(exc)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from histolite.data.feature_bags import FEATURE_SUFFIX
 from histolite.data.folder import LabelledImages, Sample, scan_image_folder
 from histolite.data.registry import DatasetSpec, get_dataset
 from histolite.errors import DataError
@@ -80,6 +81,23 @@ def _class_folders(root: Path, spec: DatasetSpec, options: LayoutOptions) -> Lab
                 f"(expected some of {list(spec.classes)})"
             )
     return images
+
+
+@register_layout("feature_bags")
+def _feature_bags(root: Path, spec: DatasetSpec, options: LayoutOptions) -> LabelledImages:
+    """``ROOT/<class>/<slide>.npz``: one feature file per slide (``histolite slide features``)."""
+    class_dirs = sorted(
+        d for d in root.iterdir() if d.is_dir() and any(d.glob(f"*{FEATURE_SUFFIX}"))
+    )
+    samples = [
+        Sample(path, label, folder.name, group=path.stem)
+        for label, folder in enumerate(class_dirs)
+        for path in sorted(folder.glob(f"*{FEATURE_SUFFIX}"))
+    ]
+    classes = tuple(d.name for d in class_dirs)
+    return _non_empty(
+        LabelledImages(classes, tuple(samples)), root, "ROOT/<class>/<slide>.npz feature files"
+    )
 
 
 @register_layout("bach2018")

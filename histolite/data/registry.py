@@ -119,6 +119,17 @@ register_dataset(
 
 register_dataset(
     DatasetSpec(
+        name="slide_features",
+        description=(
+            "Slide bags for attention MIL: ROOT/<class>/<slide>.npz tile features written by "
+            "`histolite slide features`."
+        ),
+        layout="feature_bags",
+    )
+)
+
+register_dataset(
+    DatasetSpec(
         name="bach2018",
         mpp=0.42,
         description="ICIAR 2018 BACH Part A: 400 breast H&E photos, 2048x1536 TIFF, 4 classes.",

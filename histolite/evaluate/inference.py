@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from histolite.data.bags import ImageBagDataset, bag_positions, collate_bags, cut_instances
 from histolite.data.datasets import ImageDataset
+from histolite.data.feature_bags import load_bag
 from histolite.data.folder import Sample
 from histolite.data.patches import index_patches
 from histolite.data.transforms import build_eval_transform, image_tensor, preprocess
@@ -116,7 +117,7 @@ class BagPrediction:
 
 
 def _bag_dataset(run: LoadedRun, samples: Sequence[Sample]) -> ImageBagDataset:
-    assert run.spec.mil is not None
+    assert run.spec.mil is not None and run.spec.mil.patch is not None
     patch = run.spec.mil.patch
     return ImageBagDataset(
         samples,
@@ -143,10 +144,29 @@ def _classify_bags(
     ]
 
 
+def predict_feature_bags(
+    run: LoadedRun, samples: Sequence[Sample], *, batch_size: int = 8, progress: bool = True
+) -> list[BagPrediction]:
+    """Slide-level probabilities and per-tile attention from slide feature files."""
+    results: list[BagPrediction] = []
+    for start in tqdm(
+        range(0, len(samples), batch_size), desc="predicting slides", disable=not progress
+    ):
+        bags = [load_bag(s.path) for s in samples[start : start + batch_size]]
+        tensors = [torch.from_numpy(b.features) for b in bags]
+        positions = [[(int(y), int(x)) for x, y, _, _ in b.boxes] for b in bags]
+        size = int(bags[0].boxes[0][2])
+        results += _classify_bags(run, tensors, positions, size)
+    return results
+
+
 def predict_bags(
     run: LoadedRun, samples: Sequence[Sample], *, batch_size: int = 8, progress: bool = True
 ) -> list[BagPrediction]:
-    """Bag-level probabilities and attention for every image of an attention-MIL run."""
+    """Bag-level probabilities and attention for every image (or slide) of an MIL run."""
+    assert run.spec.mil is not None
+    if run.spec.mil.precomputed:
+        return predict_feature_bags(run, samples, batch_size=batch_size, progress=progress)
     dataset = _bag_dataset(run, samples)
     results: list[BagPrediction] = []
     with tqdm(total=len(dataset), desc="predicting bags", disable=not progress, leave=False) as bar:

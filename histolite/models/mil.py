@@ -98,10 +98,21 @@ def build_attention_mil(
     pretrained: bool = False,
     weights: str | None = None,
 ) -> AttentionMIL:
-    """An :class:`AttentionMIL` whose encoder is a registry backbone with its own normalisation."""
-    features, dim = create_feature_extractor(backbone, pretrained=pretrained, weights=weights)
+    """An :class:`AttentionMIL` whose encoder is a registry backbone with its own normalisation.
+
+    For precomputed slide features (``spec.precomputed``) there is no encoder: the model
+    starts at the feature embedding.
+    """
+    encoder: nn.Module | None = None
+    if spec.precomputed:
+        if spec.feature_dim is None:
+            raise ValueError("precomputed MIL features need spec.feature_dim")
+        dim = spec.feature_dim
+    else:
+        features, dim = create_feature_extractor(backbone, pretrained=pretrained, weights=weights)
+        encoder = NormalizedClassifier(features, mean, std)
     return AttentionMIL(
-        NormalizedClassifier(features, mean, std),
+        encoder,
         dim,
         num_classes,
         embed_dim=spec.embed_dim,

@@ -202,6 +202,34 @@ def render_heatmap(
     _save_panels(panels, classes, path, title)
 
 
+def render_attention(
+    thumb: np.ndarray,
+    scale: float,
+    boxes: Sequence[tuple[int, int, int]],
+    weights: Sequence[float],
+    path: Path,
+    title: str = "",
+) -> None:
+    """A slide-level MIL prediction: the thumbnail and each tile's attention (max = 1)."""
+    shrink = max(thumb.shape[:2]) / PANEL_SIDE
+    if shrink > 1:
+        size = (max(1, round(thumb.shape[1] / shrink)), max(1, round(thumb.shape[0] / shrink)))
+        thumb = np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BOX))
+        scale *= shrink
+    height, width = thumb.shape[:2]
+    heat = np.zeros((height, width), np.float32)
+    covered = np.zeros((height, width), bool)
+    top = max(weights) if weights else 1.0
+    for (x, y, side), weight in zip(boxes, weights, strict=True):
+        x0, y0 = int(x / scale), int(y / scale)
+        x1, y1 = max(x0 + 1, round((x + side) / scale)), max(y0 + 1, round((y + side) / scale))
+        heat[y0:y1, x0:x1] = weight / top if top > 0 else 0.0
+        covered[y0:y1, x0:x1] = True
+    panel = (0.35 * thumb + 0.65 * 255).astype(np.uint8)
+    panel[covered] = _probability_colours(heat[covered])
+    _save_panels([("slide", thumb), ("attention (max = 1)", panel)], [], path, title)
+
+
 def _save_panels(
     panels: list[tuple[str, np.ndarray]], classes: Sequence[str], path: Path, title: str
 ) -> None:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from histolite.config import MILConfig, TrainConfig
 from histolite.data.bags import FeatureBagDataset, ImageBagDataset, collate_bags
+from histolite.data.feature_bags import FeatureFileBags
 from histolite.data.folder import Sample
 from histolite.data.transforms import build_eval_transform, build_train_transform
 from histolite.errors import ConfigError
@@ -100,7 +101,7 @@ def feature_cache_key(cfg: TrainConfig, spec: RunSpec, samples: Sequence[Sample]
         "mean": spec.mean,
         "std": spec.std,
         "stain": asdict(spec.stain) if spec.stain else None,
-        "patch": cfg.mil.patch.model_dump(),
+        "patch": cfg.mil.patch.model_dump() if cfg.mil.patch else None,
         "files": [str(s.path.resolve()) for s in samples],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
@@ -160,13 +161,21 @@ class MILDataModule(L.LightningDataModule):
         self.spec = spec
         self.cache_dir = cache_dir
         self.progress = progress
+        self.train_set: Dataset[tuple[Tensor, int]]
+        self.val_set: Dataset[tuple[Tensor, int]] | None
+        val = prepared.splits["val"]
+        if self.mil.patch is None:  # slide bags: features were computed per slide already
+            self.use_cache = False
+            self.train_set = FeatureFileBags(prepared.splits["train"], self.mil.max_instances)
+            self.val_set = FeatureFileBags(val) if val else None
+            return
         self.use_cache = self.mil.freeze_backbone and self.mil.cache_features
         stain = build_stain(cfg.data)
         eval_tf = build_eval_transform(cfg.data.image_size)
         train_tf = (
             eval_tf if self.use_cache else build_train_transform(cfg.data.image_size, cfg.augment)
         )
-        patch = self.mil.patch
+        patch = self.mil.patch.spec()
 
         def bags(
             samples: list[Sample], transform: Any, max_instances: int | None
@@ -174,7 +183,7 @@ class MILDataModule(L.LightningDataModule):
             return ImageBagDataset(
                 samples,
                 patch.size,
-                patch.spec().step,
+                patch.step,
                 transform,
                 min_tissue=patch.min_tissue,
                 stain=stain,
@@ -184,10 +193,9 @@ class MILDataModule(L.LightningDataModule):
         self.train_images = bags(
             prepared.splits["train"], train_tf, None if self.use_cache else self.mil.max_instances
         )
-        val = prepared.splits["val"]
         self.val_images = bags(val, eval_tf, None) if val else None
-        self.train_set: Dataset[tuple[Tensor, int]] = self.train_images
-        self.val_set: Dataset[tuple[Tensor, int]] | None = self.val_images
+        self.train_set = self.train_images
+        self.val_set = self.val_images
 
     def setup(self, stage: str) -> None:
         if not self.use_cache or isinstance(self.train_set, FeatureBagDataset):
@@ -212,7 +220,8 @@ class MILDataModule(L.LightningDataModule):
         return FeatureBagDataset(features, [s.label for s in bags.samples], max_instances)
 
     def _loader(self, dataset: Dataset[tuple[Tensor, int]], shuffle: bool) -> DataLoader:
-        workers = 0 if isinstance(dataset, FeatureBagDataset) else self.cfg.data.num_workers
+        in_memory = isinstance(dataset, (FeatureBagDataset, FeatureFileBags))
+        workers = 0 if in_memory else self.cfg.data.num_workers
         return DataLoader(
             dataset,
             batch_size=self.cfg.data.batch_size,

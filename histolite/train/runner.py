@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
 from histolite.config import TrainConfig, dump_config, load_config
+from histolite.data.feature_bags import feature_dimension
 from histolite.data.folder import LabelledImages
 from histolite.data.registry import get_dataset
 from histolite.data.split_policy import Split
@@ -169,7 +170,10 @@ def _run_spec(cfg: TrainConfig, prepared: PreparedData, out: Path, resume: bool)
     if resume and RunDir(out).spec.is_file():
         return RunSpec.load(out)  # reuse the stored mean/std: computed once per run
     stain = build_stain(cfg.data)
-    mean, std = normalisation_stats(cfg.data, prepared.splits["train"], stain, cfg.model.name)
+    if cfg.data.dataset == "slide_features":  # features, not pixels: nothing to normalise
+        mean, std = [0.0] * 3, [1.0] * 3
+    else:
+        mean, std = normalisation_stats(cfg.data, prepared.splits["train"], stain, cfg.model.name)
     return RunSpec(
         model_name=cfg.model.name,
         classes=prepared.classes,
@@ -181,17 +185,23 @@ def _run_spec(cfg: TrainConfig, prepared: PreparedData, out: Path, resume: bool)
         stain=stain_spec(cfg.data),
         patches=cfg.data.patches.spec() if cfg.data.patches else None,
         mpp=cfg.data.mpp if cfg.data.mpp is not None else get_dataset(cfg.data.dataset).mpp,
-        mil=(
-            MilSpec(
-                cfg.mil.pooling,
-                cfg.mil.embed_dim,
-                cfg.mil.attention_dim,
-                cfg.mil.dropout,
-                cfg.mil.patch.spec(),
-            )
-            if cfg.mil
-            else None
-        ),
+        mil=_mil_spec(cfg, prepared) if cfg.mil else None,
+    )
+
+
+def _mil_spec(cfg: TrainConfig, prepared: PreparedData) -> MilSpec:
+    """MIL settings for run.json; slide bags also record their feature size and provenance."""
+    assert cfg.mil is not None
+    patch = cfg.mil.patch.spec() if cfg.mil.patch is not None else None
+    dim, made_by = (None, None) if patch else feature_dimension(prepared.splits["train"])
+    return MilSpec(
+        cfg.mil.pooling,
+        cfg.mil.embed_dim,
+        cfg.mil.attention_dim,
+        cfg.mil.dropout,
+        patch,
+        feature_dim=dim,
+        features=made_by,
     )
 
 

@@ -67,9 +67,7 @@ def test_tiles_line_up_with_the_mosaic_and_match_direct_prediction(
     mosaic: tuple[Path, list], model: OnnxClassifier, tmp_path: Path
 ) -> None:
     path, truth = mosaic
-    summary = classify_slide(
-        path, model, tmp_path, SlideSettings(min_tissue=0.01), progress=False
-    )
+    summary = classify_slide(path, model, tmp_path, SlideSettings(min_tissue=0.01), progress=False)
     assert summary["mpp"] == pytest.approx(0.25) and summary["tile_um"] == pytest.approx(16.0)
     assert summary["tile_px_level0"] == 64 and summary["tile_px_model"] == 32
     rows = _rows(tmp_path / "mosaic")
@@ -80,7 +78,7 @@ def test_tiles_line_up_with_the_mosaic_and_match_direct_prediction(
         assert x % 64 == 0 and y % 64 == 0 and row["width"] == row["height"] == "64"
         cell = truth[y // 64][x // 64]
         assert cell is not None, "a glass cell was classified"
-        name, pixels = cell
+        _, pixels = cell
         expected = model.predict(pixels).probabilities
         got = np.array([float(row[f"prob_{c}"]) for c in model.classes])
         np.testing.assert_allclose(got, expected, atol=1e-5)  # same pixels, same model path
@@ -93,8 +91,7 @@ def test_tiles_line_up_with_the_mosaic_and_match_direct_prediction(
         row["label"] == truth[int(row["y"]) // 64][int(row["x"]) // 64][0] for row in rows
     )
     direct = sum(
-        model.classes[int(np.argmax(model.predict(truth[r][c][1]).probabilities))]
-        == truth[r][c][0]
+        model.classes[int(np.argmax(model.predict(truth[r][c][1]).probabilities))] == truth[r][c][0]
         for r, c in seen
     )
     assert correct == direct  # the slide path is as accurate as the model on the tiles
