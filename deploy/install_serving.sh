@@ -1,5 +1,6 @@
 #!/usr/bin/env sh
-# Install histolite's serving runtime (ONNX Runtime + FastAPI, no torch) into a virtualenv.
+# Install histolite's serving runtime (ONNX Runtime + FastAPI + whole-slide reading, no torch)
+# into a virtualenv.
 # The Dockerfile runs exactly this; tests/test_deploy.py runs it in a fresh venv too.
 #   deploy/install_serving.sh VENV_DIR SOURCE_DIR
 set -eu
@@ -7,5 +8,5 @@ venv=${1:?usage: install_serving.sh VENV_DIR SOURCE_DIR}
 source_dir=${2:?usage: install_serving.sh VENV_DIR SOURCE_DIR}
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --no-cache-dir --upgrade pip
-"$venv/bin/python" -m pip install --quiet --no-cache-dir "$source_dir[serve]"
-"$venv/bin/python" -c "import histolite.serve.app, sys; assert 'torch' not in sys.modules"
+"$venv/bin/python" -m pip install --quiet --no-cache-dir "$source_dir[serve,slide]"
+"$venv/bin/python" -c "import histolite.serve.app, histolite.export.slide_inference, sys; assert 'torch' not in sys.modules"

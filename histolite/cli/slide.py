@@ -11,7 +11,9 @@ from histolite.cli.app import slide_app
 
 @slide_app.command("infer")
 def slide_infer(
-    slides: list[Path] = typer.Argument(..., help="Slides (SVS, pyramidal TIFF, OME-TIFF, ...)."),
+    slides: list[Path] = typer.Argument(
+        ..., help="Slides (SVS, pyramidal TIFF, OME-TIFF, ...) or folders of them."
+    ),
     model: Path = typer.Option(..., "--model", help="Exported model folder (histolite export)."),
     out: Path = typer.Option(..., "--out", help="Output folder; one OUT/<stem>/ per slide."),
     tile_um: float | None = typer.Option(
@@ -35,6 +37,7 @@ def slide_infer(
     """Tissue mask, tiles at a physical size, one class per tile: CSV, GeoJSON, heatmap, summary."""
     from histolite.export.runtime import OnnxClassifier
     from histolite.export.slide_inference import SlideSettings, classify_slides
+    from histolite.slide.reader import expand_slide_paths
     from histolite.slide.tiles import parse_shard
 
     classifier = OnnxClassifier(model, threads=threads, device=device)
@@ -58,7 +61,8 @@ def slide_infer(
             f"tiles/s{' (' + summary['note'] + ')' if summary.get('note') else ''}"
         )
 
-    batch = classify_slides(slides, classifier, out, settings, progress=progress, report=report)
+    paths = expand_slide_paths(slides)
+    batch = classify_slides(paths, classifier, out, settings, progress=progress, report=report)
     typer.echo(f"{len(batch['classified'])} slide(s) classified into {out}")
     if batch["failed"]:
         typer.secho(
@@ -84,7 +88,7 @@ def slide_merge(
 
 @slide_app.command("features")
 def slide_features_command(
-    slides: list[Path] = typer.Argument(..., help="Slides to embed."),
+    slides: list[Path] = typer.Argument(..., help="Slides to embed, or folders of them."),
     out: Path = typer.Option(..., "--out", help="Folder for one <stem>.npz per slide."),
     backbone: str = typer.Option("tf_efficientnet_lite0", help="Registry backbone."),
     pretrained: bool = typer.Option(
@@ -104,6 +108,7 @@ def slide_features_command(
 
     Put each slide's file under BAGS/<class>/ and train with data.dataset=slide_features.
     """
+    from histolite.slide.reader import expand_slide_paths
     from histolite.train.slide_features import FeatureSettings, slide_features
 
     settings = FeatureSettings(
@@ -116,7 +121,7 @@ def slide_features_command(
         mpp=mpp,
         batch_size=batch_size,
     )
-    for path in slide_features(slides, out, settings, progress=progress):
+    for path in slide_features(expand_slide_paths(slides), out, settings, progress=progress):
         typer.echo(f"wrote {path}")
 
 

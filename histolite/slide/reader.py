@@ -290,6 +290,27 @@ class TiffSlide:
         self._tif.close()
 
 
+SLIDE_SUFFIXES = frozenset(
+    {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
+)
+
+
+def expand_slide_paths(paths: list[Path]) -> list[Path]:
+    """Files as given; a folder stands for the slide files directly inside it, sorted."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+            if not inside:
+                raise SlideError(
+                    f"{path}: no slide files ({', '.join(sorted(SLIDE_SUFFIXES))}) in this folder"
+                )
+            found += inside
+        else:
+            found.append(path)
+    return found
+
+
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     """OpenSlide where it can read the file, tifffile for pyramidal TIFF / OME-TIFF otherwise."""
     path = Path(path)
