@@ -165,14 +165,12 @@ def table(results: Path, out: Path, data: Path) -> str:
         cells = []
         for split in splits:
             values = [v for (s, a, _), v in acc.items() if s == split and a == arm]
-            cells.append(_mean_sd(values) if values else "–")
+            cells.append(_mean_sd(values) if values else "n/a")
         first = next(r for r in rows if r["arm"] == arm)
         c = cost(Path(first["run"]), out)
         minutes = statistics.mean(float(r["seconds"]) for r in rows if r["arm"] == arm) / 60
         lines.append(
-            f"| {arm} | "
-            + " | ".join(cells)
-            + f" | {c['parameters']:,} | {c['macs'] / 1e6:.1f} | "  # type: ignore[operator]
+            f"| {arm} | " + " | ".join(cells) + f" | {c['parameters']:,} | {c['macs'] / 1e6:.1f} | "  # type: ignore[operator]
             f"{c['size_mb']:.2f} / {c['int8_mb']:.2f} | {c['int8_images_per_s']:.0f} | "
             f"{minutes:.1f} |"
         )
@@ -191,10 +189,13 @@ def table(results: Path, out: Path, data: Path) -> str:
             if seeds:
                 diffs = [100 * (acc[split, arm, n] - acc[split, base, n]) for n in seeds]
                 lines.append(
-                    f"- {split}: {arm} − {base}: mean {statistics.mean(diffs):+.2f} "
+                    f"- {split}: {arm} - {base}: mean {statistics.mean(diffs):+.2f} "
                     f"(per seed {', '.join(f'{d:+.2f}' for d in diffs)})"
                 )
-    lines += ["", "Commands (seed S, split grouped; the tile rows add --set data.split_by=stratified):"]
+    lines += [
+        "",
+        "Commands (seed S, split grouped; the tile rows add --set data.split_by=stratified):",
+    ]
     for arm in arms:
         example = command(ARMS[arm], data, out, "grouped", 1 if arm != "teacher" else 0)
         lines.append(f"- {arm}: `{shlex.join(example).replace('_s1', '_sS')}`")

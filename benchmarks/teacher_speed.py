@@ -46,9 +46,7 @@ def main() -> None:
             eager = statistics.median(
                 images_per_second(TorchTeacher(model, channels_last=True), x, args.repeats)
             )
-            onnx = statistics.median(
-                images_per_second(OnnxTeacher(model, size), x, args.repeats)
-            )
+            onnx = statistics.median(images_per_second(OnnxTeacher(model, size), x, args.repeats))
             print(f"| {name} | {size} | {eager:.0f} | {onnx:.0f} | {onnx / eager:.2f}x |")
 
 
