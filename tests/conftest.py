@@ -72,3 +72,22 @@ def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch)
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def mosaic_bags(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Path:
+    """2x2 mosaics of 32 px synthetic tiles; positive iff a 'tumor' tile is present."""
+    out = tmp_path_factory.mktemp("bags") / "bags"
+    from typer.testing import CliRunner
+
+    from histolite.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "data", "bags", str(synthetic_dir), "--out", str(out), "--positive", "tumor",
+            "--grid", "2", "--bags-per-class", "24", "--tile-size", "32", "--max-positive", "1",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out

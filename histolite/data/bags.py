@@ -16,29 +16,10 @@ from torch.utils.data import Dataset
 
 from histolite.data.folder import Sample
 from histolite.data.images import load_rgb
-from histolite.data.patches import grid_positions, tissue_fraction
+from histolite.data.patches import bag_positions
 from histolite.data.transforms import image_tensor, preprocess
 
 TensorTransform = Callable[[Tensor], Tensor]
-
-
-def bag_positions(
-    pixels: np.ndarray, size: int, stride: int, min_tissue: float = 0.0
-) -> list[tuple[int, int]]:
-    """Top-left (y, x) of an image's instances.
-
-    Patches below ``min_tissue`` are dropped, unless that would empty the bag, in which case
-    every grid patch is kept; an image smaller than one patch is one instance at (0, 0).
-    """
-    grid = grid_positions(pixels.shape[0], pixels.shape[1], size, stride)
-    if not grid:
-        return [(0, 0)]
-    if min_tissue <= 0:
-        return grid
-    kept = [
-        (y, x) for y, x in grid if tissue_fraction(pixels[y : y + size, x : x + size]) >= min_tissue
-    ]
-    return kept or grid
 
 
 def cut_instances(

@@ -139,3 +139,22 @@ def write_patch_index(path: str | Path, rows: Sequence[tuple[Path, Path, int, in
         writer.writerow(("patch", "image", "y", "x", "size"))
         for patch, source, y, x, size in rows:
             writer.writerow((patch.as_posix(), source.as_posix(), y, x, size))
+
+
+def bag_positions(
+    pixels: np.ndarray, size: int, stride: int, min_tissue: float = 0.0
+) -> list[tuple[int, int]]:
+    """Top-left (y, x) of an image's instances.
+
+    Patches below ``min_tissue`` are dropped, unless that would empty the bag, in which case
+    every grid patch is kept; an image smaller than one patch is one instance at (0, 0).
+    """
+    grid = grid_positions(pixels.shape[0], pixels.shape[1], size, stride)
+    if not grid:
+        return [(0, 0)]
+    if min_tissue <= 0:
+        return grid
+    kept = [
+        (y, x) for y, x in grid if tissue_fraction(pixels[y : y + size, x : x + size]) >= min_tissue
+    ]
+    return kept or grid

@@ -10,11 +10,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from histolite.data.bags import ImageBagDataset, bag_positions, collate_bags, cut_instances
+from histolite.data.bags import ImageBagDataset, collate_bags, cut_instances
 from histolite.data.datasets import ImageDataset
 from histolite.data.feature_bags import load_bag
 from histolite.data.folder import Sample
-from histolite.data.patches import index_patches
+from histolite.data.patches import bag_positions, index_patches
 from histolite.data.transforms import build_eval_transform, image_tensor, preprocess
 from histolite.models.loading import LoadedRun
 

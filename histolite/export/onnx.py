@@ -24,13 +24,20 @@ from histolite.data.folder import Sample
 from histolite.data.images import image_size, load_rgb
 from histolite.data.splits import read_split_csv
 from histolite.errors import HistoliteError
-from histolite.evaluate.inference import predict, predict_image
+from histolite.evaluate.inference import predict, predict_bag_pixels, predict_image
 from histolite.evaluate.report import build_report
-from histolite.export.graph import ServingGraph
-from histolite.export.runtime import CARD_FILE, MODEL_FILE, OnnxClassifier, image_to_batch
+from histolite.export.graph import MilServingGraph, ServingGraph
+from histolite.export.runtime import (
+    CARD_FILE,
+    MODEL_FILE,
+    OnnxClassifier,
+    bag_to_batch,
+    image_to_batch,
+)
 from histolite.fileio import read_json, write_json
 from histolite.models import count_parameters
 from histolite.models.loading import LoadedRun, load_run, require_classifier
+from histolite.models.mil import AttentionMIL
 from histolite.runspec import RunDir
 
 OPSET = 17
@@ -78,7 +85,10 @@ def _spread(samples: list[Sample], count: int) -> list[Sample]:
 
 
 def _tile_geometry(run: LoadedRun, train: list[Sample]) -> tuple[int, int, str]:
-    """Patch size and stride for serving: the run's patches, else its usual training tile."""
+    """Patch size and stride for serving: the run's patches (or MIL instances), else its usual
+    training tile."""
+    if run.spec.mil is not None and run.spec.mil.patch is not None:
+        return run.spec.mil.patch.size, run.spec.mil.patch.step, "MIL instances"
     if run.spec.patches is not None:
         return run.spec.patches.size, run.spec.patches.step, "training patches"
     sizes = Counter(image_size(s.path) for s in _spread(train, 200))
@@ -100,7 +110,7 @@ class _Calibration:
         pass
 
 
-def _quantize(fp32: Path, int8: Path, batches: list[np.ndarray]) -> None:
+def _quantize(fp32: Path, int8: Path, batches: list[np.ndarray], input_name: str) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -128,7 +138,7 @@ def _quantize(fp32: Path, int8: Path, batches: list[np.ndarray]) -> None:
     quantize_static(
         str(prepared),
         str(int8),
-        Reader(batches, "image"),
+        Reader(batches, input_name),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         activation_type=QuantType.QUInt8,
@@ -161,19 +171,32 @@ def _run_metrics(run: LoadedRun) -> dict[str, Any] | None:
 
 
 def _export_graph(run: LoadedRun, path: Path) -> None:
-    """Stain normalisation + classifier + softmax as one FP32 ONNX graph, batch size free."""
-    graph = ServingGraph(require_classifier(run, "ONNX export"), run.stain).eval()
+    """One FP32 ONNX graph: stain normalisation + model + softmax.
+
+    Classifiers take a batch of images (N free); bag models take one bag of N patches (N free)
+    and also return each patch's attention.
+    """
     size = run.spec.image_size
+    graph: torch.nn.Module
+    if isinstance(run.model, AttentionMIL):
+        graph = MilServingGraph(run.model, run.stain).eval()
+        names = {"input_names": ["patches"], "output_names": ["probabilities", "attention"]}
+        axes = {"patches": {0: "instances"}, "attention": {0: "instances"}}
+        example = torch.rand(3, 3, size, size)
+    else:
+        graph = ServingGraph(require_classifier(run, "ONNX export"), run.stain).eval()
+        names = {"input_names": ["image"], "output_names": ["probabilities"]}
+        axes = {"image": {0: "batch"}, "probabilities": {0: "batch"}}
+        example = torch.rand(1, 3, size, size)
     with torch.no_grad():
         torch.onnx.export(
             graph,
-            (torch.rand(1, 3, size, size),),
+            (example,),
             str(path),
             dynamo=False,
-            input_names=["image"],
-            output_names=["probabilities"],
             opset_version=OPSET,
-            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            dynamic_axes=axes,
+            **names,  # type: ignore[arg-type]
         )
 
 
@@ -189,6 +212,25 @@ def _model_card(
     """What a served model needs to preprocess inputs, and what a reader needs to trust it."""
     patch_size, stride, geometry_source = geometry
     metadata = RunDir(run.run_dir).metadata
+    mil = run.spec.mil
+    bag = (
+        {
+            "kind": "mil",
+            "mil": {
+                "pooling": mil.pooling,
+                "instances": "grid patches of the image, in image pixels",
+                "patch_size": patch_size,
+                "patch_stride": stride,
+                "min_tissue": mil.patch.min_tissue if mil.patch else 0.0,
+            },
+            "output": {"name": "probabilities", "softmax": True, "attention": "attention"},
+        }
+        if mil is not None
+        else {
+            "kind": "classifier",
+            "output": {"name": "probabilities", "softmax": True},
+        }
+    )
     return {
         "name": name,
         "version": version,
@@ -196,14 +238,14 @@ def _model_card(
         "precision": "int8" if int8 else "fp32",
         "opset": OPSET,
         "input": {
-            "name": "image",
+            "name": "patches" if mil is not None else "image",
             "layout": "NCHW",
             "dtype": "float32",
             "range": [0.0, 1.0],
             "colour": "RGB",
             "resize": "bilinear",
         },
-        "output": {"name": "probabilities", "softmax": True},
+        **bag,
         "classes": list(run.spec.classes),
         "input_size": run.spec.image_size,
         "mean": list(run.spec.mean),
@@ -231,16 +273,33 @@ def _model_card(
 
 def _parity(
     run: LoadedRun, exported: OnnxClassifier, samples: list[Sample], progress: bool
-) -> tuple[float, float]:
-    """(top-1 agreement, largest probability difference) of ONNX against PyTorch."""
-    agree, max_diff = 0, 0.0
+) -> tuple[float, float, float | None]:
+    """Top-1 agreement, largest probability difference and, for bag models, largest attention
+    difference of ONNX against PyTorch."""
+    agree, max_diff, attention_diff = 0, 0.0, 0.0
     for sample in tqdm(samples, desc="parity check", disable=not progress, leave=False):
         pixels = load_rgb(sample.path)
-        reference = predict_image(run, pixels)
-        served = exported.predict(pixels).probabilities
-        agree += int(reference.argmax() == served.argmax())
-        max_diff = max(max_diff, float(np.abs(reference - served).max()))
-    return agree / len(samples), max_diff
+        served = exported.predict(pixels)
+        if run.is_mil:
+            bag = predict_bag_pixels(run, pixels)
+            reference = bag.probs
+            weights = np.array([w for _, _, w in served.attention or []])
+            attention_diff = max(attention_diff, float(np.abs(bag.attention - weights).max()))
+        else:
+            reference = predict_image(run, pixels)
+        agree += int(reference.argmax() == served.probabilities.argmax())
+        max_diff = max(max_diff, float(np.abs(reference - served.probabilities).max()))
+    return agree / len(samples), max_diff, attention_diff if run.is_mil else None
+
+
+def _calibration_batch(
+    run: LoadedRun, pixels: np.ndarray, geometry: tuple[int, int, str]
+) -> np.ndarray:
+    """What the served graph sees for one training image: its patch grid, or its bag."""
+    size, (patch_size, stride, _) = run.spec.image_size, geometry
+    if run.spec.mil is not None and run.spec.mil.patch is not None:
+        return bag_to_batch(pixels, size, patch_size, stride, run.spec.mil.patch.min_tissue)[0]
+    return image_to_batch(pixels, size, patch_size, stride)[0]
 
 
 def export_run(
@@ -265,7 +324,11 @@ def export_run(
     if out.exists():
         raise HistoliteError(f"{out} already exists; choose another --out or remove it")
     run = load_run(run_dir, checkpoint, device="cpu")
-    require_classifier(run, "ONNX export")
+    if run.spec.mil is not None and run.spec.mil.precomputed:
+        raise HistoliteError(
+            f"{run_dir} is an attention-MIL run on slide features: it has no image encoder to "
+            "export; predict slides with `histolite slide predict`"
+        )
     train = _split_samples(run, ("train",))
     geometry = _tile_geometry(run, train)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -274,12 +337,11 @@ def export_run(
         fp32 = staging / ("model_fp32.onnx" if int8 else MODEL_FILE)
         _export_graph(run, fp32)
         if int8:
-            size, (patch_size, stride, _) = run.spec.image_size, geometry
             batches = [
-                image_to_batch(load_rgb(s.path), size, patch_size, stride)[0]
+                _calibration_batch(run, load_rgb(s.path), geometry)
                 for s in _spread(train, calibration_samples)
             ]
-            _quantize(fp32, staging / MODEL_FILE, batches)
+            _quantize(fp32, staging / MODEL_FILE, batches, "patches" if run.is_mil else "image")
             for leftover in staging.glob("model_*.onnx"):
                 leftover.unlink()
         card = _model_card(
@@ -291,7 +353,9 @@ def export_run(
             geometry=geometry,
         )
         checks = _spread(_split_samples(run, ("test", "val", "train")), parity_samples)
-        agreement, max_diff = _parity(run, OnnxClassifier(staging, card=card), checks, progress)
+        agreement, max_diff, attention_diff = _parity(
+            run, OnnxClassifier(staging, card=card), checks, progress
+        )
         if agreement < min_agreement:
             raise ExportError(
                 f"parity check failed: the ONNX model agrees with the PyTorch model on "
@@ -303,6 +367,7 @@ def export_run(
             "samples": len(checks),
             "top1_agreement": agreement,
             "max_abs_probability_diff": max_diff,
+            "max_abs_attention_diff": attention_diff,
             "required_agreement": min_agreement,
             "reference": "PyTorch checkpoint through histolite's evaluation path",
         }

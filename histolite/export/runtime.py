@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from histolite.data.patches import grid_positions, patch_grid_shape
+from histolite.data.patches import bag_positions, grid_positions, patch_grid_shape
 from histolite.errors import HistoliteError
 
 MODEL_FILE = "model.onnx"
@@ -27,12 +27,14 @@ CARD_FILE = "model.json"
 
 @dataclass(frozen=True)
 class Prediction:
-    """Aggregated probabilities plus the per-patch grid behind them."""
+    """Image probabilities plus what is behind them: the patch grid (classifiers) or the
+    attention each patch got (attention-MIL bag models)."""
 
     probabilities: np.ndarray  # (C,)
-    patch_probabilities: np.ndarray  # (rows, cols, C)
+    patch_probabilities: np.ndarray  # (rows, cols, C); (0, 0, C) for bag models
     patch_size: int
     stride: int
+    attention: list[tuple[int, int, float]] | None = None  # bag models: (y, x, weight) per patch
 
     def top_class(self) -> int:
         return int(self.probabilities.argmax())
@@ -55,6 +57,26 @@ def load_card(model_dir: str | Path) -> dict[str, Any]:
     return card
 
 
+def crops_to_batch(crops: list[np.ndarray], input_size: int) -> np.ndarray:
+    """Crops resized (bilinear) to ``input_size``, as float32 (N, 3, S, S) in [0, 1]."""
+    batch = np.empty((len(crops), 3, input_size, input_size), dtype=np.float32)
+    for i, crop in enumerate(crops):
+        image = Image.fromarray(np.ascontiguousarray(crop))
+        if image.size != (input_size, input_size):
+            image = image.resize((input_size, input_size), Image.Resampling.BILINEAR)
+        batch[i] = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return batch
+
+
+def bag_to_batch(
+    pixels: np.ndarray, input_size: int, patch_size: int, stride: int, min_tissue: float
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """A bag model's instances: the patches training cut (tissue filter included)."""
+    positions = bag_positions(pixels, patch_size, stride, min_tissue)
+    crops = [pixels[y : y + patch_size, x : x + patch_size] for y, x in positions]
+    return crops_to_batch(crops, input_size), positions
+
+
 def image_to_batch(
     pixels: np.ndarray, input_size: int, patch_size: int, stride: int
 ) -> tuple[np.ndarray, tuple[int, int]]:
@@ -68,13 +90,7 @@ def image_to_batch(
             pixels[y : y + patch_size, x : x + patch_size]
             for y, x in grid_positions(height, width, patch_size, stride)
         ]
-    batch = np.empty((len(crops), 3, input_size, input_size), dtype=np.float32)
-    for i, crop in enumerate(crops):
-        image = Image.fromarray(np.ascontiguousarray(crop))
-        if image.size != (input_size, input_size):
-            image = image.resize((input_size, input_size), Image.Resampling.BILINEAR)
-        batch[i] = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
-    return batch, (rows, cols)
+    return crops_to_batch(crops, input_size), (rows, cols)
 
 
 class OnnxClassifier:
@@ -120,6 +136,8 @@ class OnnxClassifier:
         self.input_size = int(self.card["input_size"])
         self.patch_size = int(self.card["patch_size"])
         self.stride = int(self.card["patch_stride"])
+        self.is_bag_model = self.card.get("kind") == "mil"
+        self.min_tissue = float((self.card.get("mil") or {}).get("min_tissue", 0.0))
         self.max_batch = max_batch
         self._ready = threading.Event()
         self.warm_up()
@@ -140,8 +158,27 @@ class OnnxClassifier:
         ]
         return np.concatenate(chunks).astype(np.float64)
 
+    def predict_bag(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A bag model on one bag (N, 3, S, S): class probabilities (C,) and attention (N,)."""
+        probabilities, attention = self.session.run(None, {self.input_name: batch})
+        return probabilities[0].astype(np.float64), attention.astype(np.float64)
+
     def predict(self, pixels: np.ndarray) -> Prediction:
-        """Probabilities for one HxWx3 uint8 image."""
+        """Probabilities for one HxWx3 uint8 image (a bag of its patches for bag models)."""
+        if self.is_bag_model:
+            batch, positions = bag_to_batch(
+                pixels, self.input_size, self.patch_size, self.stride, self.min_tissue
+            )
+            probabilities, attention = self.predict_bag(batch)
+            return Prediction(
+                probabilities=probabilities,
+                patch_probabilities=np.zeros((0, 0, len(self.classes))),
+                patch_size=self.patch_size,
+                stride=self.stride,
+                attention=[
+                    (y, x, float(w)) for (y, x), w in zip(positions, attention, strict=True)
+                ],
+            )
         batch, (rows, cols) = image_to_batch(pixels, self.input_size, self.patch_size, self.stride)
         probs = self.predict_batch(batch)
         return Prediction(

@@ -126,21 +126,6 @@ def test_feature_cache_is_reused(tmp_path: Path, synthetic_dir: Path) -> None:
         torch.testing.assert_close(a, b)
 
 
-@pytest.fixture(scope="module")
-def mosaic_bags(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Path:
-    """2x2 mosaics of 32 px synthetic tiles; positive iff a 'tumor' tile is present."""
-    out = tmp_path_factory.mktemp("bags") / "bags"
-    result = CliRunner().invoke(
-        app,
-        [
-            "data", "bags", str(synthetic_dir), "--out", str(out), "--positive", "tumor",
-            "--grid", "2", "--bags-per-class", "24", "--tile-size", "32", "--max-positive", "1",
-        ],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def test_mosaic_bags_record_their_decisive_tiles(mosaic_bags: Path) -> None:
     with (mosaic_bags / "bags.csv").open() as fh:
         rows = list(csv.DictReader(fh))
