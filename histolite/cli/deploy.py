@@ -53,30 +53,61 @@ def export(
 
 @app.command("serve")
 def serve(
-    model_dir: Path = typer.Argument(..., help="Exported model folder (histolite export)."),
+    model_dir: Path = typer.Argument(
+        ...,
+        help="An exported model folder, or a repository of them: DIR/<name>/<version>/.",
+    ),
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 in a container)."),
     port: int = typer.Option(8000, help="Port."),
-    workers: int = typer.Option(1, help="Worker processes (each loads one ONNX session)."),
+    workers: int = typer.Option(1, help="Worker processes (each loads its own ONNX sessions)."),
     api_key: str | None = typer.Option(
-        None, envvar="HISTOLITE_API_KEY", help="Require this key (X-API-Key) for /v1/predict."
+        None, envvar="HISTOLITE_API_KEY", help="Require this key (X-API-Key) for predictions."
     ),
-    audit_db: Path = typer.Option(Path("histolite_audit.sqlite"), help="SQLite audit log."),
-    threads: int | None = typer.Option(None, help="ONNX Runtime threads per worker."),
+    audit_db: Path = typer.Option(
+        Path("histolite_audit.sqlite"), envvar="HISTOLITE_AUDIT_DB", help="SQLite audit log."
+    ),
+    threads: int | None = typer.Option(
+        None, envvar="HISTOLITE_THREADS", help="ONNX Runtime threads per model."
+    ),
+    slide_root: Path | None = typer.Option(
+        None,
+        envvar="HISTOLITE_SLIDE_ROOT",
+        help="Allow slide jobs (POST /v1/slides) for slides under this folder only.",
+    ),
+    jobs_dir: Path | None = typer.Option(
+        None, envvar="HISTOLITE_JOBS_DIR", help="Slide job state and results (kept on restart)."
+    ),
 ) -> None:
-    """Serve an exported model: prediction API, upload page, metrics (ONNX Runtime, no torch)."""
+    """Serve exported models: prediction API, upload page, slide jobs, metrics (no torch)."""
     import os
 
     import uvicorn
 
-    from histolite.export.runtime import load_card
+    from histolite.serve.repository import load_repository
 
-    load_card(model_dir)  # fail fast with a clear message
+    if slide_root is not None and workers > 1:
+        raise HistoliteError(
+            "slide jobs keep their queue in one process: use --workers 1 with --slide-root "
+            "(or run a second service for slides)"
+        )
+    repo = load_repository(model_dir, threads)  # fail fast with a clear message
+    for folder, error in sorted(repo.broken.items()):
+        typer.secho(f"skipped {folder}: {error}", fg="yellow", err=True)
+    typer.echo(
+        "serving "
+        + ", ".join(f"{n} v{repo.default_version(n)}" for n in repo.names())
+        + f"; default {repo.names()[0]}"
+    )
     os.environ["HISTOLITE_MODEL_DIR"] = str(model_dir.resolve())
     os.environ["HISTOLITE_AUDIT_DB"] = str(audit_db.resolve())
-    if api_key:
-        os.environ["HISTOLITE_API_KEY"] = api_key
-    if threads:
-        os.environ["HISTOLITE_THREADS"] = str(threads)
+    for name, value in (
+        ("HISTOLITE_API_KEY", api_key),
+        ("HISTOLITE_THREADS", threads),
+        ("HISTOLITE_SLIDE_ROOT", slide_root.resolve() if slide_root else None),
+        ("HISTOLITE_JOBS_DIR", jobs_dir.resolve() if jobs_dir else None),
+    ):
+        if value:
+            os.environ[name] = str(value)
     uvicorn.run(
         "histolite.serve.app:create_app_from_env",
         factory=True,
@@ -91,7 +122,11 @@ def serve(
 @audit_app.command("export")
 def audit_export(
     out: Path = typer.Option(..., "--out", help="CSV file to write."),
-    db: Path = typer.Option(Path("histolite_audit.sqlite"), help="Audit database of `serve`."),
+    db: Path = typer.Option(
+        Path("histolite_audit.sqlite"),
+        envvar="HISTOLITE_AUDIT_DB",
+        help="Audit database of `serve`.",
+    ),
 ) -> None:
     """Export the prediction audit log to CSV."""
     from histolite.serve.audit import export_audit_csv

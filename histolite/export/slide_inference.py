@@ -107,8 +107,12 @@ def classify_slide(
     settings: SlideSettings,
     *,
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Classify one slide's tissue tiles into ``OUT/<stem>/``; returns its summary."""
+    """Classify one slide's tissue tiles into ``OUT/<stem>/``; returns its summary.
+
+    ``on_progress(done, total)`` is called after every batch of tiles (job status pages).
+    """
     started = time.perf_counter()
     classes = list(model.classes)
     slide = open_slide(path, settings.mpp)
@@ -144,6 +148,8 @@ def classify_slide(
                     writer.writerow(tile_line(row, classes))
                     rows.append(row)
                 bar.update(len(chunk))
+                if on_progress is not None:
+                    on_progress(len(rows), len(tiles))
         classified = time.perf_counter()
     finally:
         slide.close()

@@ -1,9 +1,12 @@
 """The FastAPI application: ``create_app(ServeSettings(...))``.
 
-Endpoints: ``POST /v1/predict`` (multipart uploads or JSON ``{"url": ...}``), ``GET /v1/model``,
-``GET /healthz``, ``GET /readyz``, ``GET /metrics``, the upload page at ``/`` and OpenAPI at
-``/docs``. Bad input never gives a 500: every failure a client can cause maps to a 4xx with a
-message naming what was wrong.
+Endpoints: ``GET /v1/models`` (the repository: every model, version and card),
+``POST /v1/models/{name}[/versions/{version}]/predict`` and ``POST /v1/predict`` (the default
+model) for multipart uploads or JSON ``{"url": ...}``; ``POST /v1/slides`` and
+``GET /v1/slides/{id}[/files/{name}]`` for whole-slide jobs when a slide root is configured;
+``GET /v1/model``, ``/healthz``, ``/readyz``, ``/metrics``, the upload page at ``/`` and OpenAPI
+at ``/docs``. Bad input never gives a 500: every failure a client can cause maps to a 4xx with
+a message naming what was wrong.
 """
 
 from __future__ import annotations
@@ -25,18 +28,24 @@ from starlette.concurrency import run_in_threadpool
 
 from histolite.data.images import decode_rgb
 from histolite.errors import DataError
-from histolite.export.runtime import OnnxClassifier
 from histolite.serve.audit import AuditLog
 from histolite.serve.fetch import UrlFetcher, UrlFetchError
 from histolite.serve.metrics import Metrics
 from histolite.serve.middleware import BodyLimit, ClientError, RequestMetrics, client_status
+from histolite.serve.repository import ModelEntry, Repository, load_repository
+from histolite.serve.slide_jobs import JobError, SlideJobs, SlideJobSettings
 
 STATIC_DIR = Path(__file__).parent / "static"
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 @dataclass
 class ServeSettings:
-    model_dir: Path
+    model_dir: Path  # one exported model, or a repository <name>/<version>/
     api_key: str | None = None
     audit_db: Path | None = Path("histolite_audit.sqlite")
     max_request_bytes: int = 25 * 1024 * 1024
@@ -45,6 +54,10 @@ class ServeSettings:
     url_timeout: float = 10.0
     allow_private_urls: bool = False
     threads: int | None = None
+    slide_root: Path | None = None  # slide jobs only for slides under this folder
+    jobs_dir: Path | None = None  # job state and results (default: next to the audit log)
+    max_slide_jobs_running: int = 1
+    max_slide_jobs_queued: int = 8
 
     @classmethod
     def from_env(cls) -> ServeSettings:
@@ -58,6 +71,10 @@ class ServeSettings:
             max_request_bytes=int(env.get("HISTOLITE_MAX_REQUEST_BYTES", 25 * 1024 * 1024)),
             max_pixels=int(env.get("HISTOLITE_MAX_PIXELS", 60_000_000)),
             threads=int(env["HISTOLITE_THREADS"]) if env.get("HISTOLITE_THREADS") else None,
+            slide_root=_env_path("HISTOLITE_SLIDE_ROOT"),
+            jobs_dir=_env_path("HISTOLITE_JOBS_DIR"),
+            max_slide_jobs_running=int(env.get("HISTOLITE_SLIDE_JOBS_RUNNING", 1)),
+            max_slide_jobs_queued=int(env.get("HISTOLITE_SLIDE_JOBS_QUEUED", 8)),
         )
 
 
@@ -96,8 +113,7 @@ class PredictionService:
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self.classifier = OnnxClassifier(settings.model_dir, threads=settings.threads)
-        self.card = self.classifier.card
+        self.repository: Repository = load_repository(settings.model_dir, settings.threads)
         self.audit = AuditLog(settings.audit_db) if settings.audit_db else None
         self.metrics = Metrics()
         self.fetcher = UrlFetcher(
@@ -105,6 +121,31 @@ class PredictionService:
             max_bytes=settings.max_request_bytes,
             allow_private=settings.allow_private_urls,
         )
+        self.jobs: SlideJobs | None = None
+        if settings.slide_root is not None:
+            jobs_dir = settings.jobs_dir or (
+                (settings.audit_db.parent if settings.audit_db else Path(".")) / "slide_jobs"
+            )
+            self.jobs = SlideJobs(
+                SlideJobSettings(
+                    settings.slide_root,
+                    jobs_dir,
+                    settings.max_slide_jobs_running,
+                    settings.max_slide_jobs_queued,
+                ),
+                self.repository,
+                self.audit,
+            )
+
+    def model(self, name: str | None = None, version: str | None = None) -> ModelEntry:
+        try:
+            return self.repository.get(name, version)
+        except KeyError as exc:
+            raise ClientError(404, str(exc.args[0])) from exc
+
+    @property
+    def ready(self) -> bool:
+        return all(e.model.ready for v in self.repository.models.values() for e in v.values())
 
     def check_key(self, request: Request) -> None:
         if self.settings.api_key is None:
@@ -147,37 +188,51 @@ class PredictionService:
             return [(data, url.rsplit("/", 1)[-1] or url)]
         raise ClientError(415, "send multipart/form-data (field 'files') or JSON {\"url\": ...}")
 
-    def classify(self, data: bytes, filename: str | None, client: str | None) -> dict[str, Any]:
+    def classify(
+        self, entry: ModelEntry, data: bytes, filename: str | None, client: str | None
+    ) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             pixels = decode_rgb(data, filename or "upload", max_pixels=self.settings.max_pixels)
         except DataError as exc:
             raise ClientError(client_status(exc), str(exc)) from exc
-        classes = self.classifier.classes
-        prediction = self.classifier.predict(pixels)
+        classes = entry.model.classes
+        prediction = entry.model.predict(pixels)
         probs = {
             c: round(float(p), 6) for c, p in zip(classes, prediction.probabilities, strict=True)
         }
         predicted = classes[prediction.top_class()]
-        rows, cols = prediction.patch_probabilities.shape[:2]
         if self.audit is not None:
             self.audit.record(
                 client=client,
                 input_sha256=hashlib.sha256(data).hexdigest(),
                 filename=filename,
-                model_name=str(self.card.get("name")),
-                model_version=str(self.card.get("version")),
+                model_name=entry.name,
+                model_version=entry.version,
                 predicted_class=predicted,
                 probabilities=probs,
             )
         self.metrics.observe_prediction(predicted)
-        return {
+        result: dict[str, Any] = {
             "filename": filename,
             "class": predicted,
             "probability": probs[predicted],
             "probabilities": probs,
             "image_size": {"height": int(pixels.shape[0]), "width": int(pixels.shape[1])},
-            "patches": {
+            "model": entry.name,
+            "model_version": entry.version,
+            "time_ms": 0.0,
+        }
+        if prediction.attention is not None:  # a bag model: where it looked, per patch
+            size = prediction.patch_size
+            result["attention"] = [
+                {"x": x, "y": y, "width": size, "height": size, "weight": round(w, 6)}
+                for y, x, w in prediction.attention
+            ]
+            result["patches"] = None
+        else:
+            rows, cols = prediction.patch_probabilities.shape[:2]
+            result["patches"] = {
                 "rows": rows,
                 "cols": cols,
                 "size": prediction.patch_size,
@@ -186,31 +241,46 @@ class PredictionService:
                     [[round(float(v), 5) for v in cell] for cell in row]
                     for row in prediction.patch_probabilities
                 ],
-            },
-            "model_version": str(self.card.get("version")),
-            "time_ms": round((time.perf_counter() - started) * 1000, 2),
-        }
+            }
+        result["time_ms"] = round((time.perf_counter() - started) * 1000, 2)
+        return result
+
+    async def predict(self, request: Request, entry: ModelEntry) -> JSONResponse:
+        self.check_key(request)
+        client = request.client.host if request.client else None
+        items = await self.read_images(request)
+        results = [
+            await run_in_threadpool(self.classify, entry, data, name, client)
+            for data, name in items
+        ]
+        # plain JSON types already: skip FastAPI's jsonable_encoder pass over the patch grid
+        return JSONResponse(
+            {"model": entry.name, "model_version": entry.version, "predictions": results}
+        )
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
     service = PredictionService(settings)
-    card = service.card
+    repo = service.repository
+    default = repo.get()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        if service.jobs is not None:
+            service.jobs.close()
         if service.audit is not None:
             service.audit.close()
 
+    names = ", ".join(f"{n} (v{repo.default_version(n)})" for n in repo.names())
     app = FastAPI(
         lifespan=lifespan,
         title="histolite",
-        version=str(card.get("version")),
-        description=f"H&E tile classifier `{card.get('name')}` ({card.get('model')}, "
-        f"{card.get('precision')}). Classes: {', '.join(service.classifier.classes)}.",
+        version=str(default.card.get("version")),
+        description=f"H&E classifiers: {names}. Default model: `{default.name}`.",
     )
-    app.state.classifier, app.state.audit = service.classifier, service.audit
-    app.state.metrics = service.metrics
+    app.state.service, app.state.audit = service, service.audit
+    app.state.classifier, app.state.metrics = default.model, service.metrics
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # added first, so it runs inside the metrics middleware and its 413s are counted
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
@@ -221,38 +291,91 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def client_error(request: Request, exc: ClientError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
+    @app.exception_handler(JobError)
+    async def job_error(request: Request, exc: JobError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
     @app.post(
         "/v1/predict",
         openapi_extra=PREDICT_BODY,
-        summary="Classify uploaded images or one image URL",
+        summary="Classify uploaded images or one image URL with the default model",
     )
     async def predict(request: Request) -> JSONResponse:
-        service.check_key(request)
-        client = request.client.host if request.client else None
-        items = await service.read_images(request)
-        results = [
-            await run_in_threadpool(service.classify, data, name, client) for data, name in items
-        ]
-        # plain JSON types already: skip FastAPI's jsonable_encoder pass over the patch grid
-        return JSONResponse(
-            {
-                "model": card.get("name"),
-                "model_version": str(card.get("version")),
-                "predictions": results,
-            }
-        )
+        return await service.predict(request, default)
 
-    @app.get("/v1/model", summary="The model card")
+    @app.post(
+        "/v1/models/{name}/predict",
+        openapi_extra=PREDICT_BODY,
+        summary="Classify with a model's newest version",
+    )
+    async def predict_with(name: str, request: Request) -> JSONResponse:
+        return await service.predict(request, service.model(name))
+
+    @app.post(
+        "/v1/models/{name}/versions/{version}/predict",
+        openapi_extra=PREDICT_BODY,
+        summary="Classify with one version of a model",
+    )
+    async def predict_with_version(name: str, version: str, request: Request) -> JSONResponse:
+        return await service.predict(request, service.model(name, version))
+
+    @app.get("/v1/models", summary="Every model, its versions and their model cards")
+    def models() -> dict[str, Any]:
+        return {
+            "default": {"name": default.name, "version": default.version},
+            "models": repo.describe(),
+            "unavailable": [{"folder": k, "error": v} for k, v in sorted(repo.broken.items())],
+        }
+
+    @app.get("/v1/model", summary="The default model's card")
     def model_card() -> dict[str, Any]:
-        return card
+        return default.public_card()
+
+    @app.post("/v1/slides", summary="Classify a slide under the slide root in the background")
+    async def submit_slide(request: Request) -> JSONResponse:
+        service.check_key(request)
+        if service.jobs is None:
+            raise ClientError(404, "slide jobs are off: start the service with --slide-root")
+        try:
+            body = await request.json()
+        except Exception as exc:
+            raise ClientError(422, f"request body is not valid JSON ({exc})") from exc
+        if not isinstance(body, dict):
+            raise ClientError(422, 'JSON body must be {"slide": "relative/path.svs"}')
+        client = request.client.host if request.client else None
+        slide, model, version = body.get("slide"), body.get("model"), body.get("version")
+        if not isinstance(slide, str) or not all(
+            v is None or isinstance(v, str) for v in (model, version)
+        ):
+            raise ClientError(422, 'JSON body must be {"slide": "path", "model": "name"}')
+        job = await run_in_threadpool(service.jobs.submit, slide, model, version, client)
+        return JSONResponse(_job_view(job), status_code=202)
+
+    @app.get("/v1/slides/{job_id}", summary="A slide job's progress, then links to its results")
+    def slide_job(job_id: str, request: Request) -> JSONResponse:
+        service.check_key(request)
+        if service.jobs is None:
+            raise ClientError(404, "slide jobs are off: start the service with --slide-root")
+        return JSONResponse(_job_view(service.jobs.get(job_id)))
+
+    @app.get("/v1/slides/{job_id}/files/{name}", summary="An output of a finished slide job")
+    def slide_file(job_id: str, name: str, request: Request) -> FileResponse:
+        service.check_key(request)
+        if service.jobs is None:
+            raise ClientError(404, "slide jobs are off: start the service with --slide-root")
+        path = service.jobs.output(job_id, name)
+        media = {"geojson": "application/geo+json", "heatmap.png": "image/png"}.get(
+            name, "application/json" if name.endswith(".json") else "text/csv"
+        )
+        return FileResponse(path, media_type=media)
 
     @app.get("/healthz", summary="Liveness")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: model loaded and warmed up")
+    @app.get("/readyz", summary="Readiness: every model loaded and warmed up")
     def readyz() -> JSONResponse:
-        ready = service.classifier.ready
+        ready = service.ready
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
@@ -264,6 +387,19 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return FileResponse(STATIC_DIR / "index.html")
 
     return app
+
+
+def _job_view(job: dict[str, Any]) -> dict[str, Any]:
+    view = {k: v for k, v in job.items() if k != "client"}
+    if job["status"] == "done":
+        base = f"/v1/slides/{job['id']}/files"
+        view["links"] = {
+            "summary": f"{base}/summary.json",
+            "geojson": f"{base}/geojson",
+            "heatmap": f"{base}/heatmap.png",
+            "tiles": f"{base}/tiles.csv",
+        }
+    return view
 
 
 def create_app_from_env() -> FastAPI:

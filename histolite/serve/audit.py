@@ -44,6 +44,21 @@ CREATE TRIGGER IF NOT EXISTS predictions_no_update BEFORE UPDATE ON predictions
 BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS predictions_no_delete BEFORE DELETE ON predictions
 BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+CREATE TABLE IF NOT EXISTS slide_jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time TEXT NOT NULL,
+    client TEXT,
+    job_id TEXT NOT NULL,
+    slide TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT
+);
+CREATE TRIGGER IF NOT EXISTS slide_jobs_no_update BEFORE UPDATE ON slide_jobs
+BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS slide_jobs_no_delete BEFORE DELETE ON slide_jobs
+BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 """
 
 
@@ -84,6 +99,26 @@ class AuditLog:
                     predicted_class,
                     json.dumps(probabilities, sort_keys=True),
                 ),
+            )
+
+    def record_job(
+        self,
+        *,
+        client: str | None,
+        job_id: str,
+        slide: str,
+        model_name: str,
+        model_version: str,
+        event: str,
+        detail: str | None = None,
+    ) -> None:
+        """A slide job's life: submitted, then done or failed (with what it found or why)."""
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO slide_jobs (time, client, job_id, slide, model_name, model_version, "
+                "event, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (now, client, job_id, slide, model_name, model_version, event, detail),
             )
 
     def count(self) -> int:

@@ -56,16 +56,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Iterator[str]:
+def _serve(model_dir: Path, root: Path) -> Iterator[str]:
     import uvicorn
 
-    root = tmp_path_factory.mktemp("browser")
-    app = create_app(
-        ServeSettings(
-            model_dir=export_small_model(root, synthetic_dir), audit_db=root / "audit.sqlite"
-        )
-    )
+    app = create_app(ServeSettings(model_dir=model_dir, audit_db=root / "audit.sqlite"))
     port = _free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     uv = uvicorn.Server(config)
@@ -81,6 +75,17 @@ def server(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Ite
     yield url
     uv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("browser")
+    yield from _serve(export_small_model(root, synthetic_dir), root)
+
+
+@pytest.fixture(scope="module")
+def repository_server(tmp_path_factory: pytest.TempPathFactory, repository: Path) -> Iterator[str]:
+    yield from _serve(repository, tmp_path_factory.mktemp("browser_repo"))
 
 
 def test_upload_shows_class_bars_and_heatmap(
@@ -129,5 +134,46 @@ def test_real_kather_tile_renders_a_patch_grid(server: str, kather_dir: Path) ->
             page.set_input_files("#file-input", str(tile))
             page.wait_for_selector("article.result")
             assert page.get_attribute("article.result canvas.heatmap", "data-cells") == "16"
+        finally:
+            browser.close()
+
+
+def test_model_picker_and_attention_heatmap_of_a_bag_model(
+    repository_server: str, mosaic_bags: Path, tmp_path: Path
+) -> None:
+    image = sorted((mosaic_bags / "positive").glob("*.png"))[0]
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(repository_server)
+            page.wait_for_function("document.querySelectorAll('#model-select option').length > 0")
+            options = page.eval_on_selector_all(
+                "#model-select option", "els => els.map(e => e.value)"
+            )
+            assert options == ["bags/1", "tiles/10", "tiles/2", "tiles/1"]
+            assert page.input_value("#model-select") == "bags/1"  # the default model
+            page.select_option("#model-select", "tiles/2")
+            assert "tiles v2" in page.inner_text("#model-line")
+            page.select_option("#model-select", "bags/1")
+            assert "attention MIL" in page.inner_text("#model-line")
+            page.set_input_files("#file-input", str(image))
+            page.wait_for_selector("article.result", timeout=20_000)
+            heat = "article.result canvas.heatmap"
+            assert page.get_attribute(heat, "data-kind") == "attention"
+            assert page.get_attribute(heat, "data-cells") == "4"
+            assert "attention" in page.inner_text("article.result .legend")
+            assert "bags v1" in page.inner_text("article.result .meta")
+            # the most-attended patch is painted most opaque
+            alpha = page.evaluate(
+                """() => {
+                  const c = document.querySelector('article.result canvas.heatmap');
+                  const d = c.getContext('2d');
+                  return [[16, 16], [48, 16], [16, 48], [48, 48]].map(([x, y]) =>
+                    d.getImageData(x, y, 1, 1).data[3]);
+                }"""
+            )
+            assert max(alpha) > 0 and len(set(alpha)) > 1
+            page.screenshot(path=str(tmp_path / "bag.png"), full_page=True)
         finally:
             browser.close()

@@ -1,4 +1,5 @@
-// histolite upload page: no framework, no CDN. Talks to /v1/model and /v1/predict.
+// histolite upload page: no framework, no CDN. Talks to /v1/models and
+// /v1/models/{name}/versions/{version}/predict.
 "use strict";
 
 const statusLine = document.getElementById("status");
@@ -15,22 +16,53 @@ function headers() {
   return key ? { "X-API-Key": key } : {};
 }
 
-async function loadModel() {
+const picker = document.getElementById("model-select");
+const cards = new Map();
+
+function describe(key, card) {
+  // the repository's name and version (what the request uses), not the card's own labels
+  const [name, version] = key.split("/");
+  const kind = card.kind === "mil" ? `attention MIL, ${card.mil.pooling} pooling` : card.model;
+  return `Model ${name} v${version} (${kind}, ${card.precision}) · ` +
+    `${card.classes.length} classes · input ${card.input_size} px · patches ${card.patch_size} px`;
+}
+
+function showChoice() {
+  const card = cards.get(picker.value);
+  document.getElementById("model-line").textContent = card ? describe(picker.value, card) : "No model";
+}
+
+async function loadModels() {
   try {
-    const card = await (await fetch("/v1/model")).json();
-    document.getElementById("model-line").textContent =
-      `Model ${card.name} v${card.version} (${card.model}, ${card.precision}) · ` +
-      `${card.classes.length} classes · input ${card.input_size} px · patches ${card.patch_size} px`;
+    const listing = await (await fetch("/v1/models")).json();
+    for (const model of listing.models) {
+      for (const version of model.versions) {
+        const key = `${model.name}/${version.version}`;
+        cards.set(key, version.card);
+        const option = document.createElement("option");
+        option.value = key;
+        const newest = version.version === model.default_version ? " (newest)" : "";
+        option.textContent = `${model.name} v${version.version}${newest}`;
+        picker.appendChild(option);
+      }
+    }
+    picker.value = `${listing.default.name}/${listing.default.version}`;
+    showChoice();
   } catch (err) {
-    document.getElementById("model-line").textContent = "Model card unavailable";
+    document.getElementById("model-line").textContent = "Model list unavailable";
   }
 }
+picker.addEventListener("change", showChoice);
 
 async function send(body, isJson, label) {
   setStatus(`Classifying ${label}…`);
   const init = { method: "POST", headers: headers(), body };
   if (isJson) init.headers["Content-Type"] = "application/json";
-  const response = await fetch("/v1/predict", init);
+  const [name, version] = (picker.value || "").split("/");
+  const path = name
+    ? `/v1/models/${encodeURIComponent(name)}/versions/${encodeURIComponent(version)}/predict`
+    : "/v1/predict";
+  const response = await fetch(path, init);
   const payload = await response.json().catch(() => ({ detail: response.statusText }));
   if (!response.ok) {
     throw new Error(`${response.status}: ${payload.detail || "request failed"}`);
@@ -44,10 +76,27 @@ function drawImage(canvas, source) {
   canvas.getContext("2d").drawImage(source, 0, 0);
 }
 
+function drawAttention(canvas, prediction, width, height) {
+  // A bag model: each patch is shaded by its share of the attention (the largest is opaque).
+  canvas.width = width;
+  canvas.height = height;
+  const ctx = canvas.getContext("2d");
+  const top = Math.max(...prediction.attention.map((a) => a.weight)) || 1;
+  for (const a of prediction.attention) {
+    ctx.fillStyle = `rgba(255, 200, 0, ${(0.7 * a.weight / top).toFixed(3)})`;
+    ctx.fillRect(a.x, a.y, a.width, a.height);
+    ctx.strokeStyle = "rgba(255,255,255,0.6)";
+    ctx.strokeRect(a.x, a.y, a.width, a.height);
+  }
+  canvas.dataset.cells = String(prediction.attention.length);
+  canvas.dataset.kind = "attention";
+}
+
 function drawHeatmap(canvas, prediction, width, height) {
   // Each patch is shaded by its probability of the predicted class.
   canvas.width = width;
   canvas.height = height;
+  canvas.dataset.kind = "probability";
   const ctx = canvas.getContext("2d");
   const grid = prediction.patches;
   const classIndex = Object.keys(prediction.probabilities).indexOf(prediction.class);
@@ -73,9 +122,13 @@ function render(prediction, imageSource) {
   node.dataset.class = prediction.class;
   node.querySelector(".class-name").textContent = prediction.class;
   node.querySelector(".class-prob").textContent = `${(100 * prediction.probability).toFixed(1)}%`;
+  const isBag = Array.isArray(prediction.attention);
+  const layout = isBag
+    ? `a bag of ${prediction.attention.length} patches`
+    : `${prediction.patches.rows}×${prediction.patches.cols} patches`;
   node.querySelector(".meta").textContent =
     `${prediction.filename || ""} · ${prediction.image_size.width}×${prediction.image_size.height} px · ` +
-    `${prediction.patches.rows}×${prediction.patches.cols} patches · ${prediction.time_ms} ms`;
+    `${layout} · ${prediction.model} v${prediction.model_version} · ${prediction.time_ms} ms`;
   const bars = node.querySelector(".bars");
   const entries = Object.entries(prediction.probabilities).sort((a, b) => b[1] - a[1]);
   for (const [name, p] of entries) {
@@ -95,9 +148,16 @@ function render(prediction, imageSource) {
     imageCanvas.width = prediction.image_size.width;
     imageCanvas.height = prediction.image_size.height;
   }
-  drawHeatmap(heat, prediction, prediction.image_size.width, prediction.image_size.height);
-  node.querySelector(".legend").textContent =
-    `heatmap: probability of ${prediction.class} in each ${prediction.patches.size} px patch`;
+  if (isBag) {
+    drawAttention(heat, prediction, prediction.image_size.width, prediction.image_size.height);
+    node.querySelector(".heatmap-name").textContent = "attention";
+    node.querySelector(".legend").textContent =
+      "yellow: how much each patch decided the class (attention; the largest is most opaque)";
+  } else {
+    drawHeatmap(heat, prediction, prediction.image_size.width, prediction.image_size.height);
+    node.querySelector(".legend").textContent =
+      `heatmap: probability of ${prediction.class} in each ${prediction.patches.size} px patch`;
+  }
   node.querySelector(".show-heatmap").addEventListener("change", (e) => {
     heat.style.visibility = e.target.checked ? "visible" : "hidden";
   });
@@ -158,4 +218,4 @@ document.getElementById("url-form").addEventListener("submit", async (e) => {
   }
 });
 
-loadModel();
+loadModels();
