@@ -6,6 +6,8 @@ time limit, and prints what it measured. Traffic never leaves this machine.
 
     python benchmarks/load_serve.py --model MODEL_DIR [--requests 3000] [--concurrency 16]
         [--time-limit 60] [--workers 1] [--image TILE.png]
+    # mixed traffic over a repository of several models: requests alternate between them
+    python benchmarks/load_serve.py --model REPOSITORY --route-models tiles bags
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def default_image() -> Path:
 
 
 async def run_load(
-    url: str, payload: bytes, name: str, total: int, concurrency: int, time_limit: float
+    urls: list[str], payload: bytes, name: str, total: int, concurrency: int, time_limit: float
 ) -> tuple[list[float], dict[int, int], float]:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
@@ -91,6 +93,7 @@ async def run_load(
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal issued
         while issued < total and time.perf_counter() < deadline:
+            url = urls[issued % len(urls)]  # mixed traffic: round-robin over the routes
             issued += 1
             started = time.perf_counter()
             try:
@@ -117,6 +120,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads/worker")
     parser.add_argument("--image", type=Path, default=None)
+    parser.add_argument(
+        "--route-models",
+        nargs="+",
+        default=None,
+        help="send to /v1/models/NAME/predict, alternating between these models",
+    )
     args = parser.parse_args()
     image = args.image or default_image()
     payload = image.read_bytes()
@@ -164,7 +173,9 @@ def main() -> None:
         client_cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         latencies, statuses, elapsed = asyncio.run(
             run_load(
-                f"{base}/v1/predict",
+                [f"{base}/v1/models/{m}/predict" for m in args.route_models]
+                if args.route_models
+                else [f"{base}/v1/predict"],
                 payload,
                 image.name,
                 args.requests,
@@ -191,7 +202,8 @@ def main() -> None:
     print(
         f"model: {args.model} | image: {image.name} ({len(payload)} bytes) | "
         f"server workers: {args.workers} | ORT threads: {args.threads or 'default'} | "
-        f"concurrency: {args.concurrency} | cpus: {os.cpu_count()}"
+        f"concurrency: {args.concurrency} | cpus: {os.cpu_count()} | routes: "
+        f"{', '.join(args.route_models) if args.route_models else '/v1/predict'}"
     )
     print(f"requests: {done} in {elapsed:.1f} s -> {done / elapsed:.1f} requests/s")
     print(f"latency ms: p50 {q[49]:.1f}  p95 {q[94]:.1f}  p99 {q[98]:.1f}  max {ms[-1]:.1f}")

@@ -18,13 +18,38 @@ DOCKERFILE = (DEPLOY / "Dockerfile").read_text()
 
 
 def _manifests() -> dict[str, dict]:
+    """The prediction service's objects by kind (the slide service and Jobs are apart)."""
     docs = {}
     for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
-        if path.name == "slide-job.yaml":  # the batch Jobs: tests/slide/test_slide_job_manifest.py
+        if path.name in ("slide-job.yaml", "slides-deployment.yaml"):
             continue
         for doc in yaml.safe_load_all(path.read_text()):
             docs[doc["kind"]] = doc
     return docs
+
+
+def test_slide_service_is_one_replica_with_the_slide_volume() -> None:
+    docs = {
+        d["kind"]: d
+        for d in yaml.safe_load_all((DEPLOY / "k8s" / "slides-deployment.yaml").read_text())
+    }
+    spec = docs["Deployment"]["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    (container,) = spec["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["HISTOLITE_SLIDE_ROOT"] == "/slides"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/slides"]["readOnly"] is True and env["HISTOLITE_JOBS_DIR"].startswith("/data")
+    import histolite.cli.deploy as cli_deploy
+
+    source = Path(cli_deploy.__file__).read_text()
+    for key in ("HISTOLITE_SLIDE_ROOT", "HISTOLITE_JOBS_DIR"):
+        assert (
+            key in source
+            and key in Path(__import__("histolite.serve.app").serve.app.__file__).read_text()
+        )
+    assert docs["Service"]["spec"]["selector"] == spec["selector"]["matchLabels"]
+    assert 'ENTRYPOINT ["histolite", "serve", "/models"' in DOCKERFILE
 
 
 def test_manifests_parse_and_cover_the_deployment() -> None:

@@ -45,11 +45,11 @@ def test_indexed_job_runs_one_shard_per_index() -> None:
         assert container["resources"]["limits"]
 
 
-def _run(command: str, slides: Path, model: Path, results: Path, index: int | None) -> None:
+def _run(command: str, slides: Path, models: Path, results: Path, index: int | None) -> None:
     """The manifest's shell command with its volumes mapped to folders here."""
     local = (
         command.replace("/slides", str(slides))
-        .replace("/models/model", str(model))
+        .replace("/models", str(models))
         .replace("/results", str(results))
         .replace("sleep 30 && ", "")
     )
@@ -70,9 +70,11 @@ def test_the_job_commands_shard_and_merge_a_slide_volume(
     jobs = _jobs()
     count = jobs["histolite-slide-shards"]["spec"]["completions"]
     results = tmp_path / "results"
+    models = tmp_path / "models"  # the image's /models repository
+    shutil.copytree(model.model_dir, models / "kather-student" / "1")
     for index in range(count):
-        _run(_command(jobs["histolite-slide-shards"]), slides, model.model_dir, results, index)
-    _run(_command(jobs["histolite-slide-merge"]), slides, model.model_dir, results, None)
+        _run(_command(jobs["histolite-slide-shards"]), slides, models, results, index)
+    _run(_command(jobs["histolite-slide-merge"]), slides, models, results, None)
     reference = tmp_path / "reference"
     settings = SlideSettings()  # the manifest's defaults: the model's tile, min tissue 0.5
     classify_slide(slides / "case1.tif", model, reference, settings, progress=False)
