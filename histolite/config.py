@@ -21,9 +21,19 @@ class _Strict(BaseModel):
 
 
 class StainConfig(_Strict):
-    method: Literal["reinhard"] = "reinhard"
-    target: str = Field(description="reference image, or JSON of saved Lab statistics")
-    ignore_background: bool = False
+    method: Literal["reinhard", "macenko"] = "reinhard"
+    target: str = Field(
+        description="reference image, or the JSON `histolite stain fit` saves (Lab statistics "
+        "or stain vectors)"
+    )
+    ignore_background: bool = Field(default=False, description="reinhard: statistics of tissue")
+    fallback: Literal["unchanged", "target"] = Field(
+        default="unchanged",
+        description="macenko: what tiles with too little tissue get (see histolite.stain.macenko)",
+    )
+    min_tissue: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="macenko: least tissue fraction to fit stains"
+    )
 
 
 class PatchConfig(_Strict):
@@ -115,6 +125,16 @@ class AugmentConfig(_Strict):
     )
     mixup_alpha: float = Field(
         default=0.0, ge=0.0, description="mixup with Beta(alpha, alpha) weights; 0 = off"
+    )
+    hed_jitter: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="HED stain jitter (Tellez et al. 2019): scale and shift up to this; 0 = off",
+    )
+    random_reinhard: bool = Field(
+        default=False,
+        description="normalise each training image to Lab statistics drawn around the data's",
     )
 
     @model_validator(mode="after")

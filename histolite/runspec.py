@@ -133,31 +133,58 @@ class PatchSpec:
 
 @dataclass(frozen=True)
 class StainSpec:
-    """Reinhard target statistics (CIELAB mean and std), kept so inference needs no image."""
+    """The stain target, kept so inference needs no reference image.
 
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    Reinhard: CIELAB mean and std. Macenko: the H and E stain vectors, their 99th-percentile
+    strengths and the fallback for tiles without enough tissue.
+    """
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     ignore_background: bool = False
     method: str = "reinhard"
     colour_space: str = "CIELAB-D65"
     source: str | None = None
+    stain_matrix: tuple[tuple[float, ...], ...] | None = None
+    max_concentrations: tuple[float, ...] | None = None
+    fallback: str | None = None
+    min_tissue: float | None = None
 
     def statistics(self) -> tuple[Any, ...]:
         """What decides the normalisation (not where the target was read from)."""
-        return (self.method, self.colour_space, self.mean, self.std, self.ignore_background)
+        return (
+            self.method,
+            self.colour_space,
+            self.mean,
+            self.std,
+            self.ignore_background,
+            self.stain_matrix,
+            self.max_concentrations,
+            self.fallback,
+        )
 
     def describe(self) -> str:
-        return f"{self.method} to mean {list(self.mean)}, std {list(self.std)}"
+        if self.method == "macenko":
+            return f"macenko to stains {self.stain_matrix}"
+        return f"{self.method} to mean {list(self.mean or ())}, std {list(self.std or ())}"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StainSpec:
+        def floats(key: str) -> tuple[float, ...] | None:
+            return tuple(float(v) for v in data[key]) if data.get(key) is not None else None
+
+        matrix = data.get("stain_matrix")
         return cls(
-            mean=tuple(float(v) for v in data["mean"]),
-            std=tuple(float(v) for v in data["std"]),
+            mean=floats("mean"),
+            std=floats("std"),
             ignore_background=bool(data.get("ignore_background", False)),
             method=str(data.get("method", "reinhard")),
             colour_space=str(data.get("colour_space", "CIELAB-D65")),
             source=data.get("source"),
+            stain_matrix=tuple(tuple(float(v) for v in row) for row in matrix) if matrix else None,
+            max_concentrations=floats("max_concentrations"),
+            fallback=data.get("fallback"),
+            min_tissue=float(data["min_tissue"]) if data.get("min_tissue") is not None else None,
         )
 
 

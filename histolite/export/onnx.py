@@ -39,6 +39,7 @@ from histolite.models import count_parameters
 from histolite.models.loading import LoadedRun, load_run, require_classifier
 from histolite.models.mil import AttentionMIL
 from histolite.runspec import RunDir
+from histolite.stain import ReinhardNormalizer
 
 OPSET = 17
 INTENDED_USE = (
@@ -177,14 +178,21 @@ def _export_graph(run: LoadedRun, path: Path) -> None:
     and also return each patch's attention.
     """
     size = run.spec.image_size
+    stain = run.stain
+    if not (stain is None or isinstance(stain, ReinhardNormalizer)):
+        raise ExportError(
+            f"{run.run_dir} uses {stain.__class__.__name__}: its per-tile stain estimation "
+            "(eigenvectors, percentiles) is not part of an ONNX graph; to deploy, train with "
+            "Reinhard normalisation or with stain augmentation (augment.hed_jitter)"
+        )
     graph: torch.nn.Module
     if isinstance(run.model, AttentionMIL):
-        graph = MilServingGraph(run.model, run.stain).eval()
+        graph = MilServingGraph(run.model, stain).eval()
         names = {"input_names": ["patches"], "output_names": ["probabilities", "attention"]}
         axes = {"patches": {0: "instances"}, "attention": {0: "instances"}}
         example = torch.rand(3, 3, size, size)
     else:
-        graph = ServingGraph(require_classifier(run, "ONNX export"), run.stain).eval()
+        graph = ServingGraph(require_classifier(run, "ONNX export"), stain).eval()
         names = {"input_names": ["image"], "output_names": ["probabilities"]}
         axes = {"image": {0: "batch"}, "probabilities": {0: "batch"}}
         example = torch.rand(1, 3, size, size)

@@ -16,6 +16,7 @@ from histolite.models import NormalizedClassifier, create_model
 from histolite.models.mil import build_attention_mil
 from histolite.runspec import RunSpec, checkpoint_path
 from histolite.stain import ReinhardNormalizer, ReinhardStats
+from histolite.stain.macenko import MacenkoNormalizer, MacenkoStats
 
 
 @dataclass
@@ -26,7 +27,7 @@ class LoadedRun:
     run_dir: Path
     spec: RunSpec
     model: nn.Module
-    stain: ReinhardNormalizer | None
+    stain: ReinhardNormalizer | MacenkoNormalizer | None
 
     @property
     def is_mil(self) -> bool:
@@ -46,11 +47,25 @@ def model_state_from_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def stain_from_spec(spec: RunSpec) -> ReinhardNormalizer | None:
-    if spec.stain is None:
+def stain_from_spec(spec: RunSpec) -> ReinhardNormalizer | MacenkoNormalizer | None:
+    """The run's stain normaliser, rebuilt from run.json (no reference image needed)."""
+    stain = spec.stain
+    if stain is None:
         return None
-    stats = ReinhardStats(mean=spec.stain.mean, std=spec.stain.std)
-    return ReinhardNormalizer(stats, ignore_background=spec.stain.ignore_background)
+    if stain.method == "macenko":
+        assert stain.stain_matrix is not None and stain.max_concentrations is not None
+        target = MacenkoStats(
+            (tuple(stain.stain_matrix[0]), tuple(stain.stain_matrix[1])),  # type: ignore[arg-type]
+            (stain.max_concentrations[0], stain.max_concentrations[1]),
+        )
+        return MacenkoNormalizer(
+            target,
+            min_tissue=stain.min_tissue if stain.min_tissue is not None else 0.05,
+            fallback=stain.fallback or "unchanged",  # type: ignore[arg-type]
+        )
+    assert stain.mean is not None and stain.std is not None
+    stats = ReinhardStats(mean=stain.mean, std=stain.std)
+    return ReinhardNormalizer(stats, ignore_background=stain.ignore_background)
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None = None) -> LoadedRun:

@@ -22,6 +22,7 @@ from histolite.models import pretrained_mean_std
 from histolite.runinfo import fingerprint_files
 from histolite.runspec import StainSpec
 from histolite.stain import ReinhardNormalizer
+from histolite.stain.macenko import MacenkoNormalizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -87,9 +88,14 @@ def prepare_data(
     return PreparedData(split=split, skipped=skipped)
 
 
-def build_stain(cfg: DataConfig) -> ReinhardNormalizer | None:
+def build_stain(cfg: DataConfig) -> ReinhardNormalizer | MacenkoNormalizer | None:
+    """The configured stain normaliser (uint8 tiles in, uint8 out), or None."""
     if cfg.stain is None:
         return None
+    if cfg.stain.method == "macenko":
+        return MacenkoNormalizer.from_file(
+            cfg.stain.target, fallback=cfg.stain.fallback, min_tissue=cfg.stain.min_tissue
+        )
     return ReinhardNormalizer.from_file(
         cfg.stain.target, ignore_background=cfg.stain.ignore_background
     )
@@ -166,9 +172,20 @@ def stain_spec(cfg: DataConfig) -> StainSpec | None:
     if normalizer is None:
         return None
     assert cfg.stain is not None
+    source = str(Path(cfg.stain.target))
+    if isinstance(normalizer, MacenkoNormalizer):
+        return StainSpec(
+            method="macenko",
+            colour_space="optical density",
+            source=source,
+            stain_matrix=normalizer.target.stain_matrix,
+            max_concentrations=normalizer.target.max_concentrations,
+            fallback=cfg.stain.fallback,
+            min_tissue=cfg.stain.min_tissue,
+        )
     return StainSpec(
         mean=tuple(normalizer.target.mean),
         std=tuple(normalizer.target.std),
         ignore_background=cfg.stain.ignore_background,
-        source=str(Path(cfg.stain.target)),
+        source=source,
     )

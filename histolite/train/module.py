@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -40,6 +41,8 @@ class ClassifierModule(L.LightningModule):
         self.mixup_alpha = mixup_alpha
         self.input_size = input_size
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        # batch-level stain augmentation (runs on the batch's device); set by train_run
+        self.batch_augment: Callable[[Tensor], Tensor] | None = None
         self.optimizer_cfg = optimizer
         self.scheduler_cfg = scheduler
         self.max_epochs = max_epochs
@@ -87,6 +90,8 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        if self.batch_augment is not None:
+            x = self.batch_augment(x)
         x, mix = self.mix_batch(x, y)
         loss, logits = self.training_loss(x, y, mix)
         shown = y if mix is None or mix.lam >= 0.5 else mix.other  # the dominant image's label

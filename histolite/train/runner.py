@@ -24,6 +24,7 @@ from histolite.fileio import read_json, write_json, write_text
 from histolite.models import NormalizedClassifier, create_model
 from histolite.runinfo import run_metadata
 from histolite.runspec import MilSpec, RunDir, RunSpec, is_rank_zero
+from histolite.stain.augment import BatchStainAugment, lab_spread
 from histolite.train.data import (
     ImageDataModule,
     PreparedData,
@@ -247,6 +248,19 @@ def _next_log_version(out: Path) -> int:
     return len(list(logs.glob("csv*"))) if logs.is_dir() else 0
 
 
+def batch_stain_augment(cfg: TrainConfig, prepared: PreparedData) -> BatchStainAugment:
+    """The config's stain augmentation; random Reinhard draws around 200 training images."""
+    spread = None
+    if cfg.augment.random_reinhard:
+        from histolite.data.images import load_rgb
+        from histolite.data.transforms import image_tensor
+
+        train = prepared.splits["train"]
+        chosen = train[:: max(1, len(train) // 200)][:200]
+        spread = lab_spread([image_tensor(load_rgb(s.path)) for s in chosen])
+    return BatchStainAugment(cfg.augment.hed_jitter, spread)
+
+
 def _trainer(
     cfg: TrainConfig, files: RunDir, callbacks: list[Callback], progress: bool
 ) -> L.Trainer:
@@ -332,6 +346,9 @@ def train_run(
 
     model = model_builder(spec, cfg)
     module = module_builder(model, cfg, spec)
+    augment = batch_stain_augment(cfg, prepared)
+    if augment and isinstance(module, ClassifierModule):
+        module.batch_augment = augment
     datamodule = datamodule_builder(prepared, cfg, spec, model, out, progress and is_rank_zero())
     has_val = getattr(datamodule, "val_set", None) is not None
     monitor = cfg.trainer.monitor if has_val else None

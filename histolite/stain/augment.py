@@ -1,0 +1,112 @@
+"""Stain augmentation on batches: HED jitter (Tellez et al. 2019) and random Reinhard targets.
+
+Both act on float batches (B, 3, H, W) in [0, 1] on whatever device the batch is on, so a
+training run on a GPU augments on the GPU. Randomness comes from torch's generator (seeded by
+the run's seed), one draw per image.
+
+- **HED jitter**: each image is unmixed into haematoxylin, eosin and DAB optical densities
+  (Ruifrok and Johnston's stain vectors, as scikit-image's ``rgb2hed``), each channel is scaled
+  by ``1 + U(-sigma, sigma)`` and shifted by ``U(-sigma, sigma)``, and the image is mixed back.
+- **Random Reinhard**: each image gets Lab statistics drawn around those of the training set
+  (a Gaussian per statistic, fitted on training images) and is normalised towards them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from histolite.stain.reinhard import ReinhardNormalizer, ReinhardStats
+
+# Ruifrok & Johnston: rows are the OD of haematoxylin, eosin and DAB (scikit-image rgb_from_hed).
+RGB_FROM_HED = torch.tensor(
+    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64
+)
+RGB_FROM_HED = RGB_FROM_HED / RGB_FROM_HED.norm(dim=1, keepdim=True)
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+_LIGHT_FLOOR = 1.0 / 255.0
+
+
+def rgb_to_hed(rgb: Tensor) -> Tensor:
+    """(B, 3, H, W) RGB in [0, 1] -> stain optical densities (B, 3, H, W): H, E, DAB."""
+    od = -torch.log(rgb.clamp(min=_LIGHT_FLOOR))
+    return torch.einsum("bchw,cd->bdhw", od, HED_FROM_RGB.to(od))
+
+
+def hed_to_rgb(hed: Tensor) -> Tensor:
+    od = torch.einsum("bdhw,dc->bchw", hed, RGB_FROM_HED.to(hed))
+    return torch.exp(-od).clamp(0.0, 1.0)
+
+
+def hed_jitter(images: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
+    """Scale and shift each image's H, E and DAB densities by random amounts up to ``sigma``."""
+    if sigma <= 0:
+        return images
+    n = images.shape[0]
+    shape = (n, 3, 1, 1)
+    alpha = 1.0 + (torch.rand(shape, generator=generator) * 2 - 1) * sigma
+    beta = (torch.rand(shape, generator=generator) * 2 - 1) * sigma
+    hed = rgb_to_hed(images.float())
+    jittered = hed * alpha.to(hed) + beta.to(hed)
+    return hed_to_rgb(jittered).to(images.dtype)
+
+
+@dataclass(frozen=True)
+class LabSpread:
+    """Mean and spread of the per-image Lab statistics of a set of training images."""
+
+    mean_of_means: tuple[float, float, float]
+    std_of_means: tuple[float, float, float]
+    mean_of_stds: tuple[float, float, float]
+    std_of_stds: tuple[float, float, float]
+
+
+def random_reinhard(
+    images: Tensor, spread: LabSpread, generator: torch.Generator | None = None
+) -> Tensor:
+    """Each image normalised to Lab statistics drawn from ``spread`` (float in, float out)."""
+    n = images.shape[0]
+
+    def draw(centre: tuple[float, ...], width: tuple[float, ...]) -> Tensor:
+        noise = torch.randn((n, 3), generator=generator, dtype=torch.float64)
+        return torch.tensor(centre, dtype=torch.float64) + noise * torch.tensor(width)
+
+    means = draw(spread.mean_of_means, spread.std_of_means)
+    stds = draw(spread.mean_of_stds, spread.std_of_stds).clamp_min(1.0)
+    normaliser = ReinhardNormalizer(ReinhardStats((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
+    return normaliser.torch_normalize(images, targets=(means, stds))
+
+
+class BatchStainAugment:
+    """The stain augmentations a config asks for, applied to a float training batch."""
+
+    def __init__(self, hed_sigma: float = 0.0, spread: LabSpread | None = None) -> None:
+        self.hed_sigma = hed_sigma
+        self.spread = spread
+
+    def __bool__(self) -> bool:
+        return self.hed_sigma > 0 or self.spread is not None
+
+    def __call__(self, images: Tensor) -> Tensor:
+        if self.spread is not None:
+            images = random_reinhard(images, self.spread)
+        return hed_jitter(images, self.hed_sigma)
+
+
+def lab_spread(images: list[Tensor]) -> LabSpread:
+    """Per-image Lab means and stds of uint8 (3, H, W) images, summarised per channel."""
+    from histolite.stain.colour import rgb_to_lab
+
+    means, stds = [], []
+    for image in images:
+        lab = rgb_to_lab(image.unsqueeze(0))[0].double().reshape(3, -1)
+        means.append(lab.mean(dim=1))
+        stds.append(lab.std(dim=1, unbiased=False))
+    m, s = torch.stack(means), torch.stack(stds)
+
+    def three(t: Tensor) -> tuple[float, float, float]:
+        return (float(t[0]), float(t[1]), float(t[2]))
+
+    return LabSpread(three(m.mean(0)), three(m.std(0)), three(s.mean(0)), three(s.std(0)))
