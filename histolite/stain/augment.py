@@ -20,11 +20,11 @@ from torch import Tensor
 
 from histolite.stain.reinhard import ReinhardNormalizer, ReinhardStats
 
-# Ruifrok & Johnston: rows are the OD of haematoxylin, eosin and DAB (scikit-image rgb_from_hed).
+# Ruifrok & Johnston: rows are the OD of haematoxylin, eosin and DAB, exactly scikit-image's
+# rgb_from_hed, so densities equal rgb2hed's (before its clipping at 0) up to its log scale.
 RGB_FROM_HED = torch.tensor(
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64
 )
-RGB_FROM_HED = RGB_FROM_HED / RGB_FROM_HED.norm(dim=1, keepdim=True)
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 _LIGHT_FLOOR = 1.0 / 255.0
 
