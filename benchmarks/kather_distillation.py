@@ -51,11 +51,11 @@ ARMS = {
     "student": Arm("student", "train", "configs/kather2016_student.yaml"),
     "vanilla_kd": Arm("vanilla_kd", "distill", "configs/kather2016_student_kd.yaml"),
     "multipart_kd": Arm("multipart_kd", "distill", "configs/kather2016_student_multipart.yaml"),
-    # The old default student, on the same split as the others.
+    # The old default student (15 epochs, as in its KD recipes), on the same split as the others.
     "resnet8": Arm(
         "resnet8",
         "train",
-        "configs/kather2016_resnet8.yaml",
+        "configs/kather2016_resnet8_kd.yaml",
         (
             "data.split_by=group",
             "data.val_split_by=group_if_possible",
