@@ -130,7 +130,8 @@ def main() -> None:
                   f"re-coloured {shifted['accuracy']:.4f}", flush=True)  # fmt: skip
     rows = list(csv.DictReader(results.open()))
     lines = [
-        "| stain handling | accuracy % (grouped test) | accuracy % (re-coloured test) | drop | seeds |",
+        "| stain handling | accuracy % (grouped test) | accuracy % (re-coloured test) | drop "
+        "| seeds |",
         "|---|---:|---:|---:|---:|",
     ]
     for arm in arms(target):
