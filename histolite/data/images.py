@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -22,12 +22,19 @@ class UnsupportedImage(DataError):
     """Not an image format histolite reads (HTTP 415 when served)."""
 
 
+class MultiFrameImage(UnsupportedImage):
+    """An animation or a multi-page file: which frame was meant is unknown (HTTP 415)."""
+
+
 class ImageTooLarge(DataError):
     """More pixels than allowed, e.g. a decompression bomb (HTTP 413 when served)."""
 
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 TIFF_EXTENSIONS = frozenset({".tif", ".tiff"})
+# Exactly the documented formats (TIFF goes through tifffile): Pillow would also decode BMP,
+# WebP, ICO, TGA, GIF... and the error messages promise PNG, JPEG or TIFF.
+PIL_FORMATS = ("PNG", "JPEG")
 
 
 def is_image_file(path: Path) -> bool:
@@ -50,10 +57,23 @@ def _to_rgb_uint8(array: np.ndarray, path: Path) -> np.ndarray:
     elif array.dtype != np.uint8:
         raise DataError(f"{path}: unsupported pixel type {array.dtype}; expected 8- or 16-bit RGB")
     if array.shape[2] == 4:
-        alpha = array[..., 3:4].astype(np.float32) / 255.0
-        rgb = array[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-        array = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+        array = _flatten_alpha(array)
     return np.ascontiguousarray(array)
+
+
+def _flatten_alpha(rgba: np.ndarray, rows: int = 1024) -> np.ndarray:
+    """RGBA onto white in integer arithmetic, a band of rows at a time.
+
+    Float blending of a near-limit image costs several gigabytes; uint16 bands cost a few
+    megabytes over the output: (c * a + 255 * (255 - a) + 127) // 255, exact rounding.
+    """
+    out = np.empty((*rgba.shape[:2], 3), np.uint8)
+    for start in range(0, rgba.shape[0], rows):
+        band = rgba[start : start + rows]
+        alpha = band[..., 3:4].astype(np.uint16)
+        blended = band[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127
+        out[start : start + rows] = (blended // 255).astype(np.uint8)
+    return out
 
 
 def _read_tiff(
@@ -63,12 +83,18 @@ def _read_tiff(
 
     try:
         with tifffile.TiffFile(path) as tif:
-            shape = tif.pages[0].shape
-            if max_pixels is not None and int(np.prod(shape[:2])) > max_pixels:
+            page: Any = tif.pages[0]
+            # width x height from the tags, whatever the layout (planar data is (C, H, W))
+            height, width = int(page.imagelength), int(page.imagewidth)
+            if max_pixels is not None and height * width > max_pixels:
                 raise ImageTooLarge(
-                    f"{label}: {shape[0]}x{shape[1]} pixels exceeds the limit of {max_pixels}"
+                    f"{label}: {height}x{width} pixels exceeds the limit of {max_pixels}"
                 )
-            array = tif.pages[0].asarray()
+            if len(tif.pages) > 1:
+                raise MultiFrameImage(
+                    f"{label}: a TIFF of {len(tif.pages)} pages; send one image per file"
+                )
+            array = page.asarray()
     except DataError:
         raise
     except Exception as exc:  # tifffile raises many types for broken files
@@ -84,11 +110,16 @@ def _read_pil(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(path, formats=PIL_FORMATS) as opened:
                 width, height = opened.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise ImageTooLarge(
                         f"{label}: {height}x{width} pixels exceeds the limit of {max_pixels}"
+                    )
+                frames = getattr(opened, "n_frames", 1)
+                if frames > 1:
+                    raise MultiFrameImage(
+                        f"{label}: an image of {frames} frames; send one image per file"
                     )
                 opened.load()
                 img: Image.Image = opened
@@ -156,7 +187,7 @@ def decode_rgb(data: bytes, name: str = "upload", max_pixels: int | None = None)
         array = reader(stream, name, max_pixels)
     except UnsupportedImage as exc:
         claimed = next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
-        if claimed is None:
+        if claimed is None or isinstance(exc, MultiFrameImage):
             raise
         raise DataError(f"{name}: corrupt {claimed} data (unreadable or truncated)") from exc
     return _to_rgb_uint8(array, Path(name))
@@ -170,8 +201,8 @@ def image_size(path: str | Path) -> tuple[int, int]:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
-                shape = tif.pages[0].shape
-            return (shape[0], shape[1]) if shape[-1] in (3, 4) else (shape[1], shape[2])
+                page: Any = tif.pages[0]
+                return int(page.imagelength), int(page.imagewidth)
         with Image.open(path) as img:
             width, height = img.size
         return height, width

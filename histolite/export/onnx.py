@@ -7,6 +7,7 @@ after the parity check passes: a failed export leaves nothing behind.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import shutil
 import tempfile
 from collections import Counter
@@ -32,6 +33,7 @@ from histolite.export.runtime import (
     MODEL_FILE,
     OnnxClassifier,
     bag_to_batch,
+    file_sha256,
     image_to_batch,
 )
 from histolite.fileio import read_json, write_json
@@ -310,6 +312,18 @@ def _calibration_batch(
     return image_to_batch(pixels, size, patch_size, stride)[0]
 
 
+def _make_readable(folder: Path) -> None:
+    """Folder and files as a plain ``mkdir``/``open`` would make them under the umask.
+
+    ``mkdtemp``/``mkstemp`` create 0700/0600, which a container's non-root user cannot read.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~mask)
+
+
 def export_run(
     run_dir: str | Path,
     out: str | Path,
@@ -371,6 +385,7 @@ def export_run(
                 f"probability difference {max_diff:.4f}. Nothing was written."
             )
         card["size_bytes"] = (staging / MODEL_FILE).stat().st_size
+        card["sha256"] = file_sha256(staging / MODEL_FILE)  # serve refuses a swapped graph
         card["parity"] = {
             "samples": len(checks),
             "top1_agreement": agreement,
@@ -380,6 +395,7 @@ def export_run(
             "reference": "PyTorch checkpoint through histolite's evaluation path",
         }
         write_json(staging / CARD_FILE, card)
+        _make_readable(staging)
         staging.rename(out)
     finally:
         if staging.exists():

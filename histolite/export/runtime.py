@@ -8,6 +8,7 @@ patch probabilities are averaged, which also gives a per-patch heatmap.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -38,6 +39,14 @@ class Prediction:
 
     def top_class(self) -> int:
         return int(self.probabilities.argmax())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_card(model_dir: str | Path) -> dict[str, Any]:
@@ -117,6 +126,12 @@ class OnnxClassifier:
         path = self.model_dir / MODEL_FILE
         if not path.is_file():
             raise HistoliteError(f"{path}: model file missing")
+        expected = self.card.get("sha256")
+        if expected is not None and card is None and file_sha256(path) != expected:
+            raise HistoliteError(
+                f"{path}: the graph is not the one its model card describes (SHA-256 differs "
+                "from model.json); refusing to serve a swapped or damaged model"
+            )
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -127,9 +142,15 @@ class OnnxClassifier:
             )
         use_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else []
-        self.session = ort.InferenceSession(
-            str(path), options, providers=[*providers] or ["CPUExecutionProvider"]
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=[*providers] or ["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ONNX Runtime's own error types for a corrupt graph
+            first_line = (
+                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            )
+            raise HistoliteError(f"{path}: not a loadable ONNX graph ({first_line[:300]})") from exc
         self.device = "cuda" if use_cuda else "cpu"
         self.input_name = self.session.get_inputs()[0].name
         self.classes: list[str] = list(self.card["classes"])

@@ -182,7 +182,7 @@ class PredictionService:
             if not isinstance(url, str) or not url:
                 raise ClientError(422, 'JSON body must be {"url": "http(s)://..."}')
             try:
-                data = await run_in_threadpool(self.fetcher.fetch, url)
+                data = await self.fetcher.fetch(url)
             except UrlFetchError as exc:
                 raise ClientError(exc.status, str(exc)) from exc
             return [(data, url.rsplit("/", 1)[-1] or url)]

@@ -1,21 +1,30 @@
-"""Fetch an image by URL without becoming an SSRF proxy.
+"""Fetch an image by URL without becoming an SSRF proxy or a thread sink.
 
-Only http(s). Before every hop (the first request and each redirect) the host name is resolved
-and every address it resolves to must be public: private, loopback, link-local (cloud metadata
-at 169.254.169.254 included), multicast, reserved and unspecified addresses are refused, as are
-IPv4-mapped forms of them. Redirects are followed by hand, with a hop limit, an overall deadline
-and a byte cap. Residual risk: a resolver that answers differently between the check and the
-connection (DNS rebinding) is not pinned; run the service behind an egress policy as well.
+What is checked, at every hop (the first request and each redirect):
+
+- the URL parses, its scheme is http(s) and its port is a port; anything malformed is a 422
+  that names the problem;
+- the host resolves, and every address it resolves to is public: private, loopback,
+  link-local (cloud metadata at 169.254.169.254 included), multicast, reserved and unspecified
+  addresses are refused (403), as are IPv4-mapped forms of them;
+- the connection goes to the very address that was checked (the host name is kept in the Host
+  header and as the TLS server name), so a resolver that answers differently a moment later
+  (DNS rebinding) cannot redirect it.
+
+Limits: one overall deadline per fetch (not per read: a server sending a byte a second is cut
+off at the deadline), a byte cap, a redirect limit, and a bound on concurrent fetches (429 when
+reached). Fetching is async, so a slow server holds no worker thread; health checks, metrics and
+uploads stay responsive. Upstream status codes are not echoed to the client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from dataclasses import dataclass, field
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import httpx
 
@@ -33,7 +42,7 @@ class UrlFetchError(Exception):
 def system_resolver(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
+    except (socket.gaierror, UnicodeError) as exc:
         raise UrlFetchError(f"cannot resolve host {host!r} ({exc})", 422) from exc
     return sorted({str(info[4][0]) for info in infos})
 
@@ -45,6 +54,52 @@ def is_public_address(address: str) -> bool:
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_link_local)
 
 
+@dataclass(frozen=True)
+class Target:
+    """A checked hop: where to connect (the address) and whom to ask for (the host)."""
+
+    url: str
+    parts: SplitResult
+    host: str
+    port: int
+    address: str
+
+    @property
+    def pinned_url(self) -> str:
+        """The URL with its host replaced by the checked address."""
+        literal = f"[{self.address}]" if ":" in self.address else self.address
+        return self.parts._replace(netloc=f"{literal}:{self.port}").geturl()
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.parts.scheme == "https" else 80
+        name = f"[{self.host}]" if ":" in self.host else self.host
+        return name if self.port == default else f"{name}:{self.port}"
+
+
+def parse_url(url: str) -> tuple[SplitResult, str, int]:
+    """(parts, host, port) of an http(s) URL, or a 422/400 naming what is wrong with it."""
+    if not isinstance(url, str) or not url or len(url) > 4096:
+        raise UrlFetchError("the URL must be a string of at most 4096 characters", 422)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        port = parts.port
+    except ValueError as exc:  # bad port, unbalanced brackets
+        raise UrlFetchError(f"malformed URL {url[:200]!r}: {exc}", 422) from exc
+    if parts.scheme not in ("http", "https"):
+        raise UrlFetchError(f"only http and https URLs are accepted, got {parts.scheme!r}://")
+    if not host:
+        raise UrlFetchError(f"URL {url[:200]!r} has no host", 422)
+    if len(host) > 253 or any(len(label) > 63 for label in host.split(".")):
+        raise UrlFetchError(f"malformed URL: host name {host[:80]!r}... is too long", 422)
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        raise UrlFetchError(f"malformed URL: host {host[:80]!r} is not a valid name", 422) from exc
+    return parts, host, port or (443 if parts.scheme == "https" else 80)
+
+
 @dataclass
 class UrlFetcher:
     timeout: float = 10.0
@@ -52,40 +107,58 @@ class UrlFetcher:
     max_redirects: int = 5
     allow_private: bool = False  # tests and trusted intranets only
     resolver: Resolver = system_resolver
+    max_concurrent: int = 8
+    _active: int = field(default=0, init=False, repr=False)
 
-    def check(self, url: str) -> tuple[str, int]:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https"):
-            raise UrlFetchError(f"only http and https URLs are accepted, got {parts.scheme!r}://")
-        if not parts.hostname:
-            raise UrlFetchError(f"URL {url!r} has no host")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        addresses = self.resolver(parts.hostname, port)
+    def check(self, url: str) -> Target:
+        """Parse, resolve and vet one hop; returns the address to connect to."""
+        parts, host, port = parse_url(url)
+        addresses = self.resolver(host, port)
         if not addresses:
-            raise UrlFetchError(f"host {parts.hostname!r} resolves to no address", 422)
+            raise UrlFetchError(f"host {host!r} resolves to no address", 422)
         if not self.allow_private:
             refused = [a for a in addresses if not is_public_address(a)]
             if refused:
                 raise UrlFetchError(
-                    f"refused: {parts.hostname!r} resolves to a non-public address "
+                    f"refused: {host!r} resolves to a non-public address "
                     f"({', '.join(refused)}); only public hosts may be fetched",
                     403,
                 )
-        return parts.hostname, port
+        return Target(url, parts, host, port, addresses[0])
 
-    def fetch(self, url: str) -> bytes:
-        deadline = time.monotonic() + self.timeout
+    async def fetch(self, url: str) -> bytes:
+        """The body of ``url`` (following checked redirects), within one overall deadline."""
+        if self._active >= self.max_concurrent:
+            raise UrlFetchError(
+                f"{self._active} URL fetches are in progress; try again shortly", 429
+            )
+        self._active += 1
+        try:
+            return await asyncio.wait_for(self._fetch(url), self.timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise UrlFetchError(
+                f"fetching {url[:200]!r} took longer than {self.timeout:.0f} s", 504
+            ) from None
+        finally:
+            self._active -= 1
+
+    async def _fetch(self, url: str) -> bytes:
         for _ in range(self.max_redirects + 1):
-            self.check(url)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise UrlFetchError(f"fetching {url!r} took longer than {self.timeout:.0f} s", 504)
+            target = await asyncio.to_thread(self.check, url)
+            extensions = {"sni_hostname": target.host} if target.parts.scheme == "https" else {}
+            headers = {
+                "Host": target.host_header,
+                "Accept": "image/*",
+                "Accept-Encoding": "identity",  # raw bytes are the image's bytes
+            }
             try:
-                with (
-                    httpx.Client(
-                        timeout=httpx.Timeout(remaining), follow_redirects=False, trust_env=False
+                async with (
+                    httpx.AsyncClient(
+                        timeout=httpx.Timeout(self.timeout), follow_redirects=False, trust_env=False
                     ) as client,
-                    client.stream("GET", url, headers={"Accept": "image/*"}) as response,
+                    client.stream(
+                        "GET", target.pinned_url, headers=headers, extensions=extensions
+                    ) as response,
                 ):
                     if response.is_redirect:
                         location = response.headers.get("location")
@@ -94,27 +167,28 @@ class UrlFetcher:
                         url = urljoin(url, location)
                         continue
                     if response.status_code != 200:
-                        raise UrlFetchError(f"{url!r} answered HTTP {response.status_code}", 422)
-                    declared = int(response.headers.get("content-length") or 0)
-                    if declared > self.max_bytes:
                         raise UrlFetchError(
-                            f"{url!r} is {declared} bytes; the limit is {self.max_bytes}", 413
+                            f"{url[:200]!r} did not return an image (the server refused)", 422
                         )
-                    chunks, total = [], 0
-                    for chunk in response.iter_bytes(65536):
-                        total += len(chunk)
-                        if total > self.max_bytes:
-                            raise UrlFetchError(
-                                f"{url!r} is larger than the limit of {self.max_bytes} bytes", 413
-                            )
-                        if time.monotonic() > deadline:
-                            raise UrlFetchError(
-                                f"fetching {url!r} took longer than {self.timeout:.0f} s", 504
-                            )
-                        chunks.append(chunk)
-                    return b"".join(chunks)
+                    return await self._read(response, url)
             except httpx.TimeoutException as exc:
-                raise UrlFetchError(f"fetching {url!r} timed out", 504) from exc
+                raise UrlFetchError(f"fetching {url[:200]!r} timed out", 504) from exc
             except httpx.HTTPError as exc:
-                raise UrlFetchError(f"fetching {url!r} failed: {exc}", 422) from exc
+                raise UrlFetchError(
+                    f"fetching {url[:200]!r} failed ({type(exc).__name__})", 422
+                ) from exc
         raise UrlFetchError(f"more than {self.max_redirects} redirects", 422)
+
+    async def _read(self, response: httpx.Response, url: str) -> bytes:
+        declared = response.headers.get("content-length") or "0"
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            raise UrlFetchError(f"{url!r} is {declared} bytes; the limit is {self.max_bytes}", 413)
+        chunks, total = [], 0
+        async for chunk in response.aiter_raw():  # as bytes arrive: the deadline applies
+            total += len(chunk)
+            if total > self.max_bytes:
+                raise UrlFetchError(
+                    f"{url!r} is larger than the limit of {self.max_bytes} bytes", 413
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)

@@ -10,6 +10,9 @@ import threading
 from collections import defaultdict
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Label values a client controls are bounded: any other method is "OTHER", any path without a
+# route is "unmatched" (see middleware), so /metrics cannot be grown by random requests.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
@@ -32,6 +35,8 @@ class Metrics:
         self.latency_sum: dict[str, float] = defaultdict(float)
 
     def observe_request(self, method: str, path: str, status: int, seconds: float) -> None:
+        method = method if method in KNOWN_METHODS else "OTHER"
+        status = status if 100 <= status <= 599 else 0
         with self._lock:
             self.requests[(("method", method), ("path", path), ("status", str(status)))] += 1
             if status >= 400:
