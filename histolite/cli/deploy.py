@@ -77,6 +77,24 @@ def serve(
     jobs_dir: Path | None = typer.Option(
         None, envvar="HISTOLITE_JOBS_DIR", help="Slide job state and results (kept on restart)."
     ),
+    docs: bool = typer.Option(
+        False, "--docs", help="Serve Swagger UI at /docs (it loads its script from a CDN)."
+    ),
+    open_metadata: bool = typer.Option(
+        False,
+        "--open-metadata",
+        help="With --api-key: leave /v1/models, /metrics and /docs open (default: key for all "
+        "but /healthz, /readyz and the page).",
+    ),
+    forwarded_allow_ips: str | None = typer.Option(
+        None,
+        "--forwarded-allow-ips",
+        help="Trust X-Forwarded-For only from these proxy addresses (comma-separated); by "
+        "default it is ignored and clients are logged by their own address.",
+    ),
+    shutdown_timeout: int = typer.Option(
+        10, "--shutdown-timeout", help="Seconds to finish requests after SIGTERM."
+    ),
 ) -> None:
     """Serve exported models: prediction API, upload page, slide jobs, metrics (no torch)."""
     import os
@@ -105,6 +123,8 @@ def serve(
         ("HISTOLITE_THREADS", threads),
         ("HISTOLITE_SLIDE_ROOT", slide_root.resolve() if slide_root else None),
         ("HISTOLITE_JOBS_DIR", jobs_dir.resolve() if jobs_dir else None),
+        ("HISTOLITE_DOCS", "1" if docs else None),
+        ("HISTOLITE_OPEN_METADATA", "1" if open_metadata else None),
     ):
         if value:
             os.environ[name] = str(value)
@@ -115,7 +135,9 @@ def serve(
         port=port,
         workers=workers,
         log_level="info",
-        proxy_headers=True,
+        proxy_headers=forwarded_allow_ips is not None,
+        forwarded_allow_ips=forwarded_allow_ips,
+        timeout_graceful_shutdown=shutdown_timeout,
     )
 
 
@@ -128,8 +150,22 @@ def audit_export(
         help="Audit database of `serve`.",
     ),
 ) -> None:
-    """Export the prediction audit log to CSV."""
+    """Export the audit log to CSV (cells that a spreadsheet would run are quoted)."""
     from histolite.serve.audit import export_audit_csv
 
     rows = export_audit_csv(db, out)
     typer.echo(f"wrote {rows} audit rows to {out}")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    db: Path = typer.Argument(..., help="Audit database of `serve`."),
+) -> None:
+    """Check the audit log's hash chain; exit 1 and name the first broken row if it is broken."""
+    from histolite.serve.audit import verify_audit
+
+    rows, problem = verify_audit(db)
+    if problem is not None:
+        typer.secho(f"{db}: BROKEN after {rows} good row(s): {problem}", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{db}: {rows} row(s), hash chain intact")

@@ -11,10 +11,13 @@ a message naming what was wrong.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import json
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,10 +31,17 @@ from starlette.concurrency import run_in_threadpool
 
 from histolite.data.images import decode_rgb
 from histolite.errors import DataError
-from histolite.serve.audit import AuditLog
+from histolite.serve.audit import AuditLog, AuditUnavailable, Entry
 from histolite.serve.fetch import UrlFetcher, UrlFetchError
 from histolite.serve.metrics import Metrics
-from histolite.serve.middleware import BodyLimit, ClientError, RequestMetrics, client_status
+from histolite.serve.middleware import (
+    BodyLimit,
+    ClientError,
+    RequestMetrics,
+    RequireKey,
+    SecurityHeaders,
+    client_status,
+)
 from histolite.serve.repository import ModelEntry, Repository, load_repository
 from histolite.serve.slide_jobs import JobError, SlideJobs, SlideJobSettings
 
@@ -58,6 +68,9 @@ class ServeSettings:
     jobs_dir: Path | None = None  # job state and results (default: next to the audit log)
     max_slide_jobs_running: int = 1
     max_slide_jobs_queued: int = 8
+    docs: bool = False  # Swagger UI at /docs loads its script from a CDN: off by default
+    open_metadata: bool = False  # with an API key: leave /v1/models, /metrics, /docs open
+    max_url_fetches: int = 8  # concurrent URL fetches; more are answered 429
 
     @classmethod
     def from_env(cls) -> ServeSettings:
@@ -75,6 +88,9 @@ class ServeSettings:
             jobs_dir=_env_path("HISTOLITE_JOBS_DIR"),
             max_slide_jobs_running=int(env.get("HISTOLITE_SLIDE_JOBS_RUNNING", 1)),
             max_slide_jobs_queued=int(env.get("HISTOLITE_SLIDE_JOBS_QUEUED", 8)),
+            docs=env.get("HISTOLITE_DOCS", "0") == "1",
+            open_metadata=env.get("HISTOLITE_OPEN_METADATA", "0") == "1",
+            max_url_fetches=int(env.get("HISTOLITE_MAX_URL_FETCHES", 8)),
         )
 
 
@@ -114,12 +130,18 @@ class PredictionService:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.repository: Repository = load_repository(settings.model_dir, settings.threads)
-        self.audit = AuditLog(settings.audit_db) if settings.audit_db else None
+        cards = json.dumps(self.repository.describe(), sort_keys=True, default=str)
+        self.audit = (
+            AuditLog(settings.audit_db, genesis=hashlib.sha256(cards.encode()).hexdigest())
+            if settings.audit_db
+            else None
+        )
         self.metrics = Metrics()
         self.fetcher = UrlFetcher(
             timeout=settings.url_timeout,
             max_bytes=settings.max_request_bytes,
             allow_private=settings.allow_private_urls,
+            max_concurrent=settings.max_url_fetches,
         )
         self.jobs: SlideJobs | None = None
         if settings.slide_root is not None:
@@ -145,7 +167,15 @@ class PredictionService:
 
     @property
     def ready(self) -> bool:
-        return all(e.model.ready for v in self.repository.models.values() for e in v.values())
+        models = all(e.model.ready for v in self.repository.models.values() for e in v.values())
+        return models and (self.audit is None or self.audit.healthy())
+
+    def require_audit(self) -> None:
+        """Refuse work that could not be recorded (503), before doing it."""
+        if self.audit is not None and not self.audit.healthy():
+            raise ClientError(
+                503, f"the audit log is unavailable ({self.audit.failure}); retry later"
+            )
 
     def check_key(self, request: Request) -> None:
         if self.settings.api_key is None:
@@ -202,17 +232,6 @@ class PredictionService:
             c: round(float(p), 6) for c, p in zip(classes, prediction.probabilities, strict=True)
         }
         predicted = classes[prediction.top_class()]
-        if self.audit is not None:
-            self.audit.record(
-                client=client,
-                input_sha256=hashlib.sha256(data).hexdigest(),
-                filename=filename,
-                model_name=entry.name,
-                model_version=entry.version,
-                predicted_class=predicted,
-                probabilities=probs,
-            )
-        self.metrics.observe_prediction(predicted)
         result: dict[str, Any] = {
             "filename": filename,
             "class": predicted,
@@ -246,17 +265,72 @@ class PredictionService:
         return result
 
     async def predict(self, request: Request, entry: ModelEntry) -> JSONResponse:
+        """Classify every image of the request, then audit the request as one unit."""
         self.check_key(request)
+        self.require_audit()
         client = request.client.host if request.client else None
-        items = await self.read_images(request)
-        results = [
-            await run_in_threadpool(self.classify, entry, data, name, client)
-            for data, name in items
-        ]
+        request_id = uuid.uuid4().hex
+        try:
+            items = await self.read_images(request)
+            results = [
+                await run_in_threadpool(self.classify, entry, data, name, client)
+                for data, name in items
+            ]
+        except ClientError as exc:
+            self._audit_rejected(request_id, client, entry, exc)
+            raise
+        if self.audit is not None:
+            entries = [
+                Entry(
+                    kind="prediction",
+                    outcome="ok",
+                    client=client,
+                    request_id=request_id,
+                    input_sha256=hashlib.sha256(data).hexdigest(),
+                    filename=name,
+                    model_name=entry.name,
+                    model_version=entry.version,
+                    predicted_class=result["class"],
+                    probabilities=result["probabilities"],
+                )
+                for (data, name), result in zip(items, results, strict=True)
+            ]
+            try:
+                await run_in_threadpool(self.audit.write, entries)
+            except AuditUnavailable as exc:
+                raise ClientError(503, f"{exc}; the prediction was not returned") from exc
+        for result in results:
+            self.metrics.observe_prediction(result["class"])
         # plain JSON types already: skip FastAPI's jsonable_encoder pass over the patch grid
         return JSONResponse(
-            {"model": entry.name, "model_version": entry.version, "predictions": results}
+            {
+                "request_id": request_id,
+                "model": entry.name,
+                "model_version": entry.version,
+                "predictions": results,
+            }
         )
+
+    def _audit_rejected(
+        self, request_id: str, client: str | None, entry: ModelEntry, exc: ClientError
+    ) -> None:
+        if self.audit is None or exc.status in (401, 503):  # unauthenticated noise, or no log
+            return
+        # the client gets its 4xx whether or not this row is written; /readyz reports the log
+        with contextlib.suppress(AuditUnavailable):
+            self.audit.write(
+                [
+                    Entry(
+                        kind="request",
+                        outcome=f"rejected {exc.status}",
+                        client=client,
+                        request_id=request_id,
+                        model_name=entry.name,
+                        model_version=entry.version,
+                        detail=str(exc)[:500],
+                    )
+                ]
+            )
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -275,6 +349,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
     names = ", ".join(f"{n} (v{repo.default_version(n)})" for n in repo.names())
     app = FastAPI(
         lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs else None,
         title="histolite",
         version=str(default.card.get("version")),
         description=f"H&E classifiers: {names}. Default model: `{default.name}`.",
@@ -284,6 +361,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # added first, so it runs inside the metrics middleware and its 413s are counted
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    if settings.api_key:  # before routing, so every protected path is covered
+        open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/", "/static/")
+        if settings.open_metadata:
+            open_paths += ("/v1/models", "/v1/model", "/metrics", "/docs", "/openapi.json")
+        app.add_middleware(RequireKey, key=settings.api_key, open_paths=open_paths)
+    app.add_middleware(SecurityHeaders)
     # outermost: sees every response, the BodyLimit 413s included
     app.add_middleware(RequestMetrics, metrics=service.metrics)
 

@@ -20,6 +20,7 @@ from typing import Any
 from histolite.errors import HistoliteError
 from histolite.export.slide_inference import SlideSettings, classify_slide
 from histolite.fileio import read_json, write_json
+from histolite.serve.audit import AuditUnavailable
 from histolite.serve.repository import Repository
 from histolite.slide.reader import SLIDE_SUFFIXES
 
@@ -118,7 +119,9 @@ class SlideJobs:
         return job
 
     def _audit(self, job: dict[str, Any], event: str, detail: str | None = None) -> None:
-        if self.audit is not None:
+        if self.audit is None:
+            return
+        try:
             self.audit.record_job(
                 client=job.get("client"),
                 job_id=job["id"],
@@ -128,6 +131,13 @@ class SlideJobs:
                 event=event,
                 detail=detail,
             )
+        except AuditUnavailable as exc:
+            if event == "submitted":  # not started: the client may retry once the log is back
+                with self._lock:
+                    self._jobs[job["id"]]["status"] = "failed"
+                    self._jobs[job["id"]]["error"] = str(exc)
+                    self._save(self._jobs[job["id"]])
+                raise JobError(503, f"{exc}; the slide job was not started") from exc
 
     def _update(self, job_id: str, **changes: Any) -> dict[str, Any]:
         with self._lock:

@@ -34,7 +34,14 @@ function showChoice() {
 
 async function loadModels() {
   try {
-    const listing = await (await fetch("/v1/models")).json();
+    const response = await fetch("/v1/models", { headers: headers() });
+    if (response.status === 401) {
+      document.getElementById("model-line").textContent =
+        "This server needs an API key: enter it under 'API key' below.";
+      return;
+    }
+    const listing = await response.json();
+    picker.replaceChildren();
     for (const model of listing.models) {
       for (const version of model.versions) {
         const key = `${model.name}/${version.version}`;
@@ -53,6 +60,7 @@ async function loadModels() {
   }
 }
 picker.addEventListener("change", showChoice);
+document.getElementById("api-key").addEventListener("change", loadModels);
 
 async function send(body, isJson, label) {
   setStatus(`Classifying ${label}…`);
