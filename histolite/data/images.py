@@ -61,18 +61,23 @@ def _to_rgb_uint8(array: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _flatten_alpha(rgba: np.ndarray, rows: int = 1024) -> np.ndarray:
+def _flatten_alpha(rgba: np.ndarray, rows: int = 256) -> np.ndarray:
     """RGBA onto white in integer arithmetic, a band of rows at a time.
 
-    Float blending of a near-limit image costs several gigabytes; uint16 bands cost a few
-    megabytes over the output: (c * a + 255 * (255 - a) + 127) // 255, exact rounding.
+    Float blending of a near-limit image costs gigabytes; uint16 bands cost a few megabytes
+    over the output: (c * a + 255 * (255 - a) + 127) // 255, exact rounding.
     """
     out = np.empty((*rgba.shape[:2], 3), np.uint8)
     for start in range(0, rgba.shape[0], rows):
         band = rgba[start : start + rows]
         alpha = band[..., 3:4].astype(np.uint16)
-        blended = band[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127
-        out[start : start + rows] = (blended // 255).astype(np.uint8)
+        blended = band[..., :3].astype(np.uint16)
+        blended *= alpha
+        alpha *= 255  # 255 * (255 - a) + 127, in place
+        np.subtract(255 * 255 + 127, alpha, out=alpha)
+        blended += alpha
+        blended //= 255
+        out[start : start + rows] = blended
     return out
 
 

@@ -91,6 +91,8 @@ class ServeSettings:
             docs=env.get("HISTOLITE_DOCS", "0") == "1",
             open_metadata=env.get("HISTOLITE_OPEN_METADATA", "0") == "1",
             max_url_fetches=int(env.get("HISTOLITE_MAX_URL_FETCHES", 8)),
+            # tests and benchmarks on loopback only; never in a deployment
+            allow_private_urls=env.get("HISTOLITE_ALLOW_PRIVATE_URLS", "0") == "1",
         )
 
 

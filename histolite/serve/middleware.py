@@ -151,7 +151,11 @@ class RequireKey:
         self.open_paths = open_paths
 
     def _open(self, path: str) -> bool:
-        return any(path == p or (p.endswith("/") and path.startswith(p)) for p in self.open_paths)
+        # "/static/" opens a folder; "/" is the page alone, not every path
+        return any(
+            path == p or (len(p) > 1 and p.endswith("/") and path.startswith(p))
+            for p in self.open_paths
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self._open(scope.get("path", "")):

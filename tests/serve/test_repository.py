@@ -149,7 +149,9 @@ def test_slide_jobs_run_in_the_background_and_survive_a_restart(
     import sqlite3
 
     db = sqlite3.connect(tmp_path / "audit.db")
-    events = db.execute("SELECT job_id, event FROM slide_jobs ORDER BY id").fetchall()
+    events = db.execute(
+        "SELECT request_id, outcome FROM audit WHERE kind = 'slide_job' ORDER BY id"
+    ).fetchall()
     assert (job, "submitted") in events and (job, "done") in events
     assert ("0" * 32, "done") in events
 

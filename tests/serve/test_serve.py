@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import io
 import json
 import sqlite3
@@ -58,8 +59,9 @@ def test_health_model_docs_and_page(client: TestClient) -> None:
     assert client.get("/readyz").status_code == 200
     card = client.get("/v1/model").json()
     assert card["classes"] == ["adipose", "lympho", "stroma", "tumor"]
-    assert client.get("/docs").status_code == 200
-    assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
+    # Swagger UI pulls its script from a CDN: off unless asked for (--docs)
+    assert client.get("/docs").status_code == 404
+    assert client.get("/openapi.json").status_code == 404
     page = client.get("/")
     assert page.status_code == 200 and "drop-zone" in page.text
     for asset in ("/static/app.js", "/static/style.css"):
@@ -260,7 +262,12 @@ def test_every_client_error_the_api_gives(
         ("no key", {"files": {"files": ("a.png", tile)}}, 401, "API key"),
         ("file scheme", {"json": {"url": "file:///etc/passwd"}}, 400, "only http and https"),
         ("private host", {"json": {"url": "http://10.1.2.3/a.png"}}, 403, "non-public"),
-        ("upstream 404", {"json": {"url": f"{image_server}/missing"}}, 422, "did not return an image"),
+        (
+            "upstream 404",
+            {"json": {"url": f"{image_server}/missing"}},
+            422,
+            "did not return an image",
+        ),
         ("redirect loop", {"json": {"url": f"{image_server}/loop/0"}}, 422, "redirects"),
         ("no url", {"json": {"link": "x"}}, 422, "JSON body must be"),
         (
@@ -296,7 +303,8 @@ def test_every_client_error_the_api_gives(
             assert response.status_code == status, (name, response.text)
             assert words in response.json()["detail"], (name, response.text)
         assert c.get("/v1/predict", headers=headers).status_code == 405
-        assert c.get("/no/such/route").status_code == 404
+        assert c.get("/no/such/route", headers=headers).status_code == 404
+        assert c.get("/no/such/route").status_code == 401  # without the key, no route is shown
     with _client(model_dir, tmp_path, allow_private_urls=True, max_request_bytes=4096) as c:
         for name, kwargs, status, words in cases:
             if name in ("upstream 404", "redirect loop"):
@@ -332,7 +340,18 @@ def test_api_key(model_dir: Path, tmp_path: Path, synthetic_dir: Path) -> None:
             ).status_code
             == 200
         )
-        assert c.get("/v1/model").status_code == 200  # only predict is protected
+        # by default the key guards everything but health, readiness and the page itself
+        for path in ("/v1/model", "/v1/models", "/metrics"):
+            assert c.get(path).status_code == 401, path
+            assert c.get(path, headers={"X-API-Key": "s3cret"}).status_code == 200, path
+        for path in ("/healthz", "/readyz", "/", "/static/app.js"):
+            assert c.get(path).status_code == 200, path
+    # a documented choice: metadata and the API docs open, predictions still guarded
+    with _client(model_dir, tmp_path, api_key="s3cret", open_metadata=True, docs=True) as c:
+        for path in ("/v1/models", "/metrics", "/docs", "/openapi.json"):
+            assert c.get(path).status_code == 200, path
+        assert "/v1/predict" in c.get("/openapi.json").json()["paths"]
+        assert c.post("/v1/predict", files=files).status_code == 401
 
 
 def test_concurrent_requests_share_one_session(client: TestClient, synthetic_dir: Path) -> None:
@@ -356,17 +375,19 @@ def test_metrics_and_audit_log(model_dir: Path, tmp_path: Path, synthetic_dir: P
         assert 'histolite_request_duration_seconds_count{path="/v1/predict"} 4' in text
     db = tmp_path / "audit.sqlite"
     rows = export_audit_csv(db, tmp_path / "audit.csv")
-    assert rows == 3
-    lines = (tmp_path / "audit.csv").read_text().splitlines()
+    assert rows == 4  # three predictions and the rejected upload, with its outcome
+    with (tmp_path / "audit.csv").open() as fh:
+        records = list(csv.DictReader(fh))
     import hashlib
 
-    assert hashlib.sha256(data).hexdigest() in lines[1]
-    assert lines[0].startswith("id,time,client,input_sha256")
+    assert [r["outcome"] for r in records] == ["ok", "ok", "ok", "rejected 415"]
+    assert records[0]["input_sha256"] == hashlib.sha256(data).hexdigest()
+    assert "not a recognised image" in records[3]["detail"]
     connection = sqlite3.connect(db)
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        connection.execute("DELETE FROM predictions")
+        connection.execute("DELETE FROM audit")
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        connection.execute("UPDATE predictions SET predicted_class = 'x'")
+        connection.execute("UPDATE audit SET predicted_class = 'x'")
     connection.close()
 
 
