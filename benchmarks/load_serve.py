@@ -8,6 +8,8 @@ time limit, and prints what it measured. Traffic never leaves this machine.
         [--time-limit 60] [--workers 1] [--image TILE.png]
     # mixed traffic over a repository of several models: requests alternate between them
     python benchmarks/load_serve.py --model REPOSITORY --route-models tiles bags
+    # the same load while 40 clients keep URL fetches open against a server sending 1 byte/s
+    python benchmarks/load_serve.py --model MODEL_DIR --slow-fetches 40
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.server
 import os
 import resource
 import socket
@@ -22,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -82,6 +86,48 @@ def default_image() -> Path:
     return next((root / "lympho").iterdir())
 
 
+class _Trickle(http.server.BaseHTTPRequestHandler):
+    """An image server that sends one byte a second (a slow or hostile upstream)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        try:
+            for _ in range(100000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(1.0)
+        except OSError:
+            return
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def hold_slow_fetches(base: str, slow_url: str, count: int, stop: asyncio.Event) -> dict:
+    """``count`` clients that keep a slow URL fetch open until ``stop``; their statuses."""
+    statuses: dict[int, int] = {}
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            try:
+                response = await client.post(f"{base}/v1/predict", json={"url": slow_url})
+                status = response.status_code
+            except httpx.HTTPError:
+                status = -1
+            statuses[status] = statuses.get(status, 0) + 1
+            if status == 429:
+                await asyncio.sleep(0.5)
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        tasks = [asyncio.create_task(client_loop(client)) for _ in range(count)]
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+    return statuses
+
+
 async def run_load(
     urls: list[str], payload: bytes, name: str, total: int, concurrency: int, time_limit: float
 ) -> tuple[list[float], dict[int, int], float]:
@@ -121,6 +167,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads/worker")
     parser.add_argument("--image", type=Path, default=None)
     parser.add_argument(
+        "--slow-fetches",
+        type=int,
+        default=0,
+        help="keep this many URL fetches open against a 1 byte/s server during the load",
+    )
+    parser.add_argument(
         "--route-models",
         nargs="+",
         default=None,
@@ -152,7 +204,8 @@ def main() -> None:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env={**os.environ},
+        # the slow upstream runs on loopback, which the service refuses unless told (tests only)
+        env={**os.environ, **({"HISTOLITE_ALLOW_PRIVATE_URLS": "1"} if args.slow_fetches else {})},
     )
     base = f"http://{HOST}:{port}"
     try:
@@ -171,18 +224,32 @@ def main() -> None:
         memory_before = rss_mb(server.pid)
         server_cpu_before = cpu_seconds(server.pid)
         client_cpu_before = resource.getrusage(resource.RUSAGE_SELF)
-        latencies, statuses, elapsed = asyncio.run(
-            run_load(
-                [f"{base}/v1/models/{m}/predict" for m in args.route_models]
-                if args.route_models
-                else [f"{base}/v1/predict"],
-                payload,
-                image.name,
-                args.requests,
-                args.concurrency,
-                args.time_limit,
-            )
+        routes = (
+            [f"{base}/v1/models/{m}/predict" for m in args.route_models]
+            if args.route_models
+            else [f"{base}/v1/predict"]
         )
+
+        async def measured() -> tuple[list[float], dict[int, int], float, dict]:
+            stop = asyncio.Event()
+            holders = None
+            if args.slow_fetches:
+                trickle = http.server.ThreadingHTTPServer((HOST, 0), _Trickle)
+                trickle.daemon_threads = True
+                threading.Thread(target=trickle.serve_forever, daemon=True).start()
+                slow_url = f"http://{HOST}:{trickle.server_address[1]}/slow.png"
+                holders = asyncio.create_task(
+                    hold_slow_fetches(base, slow_url, args.slow_fetches, stop)
+                )
+                await asyncio.sleep(2.0)  # let them connect and hold
+            result = await run_load(
+                routes, payload, image.name, args.requests, args.concurrency, args.time_limit
+            )
+            stop.set()
+            slow_statuses = await holders if holders is not None else {}
+            return (*result, slow_statuses)
+
+        latencies, statuses, elapsed, slow_statuses = asyncio.run(measured())
         memory_after = rss_mb(server.pid)
         server_cpu = cpu_seconds(server.pid) - server_cpu_before
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -213,6 +280,11 @@ def main() -> None:
         f"{1000 * client_cpu / done:.2f} ms (both on this machine's {os.cpu_count()} cores)"
     )
     print(f"server memory (RSS): before {memory_before:.0f} MB, after {memory_after:.0f} MB")
+    if args.slow_fetches:
+        print(
+            f"{args.slow_fetches} clients held slow URL fetches during the load; their answers: "
+            f"{dict(sorted(slow_statuses.items()))} (429: over the concurrent-fetch limit)"
+        )
 
 
 if __name__ == "__main__":
