@@ -113,6 +113,12 @@ def stain_normalize(
         roots = {p: p.parent for p in inputs if p.is_file()}
         for folder in (p for p in inputs if p.is_dir()):  # keep the folder's name: class folders
             roots.update({f: folder.parent for f in files if f.is_relative_to(folder)})
+        if preview and any(path.relative_to(roots[path]) == Path("preview.png") for path in files):
+            raise typer.BadParameter(
+                "an input is named preview.png and would be overwritten by the preview; "
+                "rename it or pass --preview 0",
+                param_hint="INPUTS",
+            )
         every = max(1, len(files) // max(preview, 1))  # the preview samples the whole input
         for i, path in enumerate(
             tqdm(files, desc="normalising", disable=not progress or len(files) < 2)

@@ -31,8 +31,6 @@ def test_end_to_end_synthetic_train_evaluate_predict(
             "--slides",
             "3",
         ],
-        capsys,
-        monkeypatch,
     )
     assert code == 0 and "wrote synthetic dataset" in out
 
@@ -54,8 +52,6 @@ def test_end_to_end_synthetic_train_evaluate_predict(
             "--group-regex",
             r"(slide\d+)",
         ],
-        capsys,
-        monkeypatch,
     )
     assert code == 0 and split.is_file() and "(group-level split)" in out and " groups" in out
 
@@ -75,16 +71,12 @@ def test_end_to_end_synthetic_train_evaluate_predict(
             "trainer.max_epochs=2",
             "--no-progress",
         ],
-        capsys,
-        monkeypatch,
     )
     assert code == 0, err
     assert "test split: accuracy" in out and (run / "reports" / "test" / "report.json").is_file()
 
     code, out, _ = run_cli(
         ["evaluate", str(run), "--data", str(data), "--out", str(tmp_path / "rep")],
-        capsys,
-        monkeypatch,
     )
     assert code == 0 and "image-level: accuracy" in out
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
@@ -125,20 +117,34 @@ def test_other_commands(
             "--save-target",
             str(tmp_path / "t.json"),
         ],
-        capsys,
-        monkeypatch,
     )
-    assert code == 0 and sorted(p.name for p in (tmp_path / "norm").iterdir()) == [
-        t.name for t in tiles
-    ]
+    assert code == 0 and sorted(p.name for p in (tmp_path / "norm").iterdir()) == sorted(
+        [t.name for t in tiles] + ["preview.png"]
+    )
+    with Image.open(tmp_path / "norm" / "preview.png") as preview:  # before above, after below
+        assert preview.size == (128 * len(tiles), 256)
     assert (tmp_path / "t.json").is_file()
+
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    Image.open(tiles[0]).save(clash / "preview.png")
+    code, _, err = run_cli(
+        [
+            "stain",
+            "normalize",
+            str(clash / "preview.png"),
+            "--target",
+            str(target),
+            "--out",
+            str(clash),
+        ]
+    )
+    assert code == 2 and "named preview.png" in err and "--preview 0" in err
 
     big = tmp_path / "big.png"
     Image.new("RGB", (100, 60), (150, 80, 170)).save(big)
     code, out, _ = run_cli(
         ["patches", str(big), "--size", "32", "--stride", "16", "--out", str(tmp_path / "patches")],
-        capsys,
-        monkeypatch,
     )
     assert code == 0 and "wrote 10 patches" in out  # 2 rows x 5 cols
     assert (tmp_path / "patches" / "patches.csv").read_text().count("\n") == 11
