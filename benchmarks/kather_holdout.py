@@ -1,7 +1,8 @@
 """Split the Kather tiles into a training folder and an unseen test folder (symlinks).
 
-The issue's acceptance check trains on one folder and evaluates on another folder of Kather
-tiles. This script makes such a pair from the developers' subset, stratified and seeded:
+For checks that train on one folder and evaluate on another. By default whole source images go
+to one side (the Kather dataset's grouping, as in the recipes); ``--tile-level`` gives the
+literature's stratified tile split, where tiles of one source image sit on both sides.
 
     python benchmarks/kather_holdout.py --data ../shared/data/kather2016 --out /tmp/kather
     histolite train configs/kather2016_resnet8.yaml --set data.root=/tmp/kather/train --out runs/r8
@@ -14,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from histolite.data.folder import scan_image_folder
+from histolite.data.registry import get_dataset
 from histolite.data.splits import make_split
 
 
@@ -23,9 +25,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="Creates OUT/train and OUT/test.")
     parser.add_argument("--test-fraction", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tile-level", action="store_true", help="stratified tile split (leaks source images)"
+    )
     args = parser.parse_args()
-    images = scan_image_folder(args.data)
-    splits = make_split(images, val=0.0, test=args.test_fraction, seed=args.seed, grouped=False)
+    source_image = dict(get_dataset("kather2016").groupings)["source_image"]
+    images = scan_image_folder(args.data, group_regex=None if args.tile_level else source_image)
+    splits = make_split(
+        images, val=0.0, test=args.test_fraction, seed=args.seed, grouped=not args.tile_level
+    )
     counts = {"train": 0, "test": 0}
     for sample, split in zip(images.samples, splits, strict=True):
         target = args.out / split / sample.class_name / sample.path.name
@@ -35,7 +43,8 @@ def main() -> None:
         counts[split] += 1
     print(
         f"{args.out}: train {counts['train']} tiles, test {counts['test']} tiles "
-        f"({len(images.classes)} classes, seed {args.seed})"
+        f"({len(images.classes)} classes, seed {args.seed}, "
+        f"{'tile-level' if args.tile_level else 'source-image-level'} split)"
     )
 
 
