@@ -136,6 +136,10 @@ class AugmentConfig(_Strict):
         default=False,
         description="normalise each training image to Lab statistics drawn around the data's",
     )
+    random_macenko: bool = Field(
+        default=False,
+        description="normalise each training image to H&E stains drawn around the data's",
+    )
 
     @model_validator(mode="after")
     def _crop_scale_range(self) -> AugmentConfig:

@@ -204,7 +204,8 @@ def _export_graph(run: LoadedRun, path: Path) -> None:
         raise ExportError(
             f"{run.run_dir} uses {stain.__class__.__name__}: its per-tile stain estimation "
             "(eigenvectors, percentiles) is not part of an ONNX graph; to deploy, train with "
-            "Reinhard normalisation or with stain augmentation (augment.hed_jitter)"
+            "Reinhard normalisation, or with stain augmentation (augment.hed_jitter, "
+            "augment.random_macenko)"
         )
     graph: torch.nn.Module
     if isinstance(run.model, AttentionMIL):

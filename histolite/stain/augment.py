@@ -1,4 +1,4 @@
-"""Stain augmentation on batches: HED jitter (Tellez et al. 2019) and random Reinhard targets.
+"""Stain augmentation on batches: HED jitter (Tellez et al. 2019), random Reinhard and Macenko.
 
 Both act on float batches (B, 3, H, W) in [0, 1] on whatever device the batch is on, so a
 training run on a GPU augments on the GPU. Randomness comes from torch's generator (seeded by
@@ -9,6 +9,12 @@ the run's seed), one draw per image.
   by ``1 + U(-sigma, sigma)`` and shifted by ``U(-sigma, sigma)``, and the image is mixed back.
 - **Random Reinhard**: each image gets Lab statistics drawn around those of the training set
   (a Gaussian per statistic, fitted on training images) and is normalised towards them.
+- **Random Macenko**: each image gets H and E stain vectors and stain strengths drawn around
+  those of the training set (a Gaussian per entry, fitted on training images) and is
+  normalised towards them; tiles Macenko cannot read (glass, fat) pass unchanged.
+
+Drawing targets around the training set's own spread keeps augmented colours plausible: the
+model sees the stain variation of many labs' worth of slides without colours no lab produces.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from histolite.errors import DataError
+from histolite.stain.macenko import MacenkoNormalizer, MacenkoStats
 from histolite.stain.reinhard import ReinhardNormalizer, ReinhardStats
 
 # Ruifrok & Johnston: rows are the OD of haematoxylin, eosin and DAB, exactly scikit-image's
@@ -79,19 +87,97 @@ def random_reinhard(
     return normaliser.torch_normalize(images, targets=(means, stds))
 
 
+@dataclass(frozen=True)
+class StainSpread:
+    """Mean and spread of the Macenko stain vectors and strengths of a set of training images."""
+
+    mean_matrix: tuple[tuple[float, float, float], tuple[float, float, float]]
+    std_matrix: tuple[tuple[float, float, float], tuple[float, float, float]]
+    mean_maxima: tuple[float, float]
+    std_maxima: tuple[float, float]
+
+
+def macenko_spread(images: list[Tensor]) -> StainSpread:
+    """Stain vectors and 99th-percentile strengths of uint8 (3, H, W) images, summarised.
+
+    Images Macenko cannot read (little tissue, one stain) are skipped; at least two must fit.
+    """
+    matrices, maxima = [], []
+    for image in images:
+        try:
+            stats = MacenkoNormalizer.fit(image).target
+        except DataError:
+            continue
+        matrices.append(torch.tensor(stats.stain_matrix, dtype=torch.float64))
+        maxima.append(torch.tensor(stats.max_concentrations, dtype=torch.float64))
+    if len(matrices) < 2:
+        raise DataError(
+            f"random Macenko needs H&E stains in at least 2 training images; {len(matrices)} of "
+            f"{len(images)} sampled images had enough tissue"
+        )
+    m, c = torch.stack(matrices), torch.stack(maxima)
+
+    def rows(t: Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        a, b = t.tolist()
+        return (a[0], a[1], a[2]), (b[0], b[1], b[2])
+
+    mean_max, std_max = c.mean(0).tolist(), c.std(0).tolist()
+    return StainSpread(
+        rows(m.mean(0)), rows(m.std(0)), (mean_max[0], mean_max[1]), (std_max[0], std_max[1])
+    )
+
+
+def draw_macenko_target(
+    spread: StainSpread, generator: torch.Generator | None = None
+) -> MacenkoStats:
+    """One target drawn around ``spread``: stain vectors kept positive and of unit length."""
+    mean = torch.tensor(spread.mean_matrix, dtype=torch.float64)
+    noise = torch.randn((2, 3), generator=generator, dtype=torch.float64)
+    matrix = (mean + noise * torch.tensor(spread.std_matrix, dtype=torch.float64)).clamp_min(1e-3)
+    matrix = matrix / matrix.norm(dim=1, keepdim=True)
+    centre = torch.tensor(spread.mean_maxima, dtype=torch.float64)
+    draw = torch.randn(2, generator=generator, dtype=torch.float64)
+    maxima = (centre + draw * torch.tensor(spread.std_maxima, dtype=torch.float64)).clamp_min(
+        0.25 * centre
+    )  # never near zero: that would bleach the tile
+    (h, e) = matrix.tolist()
+    return MacenkoStats(
+        ((h[0], h[1], h[2]), (e[0], e[1], e[2])), (float(maxima[0]), float(maxima[1]))
+    )
+
+
+def random_macenko(
+    images: Tensor, spread: StainSpread, generator: torch.Generator | None = None
+) -> Tensor:
+    """Each image normalised to stains drawn from ``spread`` (float in, float out)."""
+    out = images.clone()
+    for i in range(images.shape[0]):
+        normaliser = MacenkoNormalizer(draw_macenko_target(spread, generator))
+        out[i] = normaliser(images[i])
+    return out
+
+
 class BatchStainAugment:
     """The stain augmentations a config asks for, applied to a float training batch."""
 
-    def __init__(self, hed_sigma: float = 0.0, spread: LabSpread | None = None) -> None:
+    def __init__(
+        self,
+        hed_sigma: float = 0.0,
+        spread: LabSpread | None = None,
+        stain_spread: StainSpread | None = None,
+    ) -> None:
         self.hed_sigma = hed_sigma
         self.spread = spread
+        self.stain_spread = stain_spread
 
     def __bool__(self) -> bool:
-        return self.hed_sigma > 0 or self.spread is not None
+        return self.hed_sigma > 0 or self.spread is not None or self.stain_spread is not None
 
     def __call__(self, images: Tensor) -> Tensor:
         if self.spread is not None:
             images = random_reinhard(images, self.spread)
+        if self.stain_spread is not None:
+            images = random_macenko(images, self.stain_spread)
         return hed_jitter(images, self.hed_sigma)
 
 

@@ -24,7 +24,7 @@ from histolite.fileio import read_json, write_json, write_text
 from histolite.models import NormalizedClassifier, create_model
 from histolite.runinfo import run_metadata
 from histolite.runspec import MilSpec, RunDir, RunSpec, is_rank_zero
-from histolite.stain.augment import BatchStainAugment, lab_spread
+from histolite.stain.augment import BatchStainAugment, lab_spread, macenko_spread
 from histolite.train.data import (
     ImageDataModule,
     PreparedData,
@@ -249,16 +249,19 @@ def _next_log_version(out: Path) -> int:
 
 
 def batch_stain_augment(cfg: TrainConfig, prepared: PreparedData) -> BatchStainAugment:
-    """The config's stain augmentation; random Reinhard draws around 200 training images."""
-    spread = None
-    if cfg.augment.random_reinhard:
-        from histolite.data.images import load_rgb
-        from histolite.data.transforms import image_tensor
+    """The config's stain augmentation; random targets are drawn around 200 training images."""
+    if not (cfg.augment.random_reinhard or cfg.augment.random_macenko):
+        return BatchStainAugment(cfg.augment.hed_jitter)
+    from histolite.data.images import load_rgb
+    from histolite.data.transforms import image_tensor
 
-        train = prepared.splits["train"]
-        chosen = train[:: max(1, len(train) // 200)][:200]
-        spread = lab_spread([image_tensor(load_rgb(s.path)) for s in chosen])
-    return BatchStainAugment(cfg.augment.hed_jitter, spread)
+    train = prepared.splits["train"]
+    sample = [image_tensor(load_rgb(s.path)) for s in train[:: max(1, len(train) // 200)][:200]]
+    return BatchStainAugment(
+        cfg.augment.hed_jitter,
+        lab_spread(sample) if cfg.augment.random_reinhard else None,
+        macenko_spread(sample) if cfg.augment.random_macenko else None,
+    )
 
 
 def _trainer(

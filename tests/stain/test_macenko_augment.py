@@ -15,9 +15,12 @@ from histolite.errors import DataError
 from histolite.stain import ReinhardNormalizer
 from histolite.stain.augment import (
     BatchStainAugment,
+    draw_macenko_target,
     hed_jitter,
     hed_to_rgb,
     lab_spread,
+    macenko_spread,
+    random_macenko,
     random_reinhard,
     rgb_to_hed,
 )
@@ -154,6 +157,35 @@ def test_random_reinhard_draws_targets_around_the_data(kather_dir: Path) -> None
     assert augment(batch).shape == batch.shape
 
 
+def test_random_macenko_draws_stains_around_the_data(kather_dir: Path) -> None:
+    tissue = [
+        torch.from_numpy(_tile(kather_dir, c, i)).permute(2, 0, 1)
+        for c in ("01_TUMOR", "02_STROMA", "04_LYMPHO")
+        for i in range(4)
+    ]
+    glass = torch.full((3, 150, 150), 240, dtype=torch.uint8)
+    spread = macenko_spread([*tissue, glass])  # glass has no stains: skipped, not an error
+    fitted = MacenkoNormalizer.fit(tissue[0]).target.stain_matrix
+    assert np.allclose(np.linalg.norm(spread.mean_matrix, axis=1), 1.0, atol=0.05)
+    assert 0 < max(max(r) for r in spread.std_matrix) < 0.3
+    # haematoxylin is the bluer vector: more OD in red than eosin has
+    assert spread.mean_matrix[0][0] > spread.mean_matrix[1][0] and fitted[0][0] > fitted[1][0]
+    targets = [draw_macenko_target(spread, torch.Generator().manual_seed(n)) for n in range(20)]
+    for target in targets:
+        assert np.allclose(np.linalg.norm(target.stain_matrix, axis=1), 1.0)
+        assert min(min(r) for r in target.stain_matrix) > 0 and min(target.max_concentrations) > 0
+    assert len({t.stain_matrix for t in targets}) == 20
+    batch = torch.stack([*tissue[:3], glass]).float() / 255
+    out = random_macenko(batch, spread, torch.Generator().manual_seed(0))
+    again = random_macenko(batch, spread, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again) and torch.isfinite(out).all()  # seedable, never NaN
+    assert torch.equal(out[3], batch[3])  # glass passes unchanged
+    assert (out[:3] - batch[:3]).abs().mean() > 0.01  # tissue is recoloured
+    with pytest.raises(DataError, match="at least 2 training images"):
+        macenko_spread([glass, glass])
+    assert bool(BatchStainAugment(stain_spread=spread))
+
+
 def test_fast_and_torch_reinhard_paths_agree(kather_dir: Path) -> None:
     tiles = np.stack([_tile(kather_dir, c, 0) for c in ("01_TUMOR", "05_DEBRIS", "08_EMPTY")])
     batch = torch.from_numpy(tiles).permute(0, 3, 1, 2)
@@ -192,3 +224,25 @@ def test_cli_fit_then_normalize_folders_with_a_preview(
     assert any(w.startswith("data/08_EMPTY/") for w in written)
     assert "too little tissue" in out
     assert Image.open(tmp_path / "out" / "preview.png").size == (4 * 128, 256)
+
+
+def test_training_config_turns_on_each_stain_augmentation(
+    synthetic_dir: Path, tmp_path: Path
+) -> None:
+    from support import write_config
+
+    from histolite.config import load_config
+    from histolite.train.data import prepare_data
+    from histolite.train.runner import batch_stain_augment
+
+    config = write_config(
+        tmp_path / "cfg.yaml",
+        synthetic_dir,
+        augment={"hed_jitter": 0.05, "random_reinhard": True, "random_macenko": True},
+    )
+    cfg = load_config(config)
+    augment = batch_stain_augment(cfg, prepare_data(cfg.data, cfg.seed, progress=False))
+    assert augment.hed_sigma == 0.05
+    assert augment.spread is not None and augment.stain_spread is not None
+    plain = batch_stain_augment(load_config(write_config(tmp_path / "p.yaml", synthetic_dir)), None)  # type: ignore[arg-type]
+    assert not plain  # nothing asked for, no training images read
