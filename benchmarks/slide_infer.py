@@ -53,8 +53,7 @@ def run_once(slide: Path, model: Path, out: Path, threads: int | None) -> tuple[
 
 def tiled_copy(source: Path, path: Path, repeat: int) -> Path:
     """A pyramidal TIFF of the excerpt tiled ``repeat`` x ``repeat`` (same mpp)."""
-    import tifffile
-
+    from histolite.slide.pyramid import write_pyramidal_tiff
     from histolite.slide.reader import open_slide
 
     slide = open_slide(source)
@@ -62,23 +61,7 @@ def tiled_copy(source: Path, path: Path, repeat: int) -> Path:
     base = slide.read_level(0, 0, 0, info.width, info.height)
     slide.close()
     level = np.tile(base, (repeat, repeat, 1))
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        for k in range(3):
-            mpp = info.mpp * 2**k
-            tif.write(
-                level,
-                tile=(256, 256),
-                photometric="rgb",
-                compression="jpeg",
-                resolution=(1e4 / mpp, 1e4 / mpp),
-                resolutionunit="CENTIMETER",
-                subfiletype=1 if k else 0,
-            )
-            h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
-            level = (
-                level[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).astype(np.uint8)
-            )
-    return path
+    return write_pyramidal_tiff(path, level, info.mpp, compression="jpeg")
 
 
 def main() -> None:

@@ -17,6 +17,9 @@ import tifffile
 import yaml
 from PIL import Image
 
+from histolite.data.registry import get_dataset
+from histolite.slide.pyramid import write_pyramidal_tiff
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KATHER_DIR = Path(os.environ.get("HISTOLITE_KATHER", REPO_ROOT.parent / "shared/data/kather2016"))
 
@@ -147,16 +150,7 @@ def make_nct(root: Path, name: str = "NCT-CRC-HE-100K", per_class: int = 2, seed
     return root
 
 
-KATHER_CLASSES = (
-    "01_TUMOR",
-    "02_STROMA",
-    "03_COMPLEX",
-    "04_LYMPHO",
-    "05_DEBRIS",
-    "06_MUCOSA",
-    "07_ADIPOSE",
-    "08_EMPTY",
-)
+KATHER_CLASSES = get_dataset("kather2016").classes
 
 
 def make_kather(
@@ -202,34 +196,6 @@ def export_small_model(root: Path, data: Path, *, int8: bool = False) -> Path:
     return out
 
 
-def write_pyramid_tiff(
-    path: Path, level0: np.ndarray, mpp: float, levels: int = 2, tile: int = 64
-) -> Path:
-    """A tiled pyramidal TIFF (levels as successive pages, halving each time), mpp in tags.
-
-    OpenSlide ("generic-tiff") and tifffile both read this layout.
-    """
-    pixels = level0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tifffile.TiffWriter(path) as tif:
-        for level in range(levels):
-            scale = mpp * 2**level
-            tif.write(
-                pixels,
-                tile=(tile, tile),
-                photometric="rgb",
-                compression="zlib",
-                resolution=(1e4 / scale, 1e4 / scale),
-                resolutionunit="CENTIMETER",
-                subfiletype=1 if level else 0,
-            )
-            h, w = pixels.shape[0] // 2 * 2, pixels.shape[1] // 2 * 2
-            pixels = (
-                pixels[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).round()
-            ).astype(np.uint8)
-    return path
-
-
 def mosaic_slide(
     path: Path, tiles: list[list[np.ndarray | None]], mpp: float, upsample: int = 2
 ) -> Path:
@@ -245,4 +211,4 @@ def mosaic_slide(
             if tile is not None:
                 canvas[r * side : (r + 1) * side, c * side : (c + 1) * side] = tile
     level0 = canvas.repeat(upsample, axis=0).repeat(upsample, axis=1)
-    return write_pyramid_tiff(path, level0, mpp / upsample)
+    return write_pyramidal_tiff(path, level0, mpp / upsample, levels=2, tile=64)

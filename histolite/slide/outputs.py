@@ -149,6 +149,15 @@ def _probability_colours(values: np.ndarray) -> np.ndarray:
     return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
 
 
+def _fit_panel(thumb: np.ndarray, scale: float) -> tuple[np.ndarray, float]:
+    """The thumbnail shrunk to at most ``PANEL_SIDE`` on a side, and its new scale."""
+    shrink = max(thumb.shape[:2]) / PANEL_SIDE
+    if shrink <= 1:
+        return thumb, scale
+    size = (max(1, round(thumb.shape[1] / shrink)), max(1, round(thumb.shape[0] / shrink)))
+    return np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BOX)), scale * shrink
+
+
 def render_heatmap(
     thumb: np.ndarray,
     scale: float,
@@ -164,11 +173,7 @@ def render_heatmap(
     ``scale`` is level-0 pixels per thumbnail pixel; ``weights`` (e.g. MIL attention, one per
     row) add a panel of their own. Panels are at most ``PANEL_SIDE`` pixels on a side.
     """
-    shrink = max(thumb.shape[:2]) / PANEL_SIDE
-    if shrink > 1:
-        size = (max(1, round(thumb.shape[1] / shrink)), max(1, round(thumb.shape[0] / shrink)))
-        thumb = np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BOX))
-        scale *= shrink
+    thumb, scale = _fit_panel(thumb, scale)
     height, width = thumb.shape[:2]
     n = len(classes)
     class_map = np.full((height, width), -1, np.int32)
@@ -211,11 +216,7 @@ def render_attention(
     title: str = "",
 ) -> None:
     """A slide-level MIL prediction: the thumbnail and each tile's attention (max = 1)."""
-    shrink = max(thumb.shape[:2]) / PANEL_SIDE
-    if shrink > 1:
-        size = (max(1, round(thumb.shape[1] / shrink)), max(1, round(thumb.shape[0] / shrink)))
-        thumb = np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BOX))
-        scale *= shrink
+    thumb, scale = _fit_panel(thumb, scale)
     height, width = thumb.shape[:2]
     heat = np.zeros((height, width), np.float32)
     covered = np.zeros((height, width), bool)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import write_pyramid_tiff
 
 from histolite.errors import HistoliteError
 from histolite.export.runtime import OnnxClassifier
 from histolite.export.slide_inference import SlideSettings, classify_slide, merge_shards
+from histolite.slide.pyramid import write_pyramidal_tiff
 from histolite.slide.reader import OpenSlideSlide, SlideError, TiffSlide, open_slide, read_region
 
 SVS = Path(__file__).resolve().parents[3] / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
@@ -106,8 +106,8 @@ def test_geojson_is_a_qupath_feature_collection(
 
 
 def test_blank_slide_gives_a_summary_not_a_crash(model: OnnxClassifier, tmp_path: Path) -> None:
-    blank = write_pyramid_tiff(
-        tmp_path / "blank.tif", np.full((512, 512, 3), 246, np.uint8), mpp=0.25
+    blank = write_pyramidal_tiff(
+        tmp_path / "blank.tif", np.full((512, 512, 3), 246, np.uint8), mpp=0.25, tile=64
     )
     summary = classify_slide(blank, model, tmp_path / "out", SlideSettings(), progress=False)
     assert summary["tiles"] == 0 and summary["tissue_area_mm2"] == 0
@@ -183,3 +183,25 @@ def test_real_svs_excerpt(tmp_path: Path, model: OnnxClassifier) -> None:
     # a tissue strip with glass around it (checked by eye): a quarter to a half of the area
     assert 0.2 * area_mm2 < summary["tissue_area_mm2"] < 0.5 * area_mm2
     assert summary["tiles"] > 0 and summary["tile_px_level0"] == round(16 / 0.499)
+
+
+@pytest.mark.parametrize("compression", ["zlib", "jpeg"])
+def test_pyramidal_tiff_reads_back_as_a_slide(compression: str, tmp_path: Path) -> None:
+    y, x = np.mgrid[0:300, 0:520]
+    level0 = np.stack([x * 255 // 519, y * 255 // 299, (x + y) % 256], axis=-1).astype(np.uint8)
+    path = write_pyramidal_tiff(
+        tmp_path / "s.tif", level0, mpp=0.5, levels=3, tile=128, compression=compression
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["s.tif"]  # no temporary left behind
+    slide = open_slide(path)
+    try:
+        info = slide.info
+        assert (info.width, info.height) == (520, 300) and info.mpp == pytest.approx(0.5)
+        back = slide.read_level(0, 0, 0, 520, 300)
+        error = np.abs(back.astype(int) - level0).mean()
+        assert error == 0 if compression == "zlib" else error < 3  # JPEG is lossy
+    finally:
+        slide.close()
+    with pytest.raises(ValueError, match="uint8"):
+        write_pyramidal_tiff(tmp_path / "f.tif", level0.astype(np.float32), mpp=0.5)
+    assert not (tmp_path / "f.tif").exists()
