@@ -27,12 +27,14 @@ def _subset(kather_dir: Path, root: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.kather
-def test_resnet8_beats_chance_on_real_tiles(tmp_path: Path, kather_dir: Path) -> None:
+def test_student_beats_chance_on_real_tiles(tmp_path: Path, kather_dir: Path) -> None:
     train_dir, test_dir = _subset(kather_dir, tmp_path / "kather")
     config = write_config(
         tmp_path / "cfg.yaml",
         train_dir,
         data={"image_size": 64, "batch_size": 32, "val_fraction": 0.1},
+        model={"name": "mobile_student_s"},
+        optimizer={"name": "adamw", "lr": 0.004},
     )
     cfg = resolve_config(
         config,
