@@ -24,13 +24,21 @@ from histolite.errors import DataError
 from histolite.fileio import read_json, write_json
 from histolite.stain.colour import F_TO_LAB, LAB_OFFSET, LAB_TO_F, f_to_rgb, rgb_to_f, rgb_to_lab
 
-_cv2: Any
-try:  # the fast uint8 CPU path; the torch path needs nothing extra
-    import cv2 as _cv2
 
-    _cv2.setNumThreads(1)  # images are spread over threads here; OpenCV's own pool only adds cost
-except ImportError:  # pragma: no cover - opencv-python-headless is in histolite[train]
-    _cv2 = None
+def _load_cv2() -> Any:
+    """OpenCV for the fast uint8 CPU path, or None; the torch path needs nothing extra.
+
+    Imported through a function so the type stays ``Any`` whichever OpenCV stubs are installed.
+    """
+    try:
+        import cv2
+    except ImportError:  # pragma: no cover - opencv-python-headless is in histolite[train]
+        return None
+    cv2.setNumThreads(1)  # images are spread over threads here; OpenCV's own pool only adds cost
+    return cv2
+
+
+_cv2: Any = _load_cv2()
 
 # A flat (all-background) image has zero spread; this floor keeps the division finite.
 _MIN_STD = 1e-3
