@@ -86,9 +86,19 @@ def finished(run: Path) -> bool:
     return (run / "reports" / "test" / "report.json").is_file()
 
 
+def recorded(results: Path, split: str, arm: str, seed: int) -> bool:
+    if not results.is_file():
+        return False
+    rows = csv.DictReader(results.open())
+    return any((r["split"], r["arm"], int(r["seed"])) == (split, arm, seed) for r in rows)
+
+
 def train(arm: Arm, data: Path, out: Path, split: str, seed: int, results: Path) -> None:
     run = run_dir(out, split, arm.name, seed)
     if finished(run):
+        if not recorded(results, split, arm.name, seed):  # finished after its driver was stopped
+            summary = json.loads((run / "train_summary.json").read_text())
+            record(results, split, arm.name, seed, run, summary["train_seconds_this_session"])
         return
     args = command(arm, data, out, split, seed)
     print("$", shlex.join(args), flush=True)
@@ -102,10 +112,14 @@ def train(arm: Arm, data: Path, out: Path, split: str, seed: int, results: Path)
     seconds = time.perf_counter() - started
     if code != 0:
         raise SystemExit(f"{arm.name} seed {seed} ({split}) failed; see {log}")
+    record(results, split, arm.name, seed, run, seconds)
+
+
+def record(results: Path, split: str, arm: str, seed: int, run: Path, seconds: float) -> None:
     report = json.loads((run / "reports" / "test" / "report.json").read_text())
     row = {
         "split": split,
-        "arm": arm.name,
+        "arm": arm,
         "seed": seed,
         "accuracy": report["accuracy"],
         "balanced_accuracy": report["balanced_accuracy"],
@@ -119,7 +133,7 @@ def train(arm: Arm, data: Path, out: Path, split: str, seed: int, results: Path)
         if new:
             writer.writeheader()
         writer.writerow(row)
-    print(f"  {split} {arm.name} seed {seed}: accuracy {row['accuracy']:.4f} ({seconds:.0f} s)")
+    print(f"  {split} {arm} seed {seed}: accuracy {row['accuracy']:.4f} ({seconds:.0f} s)")
 
 
 def cost(run: Path, out: Path) -> dict[str, object]:

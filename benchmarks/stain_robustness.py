@@ -7,7 +7,7 @@ re-coloured by one fixed, realistic stain shift: haematoxylin x1.30, eosin x0.75
 HED optical density, as between a lab that stains nuclei darker and eosin lighter and this one.
 
     python benchmarks/stain_robustness.py --data ../shared/data/kather2016 --out runs/stain \\
-        --seeds 1 2 3
+        --seeds 1 2 3 --none-runs runs/kd/grouped
 
 Finished runs are skipped. Results: OUT/results.csv and OUT/table.md.
 """
@@ -87,6 +87,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument(
+        "--none-runs",
+        type=Path,
+        help="reuse finished runs DIR/student_sSEED as the 'none' arm: the distillation "
+        "benchmark's student arm is the same command (recipe, seed, split)",
+    )
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -104,6 +110,9 @@ def main() -> None:
             if (arm, seed) in done:
                 continue
             run = out / f"{arm}_s{seed}"
+            if arm == "none" and args.none_runs is not None:
+                reused = args.none_runs.resolve() / f"student_s{seed}"
+                run = reused if (reused / "reports" / "test" / "report.json").is_file() else run
             command = ["train", RECIPE, "--out", str(run), "--no-progress",
                        "--set", f"data.root={args.data}", "--set", f"seed={seed}"]  # fmt: skip
             for item in sets:
@@ -113,6 +122,9 @@ def main() -> None:
             if not (run / "reports" / "test" / "report.json").is_file():
                 histolite(*command)
             seconds = time.perf_counter() - started
+            summary = run / "train_summary.json"
+            if summary.is_file():  # training time, also for runs reused or finished earlier
+                seconds = json.loads(summary.read_text())["train_seconds_this_session"]
             grouped = json.loads((run / "reports" / "test" / "report.json").read_text())
             shifted_csv = recoloured_test_split(run / "split.csv", out)
             histolite("evaluate", str(run), "--data", str(shifted_csv), "--out",
@@ -150,7 +162,16 @@ def main() -> None:
 
         drop = statistics.mean(x - y for x, y in zip(a, b, strict=True))
         lines.append(f"| {arm} | {fmt(a)} | {fmt(b)} | {drop:.2f} | {len(mine)} |")
-    text = "\n".join(lines) + f"\n\nRe-colouring: {SHIFT} (HED optical density).\n"
+    lines += ["", f"Re-colouring: {SHIFT} (HED optical density).", "", "Commands (seed S):"]
+    for arm, sets in arms(target).items():
+        extra = "".join(f" --set {shlex.quote(item)}" for item in sets)
+        lines.append(
+            f"- {arm}: `histolite train {RECIPE} --out {out / arm}_sS --set data.root={args.data} "
+            f"--set seed=S{extra}`"
+        )
+    if args.none_runs is not None:
+        lines.append(f"- none: the runs {args.none_runs}/student_sS where present (same command)")
+    text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     print(text)
 
