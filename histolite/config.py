@@ -130,7 +130,8 @@ class AugmentConfig(_Strict):
         default=0.0,
         ge=0.0,
         le=1.0,
-        description="HED stain jitter (Tellez et al. 2019): scale and shift up to this; 0 = off",
+        description="HED stain jitter (Tellez et al. 2019): scale and shift up to this; 0 = off. "
+        "The shift is in natural-log optical density (scikit-image's rgb2hed units x 13.8)",
     )
     random_reinhard: bool = Field(
         default=False,

@@ -1,12 +1,16 @@
 """Stain augmentation on batches: HED jitter (Tellez et al. 2019), random Reinhard and Macenko.
 
 Both act on float batches (B, 3, H, W) in [0, 1] on whatever device the batch is on, so a
-training run on a GPU augments on the GPU. Randomness comes from torch's generator (seeded by
-the run's seed), one draw per image.
+training run on a GPU augments on the GPU. Randomness comes from the augmenter's own CPU
+generator, seeded by the run's seed and the process rank and saved in checkpoints, so turning
+stain augmentation on does not change batch order or other augmentations, and DDP processes
+draw different values.
 
 - **HED jitter**: each image is unmixed into haematoxylin, eosin and DAB optical densities
   (Ruifrok and Johnston's stain vectors, as scikit-image's ``rgb2hed``), each channel is scaled
   by ``1 + U(-sigma, sigma)`` and shifted by ``U(-sigma, sigma)``, and the image is mixed back.
+  Densities are natural-log optical densities; scikit-image's ``rgb2hed`` divides them by
+  ``ln(1e-6)``, so a shift of sigma there is about 13.8 sigma here (the scale is unitless).
 - **Random Reinhard**: each image gets Lab statistics drawn around those of the training set
   (a Gaussian per statistic, fitted on training images) and is normalised towards them.
 - **Random Macenko**: each image gets H and E stain vectors and stain strengths drawn around
@@ -52,6 +56,8 @@ def hed_jitter(images: Tensor, sigma: float, generator: torch.Generator | None =
     """Scale and shift each image's H, E and DAB densities by random amounts up to ``sigma``."""
     if sigma <= 0:
         return images
+    if not images.is_floating_point():
+        raise DataError(f"HED jitter needs a float batch in [0, 1], got {images.dtype}")
     n = images.shape[0]
     shape = (n, 3, 1, 1)
     alpha = 1.0 + (torch.rand(shape, generator=generator) * 2 - 1) * sigma
@@ -165,26 +171,38 @@ class BatchStainAugment:
         hed_sigma: float = 0.0,
         spread: LabSpread | None = None,
         stain_spread: StainSpread | None = None,
+        seed: int = 0,
     ) -> None:
         self.hed_sigma = hed_sigma
         self.spread = spread
         self.stain_spread = stain_spread
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def start(self, rank: int) -> None:
+        """Seed for this process; each DDP rank draws its own values."""
+        self.generator = torch.Generator().manual_seed(self.seed * 1009 + rank)
 
     def __bool__(self) -> bool:
         return self.hed_sigma > 0 or self.spread is not None or self.stain_spread is not None
 
     def __call__(self, images: Tensor) -> Tensor:
-        if self.spread is not None:
-            images = random_reinhard(images, self.spread)
-        if self.stain_spread is not None:
-            images = random_macenko(images, self.stain_spread)
-        return hed_jitter(images, self.hed_sigma)
+        # Colour maths in float32 even under mixed precision: pinv and exp/log need it.
+        with torch.autocast(images.device.type, enabled=False):
+            out = images.float()
+            if self.spread is not None:
+                out = random_reinhard(out, self.spread, self.generator)
+            if self.stain_spread is not None:
+                out = random_macenko(out, self.stain_spread, self.generator)
+            return hed_jitter(out, self.hed_sigma, self.generator)
 
 
 def lab_spread(images: list[Tensor]) -> LabSpread:
     """Per-image Lab means and stds of uint8 (3, H, W) images, summarised per channel."""
     from histolite.stain.colour import rgb_to_lab
 
+    if len(images) < 2:
+        raise DataError(f"random Reinhard needs at least 2 training images, got {len(images)}")
     means, stds = [], []
     for image in images:
         lab = rgb_to_lab(image.unsqueeze(0))[0].double().reshape(3, -1)

@@ -251,16 +251,20 @@ def _next_log_version(out: Path) -> int:
 def batch_stain_augment(cfg: TrainConfig, prepared: PreparedData) -> BatchStainAugment:
     """The config's stain augmentation; random targets are drawn around 200 training images."""
     if not (cfg.augment.random_reinhard or cfg.augment.random_macenko):
-        return BatchStainAugment(cfg.augment.hed_jitter)
+        return BatchStainAugment(cfg.augment.hed_jitter, seed=cfg.seed)
     from histolite.data.images import load_rgb
     from histolite.data.transforms import image_tensor
 
     train = prepared.splits["train"]
     sample = [image_tensor(load_rgb(s.path)) for s in train[:: max(1, len(train) // 200)][:200]]
+    stain = build_stain(cfg.data)
+    if stain is not None:  # batches arrive normalised: draw targets around normalised colours
+        sample = [stain(image) for image in sample]
     return BatchStainAugment(
         cfg.augment.hed_jitter,
         lab_spread(sample) if cfg.augment.random_reinhard else None,
         macenko_spread(sample) if cfg.augment.random_macenko else None,
+        seed=cfg.seed,
     )
 
 

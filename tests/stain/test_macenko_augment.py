@@ -246,3 +246,56 @@ def test_training_config_turns_on_each_stain_augmentation(
     assert augment.spread is not None and augment.stain_spread is not None
     plain = batch_stain_augment(load_config(write_config(tmp_path / "p.yaml", synthetic_dir)), None)  # type: ignore[arg-type]
     assert not plain  # nothing asked for, no training images read
+
+
+def _stained_tiles(n: int) -> list[torch.Tensor]:
+    """Synthetic H&E-like tiles: random haematoxylin and eosin amounts mixed by Ruifrok's vectors."""
+    generator = torch.Generator().manual_seed(3)
+    hed = torch.rand(n, 3, 32, 32, generator=generator) * torch.tensor([1.2, 0.8, 0.0]).view(
+        1, 3, 1, 1
+    )
+    return [(hed_to_rgb(hed)[i] * 255).round().to(torch.uint8) for i in range(n)]
+
+
+def test_batch_augment_has_its_own_seeded_generator_and_survives_autocast() -> None:
+    tiles = _stained_tiles(6)
+    batch = torch.stack(tiles).float() / 255
+    augment = BatchStainAugment(0.05, lab_spread(tiles), macenko_spread(tiles), seed=7)
+    torch.manual_seed(0)
+    expected_next = torch.rand(3)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as under precision: bf16-mixed
+        out = augment(batch)
+    # the global stream (batch order, flips, workers' seeds) is untouched by stain augmentation
+    assert torch.equal(torch.rand(3), expected_next)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    again = BatchStainAugment(0.05, augment.spread, augment.stain_spread, seed=7)
+    assert torch.equal(again(batch), out)  # same seed, same draws
+    other_rank = BatchStainAugment(0.05, augment.spread, augment.stain_spread, seed=7)
+    other_rank.start(1)
+    assert not torch.allclose(other_rank(batch), out)  # each DDP rank draws its own values
+
+
+def test_stain_augment_generator_state_is_saved_and_restored() -> None:
+    from types import SimpleNamespace
+
+    from histolite.train.rng import RngState
+
+    augment = BatchStainAugment(0.05, seed=1)
+    module = SimpleNamespace(batch_augment=augment)
+    checkpoint: dict = {}
+    callback = RngState()
+    callback.on_save_checkpoint(None, module, checkpoint)  # type: ignore[arg-type]
+    batch = torch.stack(_stained_tiles(2)).float() / 255
+    first = augment(batch)
+    augment(batch)  # the stream moves on
+    callback.on_load_checkpoint(None, module, checkpoint)  # type: ignore[arg-type]
+    assert torch.equal(augment(batch), first)  # resumed where the checkpoint was taken
+
+
+def test_stain_augment_refuses_what_would_silently_break() -> None:
+    tiles = _stained_tiles(2)
+    with pytest.raises(DataError, match="float batch"):
+        hed_jitter(torch.stack(tiles), 0.05)  # uint8 would come back as a 0/1 image
+    with pytest.raises(DataError, match="at least 2 training images"):
+        lab_spread(tiles[:1])  # one image has no spread: every target would be NaN
