@@ -23,6 +23,7 @@ model sees the stain variation of many labs' worth of slides without colours no 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -153,13 +154,21 @@ def draw_macenko_target(
 
 
 def random_macenko(
-    images: Tensor, spread: StainSpread, generator: torch.Generator | None = None
+    images: Tensor,
+    spread: StainSpread,
+    generator: torch.Generator | None = None,
+    fallbacks: Counter[str] | None = None,
 ) -> Tensor:
-    """Each image normalised to stains drawn from ``spread`` (float in, float out)."""
+    """Each image normalised to stains drawn from ``spread`` (float in, float out).
+
+    Tiles Macenko cannot read pass unchanged; why is counted in ``fallbacks`` when given.
+    """
     out = images.clone()
     for i in range(images.shape[0]):
         normaliser = MacenkoNormalizer(draw_macenko_target(spread, generator))
         out[i] = normaliser(images[i])
+        if fallbacks is not None:
+            fallbacks.update(normaliser.counts)
     return out
 
 
@@ -178,6 +187,7 @@ class BatchStainAugment:
         self.stain_spread = stain_spread
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self.fallbacks: Counter[str] = Counter()  # random Macenko tiles passed unchanged, by why
 
     def start(self, rank: int) -> None:
         """Seed for this process; each DDP rank draws its own values."""
@@ -193,7 +203,7 @@ class BatchStainAugment:
             if self.spread is not None:
                 out = random_reinhard(out, self.spread, self.generator)
             if self.stain_spread is not None:
-                out = random_macenko(out, self.stain_spread, self.generator)
+                out = random_macenko(out, self.stain_spread, self.generator, self.fallbacks)
             return hed_jitter(out, self.hed_sigma, self.generator)
 
 

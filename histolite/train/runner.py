@@ -303,6 +303,7 @@ def _write_summary(
     best: ModelCheckpoint | None,
     resumed: bool,
     seconds: float,
+    augment: BatchStainAugment,
 ) -> None:
     score = best.best_model_score if best is not None else None
     write_json(
@@ -316,6 +317,8 @@ def _write_summary(
             "devices": trainer.num_devices,
             "num_nodes": trainer.num_nodes,
             "world_size": trainer.world_size,
+            # tiles random Macenko left unchanged (glass, fat, one stain), on rank 0
+            "stain_augment_fallbacks": dict(augment.fallbacks),
         },
     )
     last = files.checkpoints / "last.ckpt"
@@ -380,5 +383,5 @@ def train_run(
     )
     if trainer.is_global_zero:
         best = checkpoints[-1] if monitor else None
-        _write_summary(files, trainer, best, resume, time.perf_counter() - started)
+        _write_summary(files, trainer, best, resume, time.perf_counter() - started, augment)
     return out

@@ -64,6 +64,7 @@ def test_run_directory_holds_everything(tmp_path: Path, synthetic_dir: Path) -> 
     assert all(0.0 < m < 1.0 for m in spec.mean) and all(s > 0 for s in spec.std)
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["epochs_completed"] == 2
+    assert summary["stain_augment_fallbacks"] == {}  # no random Macenko in this run
     assert load_config(run / "config.yaml").trainer.max_epochs == 2
     with (run / "split.csv").open() as fh:
         splits = {row["split"] for row in csv.DictReader(fh)}

@@ -249,7 +249,7 @@ def test_training_config_turns_on_each_stain_augmentation(
 
 
 def _stained_tiles(n: int) -> list[torch.Tensor]:
-    """Synthetic H&E-like tiles: random haematoxylin and eosin amounts mixed by Ruifrok's vectors."""
+    """Synthetic H&E-like tiles: random H and E amounts mixed by Ruifrok's vectors."""
     generator = torch.Generator().manual_seed(3)
     hed = torch.rand(n, 3, 32, 32, generator=generator) * torch.tensor([1.2, 0.8, 0.0]).view(
         1, 3, 1, 1
@@ -274,6 +274,10 @@ def test_batch_augment_has_its_own_seeded_generator_and_survives_autocast() -> N
     other_rank = BatchStainAugment(0.05, augment.spread, augment.stain_spread, seed=7)
     other_rank.start(1)
     assert not torch.allclose(other_rank(batch), out)  # each DDP rank draws its own values
+    assert sum(augment.fallbacks.values()) == 0  # every synthetic tile has both stains
+    glass = torch.full((1, 3, 32, 32), 0.95)
+    assert torch.isfinite(augment(glass)).all()
+    assert sum(augment.fallbacks.values()) == 1  # the glass tile passed unchanged, counted
 
 
 def test_stain_augment_generator_state_is_saved_and_restored() -> None:
