@@ -380,13 +380,30 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(
     path: str | Path | None, overrides: list[str] | None = None, model: type[_Strict] = TrainConfig
 ) -> Any:
-    """Read YAML (or start empty), apply ``--set`` overrides, validate into ``model``."""
+    """Read YAML (or start empty), apply ``--set`` overrides, validate into ``model``.
+
+    A relative ``data.stain.target`` written in the file is relative to the file, so a recipe can
+    ship its stain target beside it and run from any directory; ``--set`` paths stay relative to
+    the working directory, like every other path on the command line.
+    """
     data = read_yaml(path) if path is not None else {}
+    if path is not None:
+        _anchor_stain_target(data, Path(path).parent)
     apply_overrides(data, overrides or [])
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, str(path or "config"))) from exc
+
+
+def _anchor_stain_target(data: dict[str, Any], folder: Path) -> None:
+    section = data.get("data")
+    stain = section.get("stain") if isinstance(section, dict) else None
+    if not isinstance(stain, dict):
+        return
+    target = stain.get("target")
+    if isinstance(target, str) and target and not Path(target).is_absolute():
+        stain["target"] = str((folder / target).resolve())
 
 
 def dump_config(config: BaseModel) -> str:
