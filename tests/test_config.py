@@ -34,6 +34,28 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
     assert "max_epochs: 3" in dump_config(cfg)
 
 
+def test_a_recipes_stain_target_is_relative_to_the_recipe(tmp_path: Path) -> None:
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    path = recipes / "c.yaml"
+    path.write_text("data:\n  root: /x\n  stain:\n    target: stain/t.json\n")
+    cfg = load_config(path)
+    assert Path(cfg.data.stain.target) == (recipes / "stain" / "t.json").resolve()
+    overridden = load_config(path, ["data.stain.target=mine.json"])
+    assert overridden.data.stain.target == "mine.json"  # --set stays relative to the caller
+    assert load_config(path, ["data.stain.target=/abs/t.json"]).data.stain.target == "/abs/t.json"
+
+
+def test_kather_recipes_share_one_shipped_stain_target() -> None:
+    targets = {
+        load_config(
+            REPO_ROOT / "configs" / f"kather2016_{name}.yaml", ["data.root=/x"]
+        ).data.stain.target
+        for name in ("pretrained_teacher", "student", "student_kd", "student_multipart")
+    }
+    assert len(targets) == 1 and Path(targets.pop()).is_file()
+
+
 def test_unknown_key_is_an_error_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  root: /x\n  imgsize: 3\n")
