@@ -42,6 +42,11 @@ def evaluate(
         f"{report['balanced_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f} "
         f"(n={report['n']})"
     )
+    ci = report["accuracy_ci95"]
+    typer.echo(
+        f"accuracy 95% interval [{ci['low']:.4f}, {ci['high']:.4f}], bootstrap over "
+        f"{ci['groups']} groups (source images or patients where the data name them)"
+    )
     if "image_level" in report:
         for method, metrics in report["image_level"].items():
             typer.echo(f"image-level ({method}): accuracy {metrics['accuracy']:.4f}")

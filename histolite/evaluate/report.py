@@ -19,7 +19,7 @@ from histolite.evaluate.inference import (
     predict,
     predict_bags,
 )
-from histolite.evaluate.metrics import classification_metrics
+from histolite.evaluate.metrics import classification_metrics, group_bootstrap_accuracy
 from histolite.evaluate.plots import plot_confusion_matrix, plot_training_curves
 from histolite.fileio import atomic_path, write_json
 from histolite.models.loading import LoadedRun, load_run
@@ -121,6 +121,9 @@ def build_report(
     metrics = classification_metrics(preds.labels, preds.probs.argmax(axis=1), classes)
     level = "bag" if run.is_mil else "patch" if preds.patch_level else "image"
     report: dict[str, Any] = {"level": level, **metrics}
+    groups = [samples[i].group for i in preds.image_index]
+    correct = preds.probs.argmax(axis=1) == preds.labels
+    report["accuracy_ci95"] = group_bootstrap_accuracy(correct, groups)
     if preds.patch_level:
         images = images if images is not None else image_results(preds)
         assert images is not None

@@ -71,6 +71,7 @@ def compare_runs(
             "level": report["level"],
             "n": report["n"],
             "accuracy": report["accuracy"],
+            "accuracy_ci95": report["accuracy_ci95"],
             "balanced_accuracy": report["balanced_accuracy"],
             "macro_f1": report["macro_f1"],
             "weighted_f1": report["weighted_f1"],
@@ -118,15 +119,21 @@ def _rate(value: float | str | None) -> str:
     return "n/a" if value is None or not value else "failed"
 
 
+def _interval(row: dict[str, Any]) -> str:
+    ci = row.get("accuracy_ci95")
+    return f"[{ci['low']:.3f}, {ci['high']:.3f}; {ci['groups']} groups]" if ci else ""
+
+
 def format_comparison(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
-        "| run | model | accuracy | balanced acc. | macro F1 | parameters | size MB | MMACs | "
-        "CPU img/s b1 | CPU img/s b64 | ONNX INT8 img/s b64 |",
+        "| run | model | accuracy [95% CI over groups] | balanced acc. | macro F1 | parameters | "
+        "size MB | MMACs | CPU img/s b1 | CPU img/s b64 | ONNX INT8 img/s b64 |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['model']} | {r['accuracy']:.4f} | {r['balanced_accuracy']:.4f} | "
+            f"| {r['name']} | {r['model']} | {r['accuracy']:.4f} {_interval(r)} | "
+            f"{r['balanced_accuracy']:.4f} | "
             f"{r['macro_f1']:.4f} | {r['parameters']:,} | {r['size_mb']:.2f} | "
             f"{r['macs'] / 1e6:.1f} | {r['cpu_images_per_s_b1']:.0f} | "
             f"{r['cpu_images_per_s_b64']:.0f} | {_rate(r.get('onnx_int8_images_per_s_b64'))} |"

@@ -109,6 +109,9 @@ def test_training_learns_the_synthetic_task(tmp_path: Path, synthetic_dir: Path)
     )
     report = evaluate_run(run, run / "split.csv", tmp_path / "rep", progress=False)
     assert report["accuracy"] >= 0.6  # chance is 0.25
+    interval = report["accuracy_ci95"]
+    assert interval["low"] <= report["accuracy"] <= interval["high"]
+    assert interval["groups"] == report["n"]  # synthetic tiles are their own groups
 
 
 def test_resume_continues_without_losing_epochs(tmp_path: Path, synthetic_dir: Path) -> None:

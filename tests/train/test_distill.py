@@ -310,6 +310,7 @@ def test_distill_command_prints_the_plan_and_compare_builds_one_table(
     assert rows[0]["n"] == rows[1]["n"] == 16
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| teacher | resnet14 |" in table and "Per-class precision / recall / F1" in table
+    assert "16 groups]" in table and rows[0]["accuracy_ci95"]["groups"] == 16
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())[1]["model"] == "resnet8"
 
 
