@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SPLITS = {
     "grouped": [],  # the recipes' default: source-image level, split_seed 0
@@ -171,6 +172,33 @@ def cost(run: Path, out: Path) -> dict[str, object]:
     }
 
 
+def test_outcomes(run: Path) -> tuple[list[bool], list[str]]:
+    """Right/wrong per test item and its group, ordered by file name (the same for every run)."""
+    group_of = {
+        Path(r["path"]).name: r["group"] for r in csv.DictReader((run / "split.csv").open())
+    }
+    rows = sorted(
+        csv.DictReader((run / "reports" / "test" / "predictions.csv").open()),
+        key=lambda r: Path(r["path"]).name,
+    )
+    return [r["true"] == r["predicted"] for r in rows], [
+        group_of[Path(r["path"]).name] for r in rows
+    ]
+
+
+def paired_interval(arm_runs: list[Path], base_runs: list[Path]) -> dict[str, Any]:
+    """95% interval of the mean paired difference, resampling test groups (source images)."""
+    from histolite.evaluate.metrics import group_bootstrap_difference
+
+    outcomes = [test_outcomes(run) for run in arm_runs + base_runs]
+    groups = outcomes[0][1]
+    if any(g != groups for _, g in outcomes):
+        raise SystemExit(f"runs {arm_runs + base_runs} were not tested on the same items")
+    correct = [c for c, _ in outcomes]
+    n = len(arm_runs)
+    return group_bootstrap_difference(correct[:n], correct[n:], groups)
+
+
 def _mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{100 * values[0]:.2f} (n=1)"
@@ -182,6 +210,7 @@ def table(results: Path, out: Path, data: Path) -> str:
     splits = list(dict.fromkeys(r["split"] for r in rows))
     arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
     acc = {(r["split"], r["arm"], int(r["seed"])): float(r["accuracy"]) for r in rows}
+    runs = {(r["split"], r["arm"], int(r["seed"])): Path(r["run"]) for r in rows}
     lines = [
         "| row | "
         + " | ".join(f"accuracy % ({s})" for s in splits)
@@ -216,9 +245,14 @@ def table(results: Path, out: Path, data: Path) -> str:
             )
             if seeds:
                 diffs = [100 * (acc[split, arm, n] - acc[split, base, n]) for n in seeds]
+                ci = paired_interval(
+                    [runs[split, arm, n] for n in seeds], [runs[split, base, n] for n in seeds]
+                )
                 lines.append(
                     f"- {split}: {arm} - {base}: mean {statistics.mean(diffs):+.2f} "
-                    f"(per seed {', '.join(f'{d:+.2f}' for d in diffs)})"
+                    f"(per seed {', '.join(f'{d:+.2f}' for d in diffs)}; 95% interval "
+                    f"[{100 * ci['low']:+.2f}, {100 * ci['high']:+.2f}] over {ci['groups']} "
+                    "groups)"
                 )
     lines += [
         "",

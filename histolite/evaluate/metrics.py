@@ -81,3 +81,36 @@ def group_bootstrap_accuracy(
         "replicates": replicates,
         "method": "percentile bootstrap over groups",
     }
+
+
+def group_bootstrap_difference(
+    correct_a: Sequence[Sequence[bool]] | np.ndarray,
+    correct_b: Sequence[Sequence[bool]] | np.ndarray,
+    groups: Sequence[str],
+    replicates: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A 95% interval for accuracy(A) - accuracy(B) on the same items, resampling whole groups.
+
+    ``correct_a`` and ``correct_b`` are (runs, items) boolean arrays of paired runs (seed i of
+    A against seed i of B); the statistic is the mean paired difference over runs, and every
+    replicate resamples the groups once for all runs, so the interval keeps the pairing.
+    """
+    a = np.atleast_2d(np.asarray(correct_a, dtype=np.float64))
+    b = np.atleast_2d(np.asarray(correct_b, dtype=np.float64))
+    if a.shape != b.shape or a.shape[1] != len(groups):
+        raise ValueError(f"shapes {a.shape} and {b.shape} do not pair with {len(groups)} groups")
+    names, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    per_group = np.stack([np.bincount(index, weights=row, minlength=len(names)) for row in a - b])
+    sizes = np.bincount(index, minlength=len(names)).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(names), size=(replicates, len(names)))
+    diffs = per_group[:, draws].sum(axis=2) / sizes[draws].sum(axis=1)  # (runs, replicates)
+    low, high = np.percentile(diffs.mean(axis=0), [2.5, 97.5])
+    return {
+        "difference": float((a - b).mean()),
+        "low": float(low),
+        "high": float(high),
+        "groups": len(names),
+        "runs": a.shape[0],
+        "replicates": replicates,
+    }

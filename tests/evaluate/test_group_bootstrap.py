@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from histolite.evaluate.metrics import group_bootstrap_accuracy
+from histolite.evaluate.metrics import group_bootstrap_accuracy, group_bootstrap_difference
 
 
 def test_correlated_tiles_widen_the_interval() -> None:
@@ -26,3 +26,17 @@ def test_interval_is_reproducible_and_validated() -> None:
         group_bootstrap_accuracy(correct, groups[:3])
     with pytest.raises(ValueError, match="no predictions"):
         group_bootstrap_accuracy([], [])
+
+
+def test_paired_difference_keeps_the_pairing() -> None:
+    groups = [f"img{i // 10}" for i in range(200)]
+    base = np.random.default_rng(1).random((3, 200)) < 0.8
+    better = base.copy()
+    better[:, :20] = True  # B fixes the same two images in every run
+    same = group_bootstrap_difference(base, base, groups)
+    assert same["difference"] == 0.0 and same["low"] == same["high"] == 0.0
+    gain = group_bootstrap_difference(better, base, groups)
+    assert gain["runs"] == 3 and gain["groups"] == 20
+    assert 0.0 <= gain["low"] <= gain["difference"] <= gain["high"]
+    with pytest.raises(ValueError, match="do not pair"):
+        group_bootstrap_difference(better, base[:2], groups)
