@@ -172,29 +172,34 @@ def cost(run: Path, out: Path) -> dict[str, object]:
     }
 
 
-def test_outcomes(run: Path) -> tuple[list[bool], list[str]]:
-    """Right/wrong per test item and its group, ordered by file name (the same for every run)."""
-    group_of = {
-        Path(r["path"]).name: r["group"] for r in csv.DictReader((run / "split.csv").open())
-    }
+def _item(path: str) -> str:
+    """A test item by class folder and file name (runs write different relative paths)."""
+    return "/".join(Path(path).parts[-2:])
+
+
+def test_outcomes(run: Path) -> tuple[list[str], list[bool], list[str]]:
+    """Items, right/wrong and group of each test item of a run, in item order."""
+    group_of = {_item(r["path"]): r["group"] for r in csv.DictReader((run / "split.csv").open())}
     rows = sorted(
         csv.DictReader((run / "reports" / "test" / "predictions.csv").open()),
-        key=lambda r: Path(r["path"]).name,
+        key=lambda r: _item(r["path"]),
     )
-    return [r["true"] == r["predicted"] for r in rows], [
-        group_of[Path(r["path"]).name] for r in rows
-    ]
+    items = [_item(r["path"]) for r in rows]
+    return items, [r["true"] == r["predicted"] for r in rows], [group_of[i] for i in items]
 
 
 def paired_interval(arm_runs: list[Path], base_runs: list[Path]) -> dict[str, Any]:
-    """95% interval of the mean paired difference, resampling test groups (source images)."""
+    """95% interval of the mean paired difference, resampling test groups (source images).
+
+    It covers which test images were drawn, not training-seed variation (shown per seed).
+    """
     from histolite.evaluate.metrics import group_bootstrap_difference
 
     outcomes = [test_outcomes(run) for run in arm_runs + base_runs]
-    groups = outcomes[0][1]
-    if any(g != groups for _, g in outcomes):
+    items, _, groups = outcomes[0]
+    if any(i != items for i, _, _ in outcomes):
         raise SystemExit(f"runs {arm_runs + base_runs} were not tested on the same items")
-    correct = [c for c, _ in outcomes]
+    correct = [c for _, c, _ in outcomes]
     n = len(arm_runs)
     return group_bootstrap_difference(correct[:n], correct[n:], groups)
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 SHIFT = {"haematoxylin_scale": 1.30, "eosin_scale": 0.75, "dab_shift": 0.03}
 # Another lab's stain vectors (rows: H, E, DAB optical density per unit amount), normalised
@@ -45,11 +46,12 @@ RECIPE = "configs/kather2016_student.yaml"
 
 
 def arms(target: Path) -> dict[str, list[str]]:
+    # The recipe itself normalises with Reinhard: every arm says what it uses.
     return {
-        "none": [],
+        "none": ["data.stain=null"],
         "reinhard": [f"data.stain={{method: reinhard, target: {target}}}"],
         "macenko": [f"data.stain={{method: macenko, target: {target}}}"],
-        "hed_augment": ["augment.hed_jitter=0.05"],
+        "hed_augment": ["data.stain=null", "augment.hed_jitter=0.05"],
     }
 
 
@@ -140,8 +142,9 @@ def main() -> None:
     parser.add_argument(
         "--none-runs",
         type=Path,
-        help="reuse finished runs DIR/student_sSEED as the 'none' arm: the distillation "
-        "benchmark's student arm is the same command (recipe, seed, split)",
+        help="reuse finished runs DIR/student_sSEED without stain normalisation as the 'none' "
+        "arm: the distillation benchmark's student arm before its recipes normalised stain "
+        "(runs/kd) is the same command (recipe, seed, split)",
     )
     args = parser.parse_args()
     out = args.out.resolve()
@@ -158,7 +161,10 @@ def main() -> None:
             run = out / f"{arm}_s{seed}"
             if arm == "none" and args.none_runs is not None:
                 reused = args.none_runs.resolve() / f"student_s{seed}"
-                run = reused if (reused / "reports" / "test" / "report.json").is_file() else run
+                if (reused / "reports" / "test" / "report.json").is_file():
+                    if yaml.safe_load((reused / "config.yaml").read_text())["data"]["stain"]:
+                        raise SystemExit(f"{reused} normalised stain: it is no 'none' run")
+                    run = reused
             command = ["train", RECIPE, "--out", str(run), "--no-progress",
                        "--set", f"data.root={args.data}", "--set", f"seed={seed}"]  # fmt: skip
             for item in sets:

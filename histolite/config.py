@@ -378,16 +378,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, model: type[_Strict] = TrainConfig
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    model: type[_Strict] = TrainConfig,
+    *,
+    recipe: bool = True,
 ) -> Any:
     """Read YAML (or start empty), apply ``--set`` overrides, validate into ``model``.
 
-    A relative ``data.stain.target`` written in the file is relative to the file, so a recipe can
-    ship its stain target beside it and run from any directory; ``--set`` paths stay relative to
-    the working directory, like every other path on the command line.
+    A relative ``data.stain.target`` written in a recipe is relative to the recipe, so a recipe
+    can ship its stain target beside it and run from any directory; ``--set`` paths stay
+    relative to the working directory, like every other path on the command line. A run's saved
+    ``config.yaml`` is not a recipe (``recipe=False``): its paths are kept as they were given.
     """
     data = read_yaml(path) if path is not None else {}
-    if path is not None:
+    if path is not None and recipe:
         _anchor_stain_target(data, Path(path).parent)
     apply_overrides(data, overrides or [])
     try:
@@ -402,7 +407,7 @@ def _anchor_stain_target(data: dict[str, Any], folder: Path) -> None:
     if not isinstance(stain, dict):
         return
     target = stain.get("target")
-    if isinstance(target, str) and target and not Path(target).is_absolute():
+    if isinstance(target, str) and target and not Path(target).expanduser().is_absolute():
         stain["target"] = str((folder / target).resolve())
 
 

@@ -44,6 +44,10 @@ def test_a_recipes_stain_target_is_relative_to_the_recipe(tmp_path: Path) -> Non
     overridden = load_config(path, ["data.stain.target=mine.json"])
     assert overridden.data.stain.target == "mine.json"  # --set stays relative to the caller
     assert load_config(path, ["data.stain.target=/abs/t.json"]).data.stain.target == "/abs/t.json"
+    # a run's saved config.yaml is not a recipe: a --set target stays as the user gave it
+    saved = recipes / "run_config.yaml"
+    saved.write_text("data:\n  root: /x\n  stain:\n    target: mine.json\n")
+    assert load_config(saved, recipe=False).data.stain.target == "mine.json"
 
 
 def test_kather_recipes_share_one_shipped_stain_target() -> None:

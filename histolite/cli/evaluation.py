@@ -45,7 +45,7 @@ def evaluate(
     ci = report["accuracy_ci95"]
     typer.echo(
         f"accuracy 95% interval [{ci['low']:.4f}, {ci['high']:.4f}], bootstrap over "
-        f"{ci['groups']} groups (source images or patients where the data name them)"
+        f"{ci['groups']} {ci['unit']}" + (f" ({ci['warning']})" if "warning" in ci else "")
     )
     if "image_level" in report:
         for method, metrics in report["image_level"].items():

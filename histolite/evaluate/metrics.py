@@ -68,6 +68,8 @@ def group_bootstrap_accuracy(
         raise ValueError(f"{len(correct)} results but {len(groups)} groups")
     if len(correct) == 0:
         raise ValueError("no predictions to score")
+    if any(not g for g in groups):
+        raise ValueError("every result needs a group name (got an empty one)")
     names, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
     hits = np.bincount(index, weights=correct.astype(np.float64), minlength=len(names))
     sizes = np.bincount(index, minlength=len(names)).astype(np.float64)
@@ -94,12 +96,16 @@ def group_bootstrap_difference(
 
     ``correct_a`` and ``correct_b`` are (runs, items) boolean arrays of paired runs (seed i of
     A against seed i of B); the statistic is the mean paired difference over runs, and every
-    replicate resamples the groups once for all runs, so the interval keeps the pairing.
+    replicate resamples the groups once for all runs, so the interval keeps the pairing. It
+    covers which test images were drawn, not seed-to-seed variation of training: report the
+    per-seed differences beside it.
     """
     a = np.atleast_2d(np.asarray(correct_a, dtype=np.float64))
     b = np.atleast_2d(np.asarray(correct_b, dtype=np.float64))
     if a.shape != b.shape or a.shape[1] != len(groups):
         raise ValueError(f"shapes {a.shape} and {b.shape} do not pair with {len(groups)} groups")
+    if a.size == 0:
+        raise ValueError("no paired results to compare")
     names, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
     per_group = np.stack([np.bincount(index, weights=row, minlength=len(names)) for row in a - b])
     sizes = np.bincount(index, minlength=len(names)).astype(np.float64)

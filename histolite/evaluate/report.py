@@ -121,9 +121,16 @@ def build_report(
     metrics = classification_metrics(preds.labels, preds.probs.argmax(axis=1), classes)
     level = "bag" if run.is_mil else "patch" if preds.patch_level else "image"
     report: dict[str, Any] = {"level": level, **metrics}
-    groups = [samples[i].group for i in preds.image_index]
+    groups = [samples[i].group or str(samples[i].path) for i in preds.image_index]
     correct = preds.probs.argmax(axis=1) == preds.labels
-    report["accuracy_ci95"] = group_bootstrap_accuracy(correct, groups)
+    interval = group_bootstrap_accuracy(correct, groups)
+    distinct_images = len({int(i) for i in preds.image_index})
+    interval["unit"] = (
+        "images (the data name no groups)" if interval["groups"] == distinct_images else "groups"
+    )
+    if interval["groups"] < 10:
+        interval["warning"] = f"only {interval['groups']} groups: the interval is unreliable"
+    report["accuracy_ci95"] = interval
     if preds.patch_level:
         images = images if images is not None else image_results(preds)
         assert images is not None

@@ -84,8 +84,8 @@ def resolve_config(
         saved = RunDir(out).config
         if not saved.is_file():
             raise HistoliteError(f"{out}: nothing to resume (no config.yaml); start a new run")
-        before = load_config(saved, [], model)
-        after = load_config(saved, list(overrides), model)
+        before = load_config(saved, [], model, recipe=False)
+        after = load_config(saved, list(overrides), model, recipe=False)
         changed = [
             key for key in ("seed", "data", "model") if getattr(before, key) != getattr(after, key)
         ]

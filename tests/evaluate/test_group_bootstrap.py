@@ -29,14 +29,27 @@ def test_interval_is_reproducible_and_validated() -> None:
 
 
 def test_paired_difference_keeps_the_pairing() -> None:
-    groups = [f"img{i // 10}" for i in range(200)]
-    base = np.random.default_rng(1).random((3, 200)) < 0.8
-    better = base.copy()
-    better[:, :20] = True  # B fixes the same two images in every run
-    same = group_bootstrap_difference(base, base, groups)
-    assert same["difference"] == 0.0 and same["low"] == same["high"] == 0.0
-    gain = group_bootstrap_difference(better, base, groups)
-    assert gain["runs"] == 3 and gain["groups"] == 20
-    assert 0.0 <= gain["low"] <= gain["difference"] <= gain["high"]
+    # images are mostly easy or mostly hard for both arms; A gets one more tile right per image
+    rng = np.random.default_rng(1)
+    groups = [f"img{i // 10}" for i in range(300)]
+    easy = np.repeat(rng.random(30) < 0.6, 10)
+    b = np.where(easy, rng.random((3, 300)) < 0.95, rng.random((3, 300)) < 0.3)
+    a = b.copy()
+    for run in range(3):
+        for start in range(0, 300, 10):
+            wrong = np.flatnonzero(~a[run, start : start + 10])
+            if wrong.size:
+                a[run, start + wrong[0]] = True
+    paired = group_bootstrap_difference(a, b, groups)
+    assert paired["runs"] == 3 and paired["groups"] == 30
+    assert 0.0 < paired["low"] <= paired["difference"] <= paired["high"]
+    # unpaired, the same gain is lost in the image-to-image spread
+    alone_a = group_bootstrap_accuracy(a[0], groups)
+    alone_b = group_bootstrap_accuracy(b[0], groups)
+    assert alone_a["low"] < alone_b["high"]
+    same = group_bootstrap_difference(b, b, groups)
+    assert same["difference"] == same["low"] == same["high"] == 0.0
     with pytest.raises(ValueError, match="do not pair"):
-        group_bootstrap_difference(better, base[:2], groups)
+        group_bootstrap_difference(a, b[:2], groups)
+    with pytest.raises(ValueError, match="no paired results"):
+        group_bootstrap_difference(np.zeros((0, 0)), np.zeros((0, 0)), [])
