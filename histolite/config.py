@@ -217,6 +217,14 @@ class TrainerConfig(_Strict):
     log_every_n_steps: int = Field(default=10, ge=1)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     monitor: Literal["val_acc", "val_loss"] = "val_acc"
+    final_model: Literal["best_val", "last_epoch"] = Field(
+        default="best_val",
+        description=(
+            "the run's model (checkpoints/best.ckpt): the epoch best on `monitor`, or the last "
+            "epoch of the schedule; take last_epoch when the validation split is too small to "
+            "rank epochs (a few hundred correlated tiles)"
+        ),
+    )
     progress_bar: bool = True
     channels_last: bool = Field(
         default=True, description="NHWC memory format: ~1.7x faster convolutions on CPU"

@@ -311,6 +311,7 @@ def _write_summary(
         {
             "epochs_completed": trainer.current_epoch,
             "monitor": best.monitor if best is not None else None,
+            "final_model": "best validation epoch" if best is not None else "last epoch",
             "best_score": float(score) if score is not None else None,
             "train_seconds_this_session": round(seconds, 2),
             "resumed": resumed,
@@ -322,7 +323,7 @@ def _write_summary(
         },
     )
     last = files.checkpoints / "last.ckpt"
-    if best is None and last.exists():  # no validation data: the last epoch is the model
+    if best is None and last.exists():  # no validation data or final_model: the last epoch
         shutil.copyfile(last, files.checkpoints / "best.ckpt")
 
 
@@ -361,7 +362,8 @@ def train_run(
         module.batch_augment = augment
     datamodule = datamodule_builder(prepared, cfg, spec, model, out, progress and is_rank_zero())
     has_val = getattr(datamodule, "val_set", None) is not None
-    monitor = cfg.trainer.monitor if has_val else None
+    select_on_val = has_val and cfg.trainer.final_model == "best_val"
+    monitor = cfg.trainer.monitor if select_on_val else None
     files = RunDir(out)
     checkpoints = checkpoint_callbacks(files.checkpoints, monitor)
     schedule = checkpoint_schedule(cfg)

@@ -129,6 +129,23 @@ def test_resume_continues_without_losing_epochs(tmp_path: Path, synthetic_dir: P
         resolve_config(tmp_path / "run.yaml", [], run, resume=False)
 
 
+def test_final_model_last_epoch_ignores_the_validation_ranking(
+    tmp_path: Path, synthetic_dir: Path
+) -> None:
+    run = _train(
+        tmp_path,
+        synthetic_dir,
+        overrides=["trainer.max_epochs=2", "trainer.final_model=last_epoch"],
+    )
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert best["epoch"] == last["epoch"] == 1
+    assert all(torch.equal(best["state_dict"][k], v) for k, v in last["state_dict"].items())
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["final_model"] == "last epoch" and summary["monitor"] is None
+    assert "val_acc" in read_epoch_metrics(run)  # validation is still measured and logged
+
+
 def test_patch_training_reports_patch_and_image_level(tmp_path: Path, synthetic_dir: Path) -> None:
     run = _train(
         tmp_path,
