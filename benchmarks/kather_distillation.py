@@ -159,7 +159,19 @@ def cost(run: Path, out: Path) -> dict[str, object]:
     if not (base / "model.onnx").is_file():
         export, precision = base.with_name(base.name + "_fp32"), "FP32"
         if not (export / "model.onnx").is_file():
-            export_run(run, export, int8=False, progress=False)
+            try:
+                export_run(run, export, int8=False, progress=False)
+            except ExportError as exc:  # reported in the table, never timed unshippable
+                print(f"  {run.name}: FP32 export refused too ({exc})", flush=True)
+                return {
+                    "parameters": count_parameters(loaded.model),
+                    "macs": count_macs(loaded.model, loaded.spec.image_size),
+                    "size_mb": weight_size_mb(loaded.model),
+                    "onnx_mb": None,
+                    "precision": "export refused (parity)",
+                    "images_per_s": None,
+                    "input_size": loaded.spec.image_size,
+                }
     model = OnnxClassifier(export)
     return {
         "parameters": count_parameters(loaded.model),
@@ -204,6 +216,10 @@ def paired_interval(arm_runs: list[Path], base_runs: list[Path]) -> dict[str, An
     return group_bootstrap_difference(correct[:n], correct[n:], groups)
 
 
+def _number(value: object, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def _mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{100 * values[0]:.2f} (n=1)"
@@ -232,8 +248,8 @@ def table(results: Path, out: Path, data: Path) -> str:
         minutes = statistics.mean(float(r["seconds"]) for r in rows if r["arm"] == arm) / 60
         lines.append(
             f"| {arm} | " + " | ".join(cells) + f" | {c['parameters']:,} | {c['macs'] / 1e6:.1f} | "  # type: ignore[operator]
-            f"{c['size_mb']:.2f} / {c['onnx_mb']:.2f} {c['precision']} | "
-            f"{c['images_per_s']:.0f} {c['precision']} | "
+            f"{c['size_mb']:.2f} / {_number(c['onnx_mb'], '.2f')} {c['precision']} | "
+            f"{_number(c['images_per_s'], '.0f')} {c['precision']} | "
             f"{minutes:.1f} |"
         )
     lines += ["", "Seed-paired differences (points of accuracy):", ""]
