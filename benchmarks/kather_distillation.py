@@ -149,6 +149,12 @@ def cost(run: Path, out: Path) -> dict[str, object]:
     from histolite.models.loading import load_run
 
     loaded = load_run(run, device="cpu")
+    size = {
+        "parameters": count_parameters(loaded.model),
+        "macs": count_macs(loaded.model, loaded.spec.image_size),
+        "size_mb": weight_size_mb(loaded.model),
+        "input_size": loaded.spec.image_size,
+    }
     base = out / "exports" / run.parent.name / run.name
     export, precision = base, "INT8"
     if not (base / "model.onnx").is_file() and not (base.with_name(base.name + "_fp32")).exists():
@@ -163,24 +169,13 @@ def cost(run: Path, out: Path) -> dict[str, object]:
                 export_run(run, export, int8=False, progress=False)
             except ExportError as exc:  # reported in the table, never timed unshippable
                 print(f"  {run.name}: FP32 export refused too ({exc})", flush=True)
-                return {
-                    "parameters": count_parameters(loaded.model),
-                    "macs": count_macs(loaded.model, loaded.spec.image_size),
-                    "size_mb": weight_size_mb(loaded.model),
-                    "onnx_mb": None,
-                    "precision": "export refused (parity)",
-                    "images_per_s": None,
-                    "input_size": loaded.spec.image_size,
-                }
-    model = OnnxClassifier(export)
+                refused = "export refused (parity)"
+                return {**size, "onnx_mb": None, "precision": refused, "images_per_s": None}
     return {
-        "parameters": count_parameters(loaded.model),
-        "macs": count_macs(loaded.model, loaded.spec.image_size),
-        "size_mb": weight_size_mb(loaded.model),
+        **size,
         "onnx_mb": (export / "model.onnx").stat().st_size / 1e6,
         "precision": precision,
-        "images_per_s": onnx_images_per_second(model, 64, min_seconds=3.0),
-        "input_size": loaded.spec.image_size,
+        "images_per_s": onnx_images_per_second(OnnxClassifier(export), 64, min_seconds=3.0),
     }
 
 

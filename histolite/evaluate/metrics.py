@@ -51,6 +51,18 @@ def classification_metrics(
     }
 
 
+def _resampled_groups(
+    groups: Sequence[str], replicates: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each item's group index, each group's size, and (replicates, groups) drawn group indices."""
+    if any(not g for g in groups):
+        raise ValueError("every result needs a group name (got an empty one)")
+    names, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    sizes = np.bincount(index, minlength=len(names)).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(names), size=(replicates, len(names)))
+    return index, sizes, draws
+
+
 def group_bootstrap_accuracy(
     correct: Sequence[bool] | np.ndarray,
     groups: Sequence[str],
@@ -68,18 +80,14 @@ def group_bootstrap_accuracy(
         raise ValueError(f"{len(correct)} results but {len(groups)} groups")
     if len(correct) == 0:
         raise ValueError("no predictions to score")
-    if any(not g for g in groups):
-        raise ValueError("every result needs a group name (got an empty one)")
-    names, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-    hits = np.bincount(index, weights=correct.astype(np.float64), minlength=len(names))
-    sizes = np.bincount(index, minlength=len(names)).astype(np.float64)
-    draws = np.random.default_rng(seed).integers(0, len(names), size=(replicates, len(names)))
+    index, sizes, draws = _resampled_groups(groups, replicates, seed)
+    hits = np.bincount(index, weights=correct.astype(np.float64), minlength=len(sizes))
     accuracies = hits[draws].sum(axis=1) / sizes[draws].sum(axis=1)
     low, high = np.percentile(accuracies, [2.5, 97.5])
     return {
         "low": float(low),
         "high": float(high),
-        "groups": len(names),
+        "groups": len(sizes),
         "replicates": replicates,
         "method": "percentile bootstrap over groups",
     }
@@ -106,17 +114,15 @@ def group_bootstrap_difference(
         raise ValueError(f"shapes {a.shape} and {b.shape} do not pair with {len(groups)} groups")
     if a.size == 0:
         raise ValueError("no paired results to compare")
-    names, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-    per_group = np.stack([np.bincount(index, weights=row, minlength=len(names)) for row in a - b])
-    sizes = np.bincount(index, minlength=len(names)).astype(np.float64)
-    draws = np.random.default_rng(seed).integers(0, len(names), size=(replicates, len(names)))
+    index, sizes, draws = _resampled_groups(groups, replicates, seed)
+    per_group = np.stack([np.bincount(index, weights=row, minlength=len(sizes)) for row in a - b])
     diffs = per_group[:, draws].sum(axis=2) / sizes[draws].sum(axis=1)  # (runs, replicates)
     low, high = np.percentile(diffs.mean(axis=0), [2.5, 97.5])
     return {
         "difference": float((a - b).mean()),
         "low": float(low),
         "high": float(high),
-        "groups": len(names),
+        "groups": len(sizes),
         "runs": a.shape[0],
         "replicates": replicates,
     }
