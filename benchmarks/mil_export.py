@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     spec = MilSpec("gated", 128, 64, 0.0, PatchSpec(args.input_size))
     model = build_attention_mil(args.backbone, 2, (0.5,) * 3, (0.25,) * 3, spec).eval()
-    graph = MilServingGraph(model, None).eval()
+    graph = MilServingGraph(model).eval()
     assert model.encoder is not None
     size = args.input_size
     with tempfile.TemporaryDirectory() as tmp:

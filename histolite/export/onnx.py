@@ -10,6 +10,7 @@ import datetime as _dt
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -27,10 +28,12 @@ from histolite.data.splits import read_split_csv
 from histolite.errors import HistoliteError
 from histolite.evaluate.inference import predict, predict_bag_pixels, predict_image
 from histolite.evaluate.report import build_report
-from histolite.export.graph import MilServingGraph, ServingGraph
+from histolite.export.graph import MilServingGraph, ServingGraph, StainGraph
 from histolite.export.runtime import (
     CARD_FILE,
     MODEL_FILE,
+    STAIN_FILE,
+    CropStain,
     OnnxClassifier,
     bag_to_batch,
     file_sha256,
@@ -192,13 +195,43 @@ def _run_metrics(run: LoadedRun) -> dict[str, Any] | None:
     return {"source": "run test split", **{k: report[k] for k in _CARD_METRICS if k in report}}
 
 
+def _export(graph: torch.nn.Module, example: torch.Tensor, path: Path, **names: Any) -> None:
+    # the tracer warns about shape checks and constant targets, which are meant as constants
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            graph.eval(), (example,), str(path), dynamo=False, opset_version=OPSET, **names
+        )
+
+
 def _export_graph(run: LoadedRun, path: Path) -> None:
-    """One FP32 ONNX graph: stain normalisation + model + softmax.
+    """The FP32 model graph: model + softmax on resized input.
 
     Classifiers take a batch of images (N free); bag models take one bag of N patches (N free)
     and also return each patch's attention.
     """
     size = run.spec.image_size
+    if isinstance(run.model, AttentionMIL):
+        _export(
+            MilServingGraph(run.model),
+            torch.rand(3, 3, size, size),
+            path,
+            input_names=["patches"],
+            output_names=["probabilities", "attention"],
+            dynamic_axes={"patches": {0: "instances"}, "attention": {0: "instances"}},
+        )
+    else:
+        _export(
+            ServingGraph(require_classifier(run, "ONNX export")),
+            torch.rand(1, 3, size, size),
+            path,
+            input_names=["image"],
+            output_names=["probabilities"],
+            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+        )
+
+
+def _stain_normalizer(run: LoadedRun) -> ReinhardNormalizer | None:
     stain = run.stain
     if not (stain is None or isinstance(stain, ReinhardNormalizer)):
         raise ExportError(
@@ -207,27 +240,32 @@ def _export_graph(run: LoadedRun, path: Path) -> None:
             "Reinhard normalisation, or with stain augmentation (augment.hed_jitter, "
             "augment.random_macenko)"
         )
-    graph: torch.nn.Module
-    if isinstance(run.model, AttentionMIL):
-        graph = MilServingGraph(run.model, stain).eval()
-        names = {"input_names": ["patches"], "output_names": ["probabilities", "attention"]}
-        axes = {"patches": {0: "instances"}, "attention": {0: "instances"}}
-        example = torch.rand(3, 3, size, size)
-    else:
-        graph = ServingGraph(require_classifier(run, "ONNX export"), stain).eval()
-        names = {"input_names": ["image"], "output_names": ["probabilities"]}
-        axes = {"image": {0: "batch"}, "probabilities": {0: "batch"}}
-        example = torch.rand(1, 3, size, size)
-    with torch.no_grad():
-        torch.onnx.export(
-            graph,
-            (example,),
-            str(path),
-            dynamo=False,
-            opset_version=OPSET,
-            dynamic_axes=axes,
-            **names,  # type: ignore[arg-type]
-        )
+    return stain
+
+
+def _export_stain_graph(stain: ReinhardNormalizer, path: Path) -> None:
+    """The stain graph: patches of any size and number, normalised before the resize."""
+    axes = {0: "patches", 2: "height", 3: "width"}
+    _export(
+        StainGraph(stain),
+        torch.rand(2, 3, 40, 48),
+        path,
+        input_names=["patches"],
+        output_names=["normalised"],
+        dynamic_axes={"patches": axes, "normalised": axes},
+    )
+
+
+def torch_crop_stain(stain: ReinhardNormalizer | None) -> CropStain | None:
+    """The training-time normaliser as a crop transform (INT8 calibration batches)."""
+    if stain is None:
+        return None
+
+    def normalise(crops: list[np.ndarray]) -> list[np.ndarray]:
+        tensors = [torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1) for c in crops]
+        return [stain(t).permute(1, 2, 0).numpy() for t in tensors]
+
+    return normalise
 
 
 def _model_card(
@@ -323,13 +361,15 @@ def _parity(
 
 
 def _calibration_batch(
-    run: LoadedRun, pixels: np.ndarray, geometry: tuple[int, int, str]
+    run: LoadedRun, pixels: np.ndarray, geometry: tuple[int, int, str], stain: CropStain | None
 ) -> np.ndarray:
-    """What the served graph sees for one training image: its patch grid, or its bag."""
+    """What the model graph sees for one training image: its patch grid, or its bag, stain
+    normalised and resized."""
     size, (patch_size, stride, _) = run.spec.image_size, geometry
     if run.spec.mil is not None and run.spec.mil.patch is not None:
-        return bag_to_batch(pixels, size, patch_size, stride, run.spec.mil.patch.min_tissue)[0]
-    return image_to_batch(pixels, size, patch_size, stride)[0]
+        min_tissue = run.spec.mil.patch.min_tissue
+        return bag_to_batch(pixels, size, patch_size, stride, min_tissue, stain=stain)[0]
+    return image_to_batch(pixels, size, patch_size, stride, stain=stain)[0]
 
 
 def _make_readable(folder: Path) -> None:
@@ -371,6 +411,7 @@ def export_run(
             f"{run_dir} is an attention-MIL run on slide features: it has no image encoder to "
             "export; predict slides with `histolite slide predict`"
         )
+    stain = _stain_normalizer(run)
     train = _split_samples(run, ("train",))
     geometry = _tile_geometry(run, train)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -378,9 +419,11 @@ def export_run(
     try:
         fp32 = staging / ("model_fp32.onnx" if int8 else MODEL_FILE)
         _export_graph(run, fp32)
+        if stain is not None:
+            _export_stain_graph(stain, staging / STAIN_FILE)
         if int8:
             batches = [
-                _calibration_batch(run, load_rgb(s.path), geometry)
+                _calibration_batch(run, load_rgb(s.path), geometry, torch_crop_stain(stain))
                 for s in _spread(train, calibration_samples)
             ]
             _quantize(fp32, staging / MODEL_FILE, batches, "patches" if run.is_mil else "image")
@@ -394,6 +437,12 @@ def export_run(
             checkpoint=checkpoint,
             geometry=geometry,
         )
+        if stain is not None:
+            card["stain_graph"] = {
+                "file": STAIN_FILE,
+                "sha256": file_sha256(staging / STAIN_FILE),
+                "order": "each patch at its own resolution, rounded to 8 bits, then resized",
+            }
         checks = _spread(_split_samples(run, ("test", "val", "train")), parity_samples)
         agreement, max_diff, attention_diff = _parity(
             run, OnnxClassifier(staging, card=card), checks, progress

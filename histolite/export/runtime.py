@@ -1,9 +1,11 @@
 """Run an exported model with ONNX Runtime and NumPy only (no torch): the serving path.
 
-An exported model folder holds ``model.onnx`` and ``model.json`` (the model card). The graph
-takes float32 RGB in [0, 1] of shape (N, 3, S, S) and returns class probabilities; stain
-normalisation is inside it. Images larger than one patch are cut into the card's grid and the
-patch probabilities are averaged, which also gives a per-patch heatmap.
+An exported model folder holds ``model.onnx`` and ``model.json`` (the model card), plus
+``stain.onnx`` when the model normalises stain. Each patch goes through the training order:
+crop -> stain (``stain.onnx``, at the patch's own resolution, rounded to 8 bits) -> bilinear
+resize to the model's input -> ``model.onnx`` (float32 RGB in [0, 1], (N, 3, S, S)) -> class
+probabilities. Images larger than one patch are cut into the card's grid and the patch
+probabilities are averaged, which also gives a per-patch heatmap.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,11 @@ from histolite.data.patches import bag_positions, grid_positions, patch_grid_sha
 from histolite.errors import HistoliteError
 
 MODEL_FILE = "model.onnx"
+STAIN_FILE = "stain.onnx"
 CARD_FILE = "model.json"
+
+# uint8 H x W x 3 crops in, the same crops stain normalised out
+CropStain = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -66,8 +73,13 @@ def load_card(model_dir: str | Path) -> dict[str, Any]:
     return card
 
 
-def crops_to_batch(crops: list[np.ndarray], input_size: int) -> np.ndarray:
-    """Crops resized (bilinear) to ``input_size``, as float32 (N, 3, S, S) in [0, 1]."""
+def crops_to_batch(
+    crops: list[np.ndarray], input_size: int, stain: CropStain | None = None
+) -> np.ndarray:
+    """Crops stain normalised (at their own size), resized (bilinear) to ``input_size``, as
+    float32 (N, 3, S, S) in [0, 1]."""
+    if stain is not None and crops:
+        crops = stain(crops)
     batch = np.empty((len(crops), 3, input_size, input_size), dtype=np.float32)
     for i, crop in enumerate(crops):
         image = Image.fromarray(np.ascontiguousarray(crop))
@@ -78,16 +90,25 @@ def crops_to_batch(crops: list[np.ndarray], input_size: int) -> np.ndarray:
 
 
 def bag_to_batch(
-    pixels: np.ndarray, input_size: int, patch_size: int, stride: int, min_tissue: float
+    pixels: np.ndarray,
+    input_size: int,
+    patch_size: int,
+    stride: int,
+    min_tissue: float,
+    stain: CropStain | None = None,
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """A bag model's instances: the patches training cut (tissue filter included)."""
     positions = bag_positions(pixels, patch_size, stride, min_tissue)
     crops = [pixels[y : y + patch_size, x : x + patch_size] for y, x in positions]
-    return crops_to_batch(crops, input_size), positions
+    return crops_to_batch(crops, input_size, stain), positions
 
 
 def image_to_batch(
-    pixels: np.ndarray, input_size: int, patch_size: int, stride: int
+    pixels: np.ndarray,
+    input_size: int,
+    patch_size: int,
+    stride: int,
+    stain: CropStain | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Grid patches (or the whole image if smaller than a patch), resized, as (N, 3, S, S)."""
     height, width = pixels.shape[:2]
@@ -99,11 +120,59 @@ def image_to_batch(
             pixels[y : y + patch_size, x : x + patch_size]
             for y, x in grid_positions(height, width, patch_size, stride)
         ]
-    return crops_to_batch(crops, input_size), (rows, cols)
+    return crops_to_batch(crops, input_size, stain), (rows, cols)
+
+
+def _open_session(path: Path, options: Any, providers: list[str]) -> Any:
+    """An ONNX Runtime session, or a one-line error for a corrupt graph."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # ONNX Runtime's own error types for a corrupt graph
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HistoliteError(f"{path}: not a loadable ONNX graph ({first_line[:300]})") from exc
+
+
+def _check_sha256(path: Path, expected: str | None) -> None:
+    if not path.is_file():
+        raise HistoliteError(f"{path}: model file missing")
+    if expected is not None and file_sha256(path) != expected:
+        raise HistoliteError(
+            f"{path}: the graph is not the one its model card describes (SHA-256 differs "
+            "from model.json); refusing to serve a swapped or damaged model"
+        )
+
+
+class StainStep:
+    """``stain.onnx`` applied to uint8 crops: same-size crops in one call, output rounded to
+    8 bits as the training path's uint8 normaliser does."""
+
+    def __init__(self, session: Any, max_batch: int) -> None:
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.max_batch = max_batch
+
+    def __call__(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, crop in enumerate(crops):
+            by_shape.setdefault(crop.shape, []).append(i)
+        result: list[np.ndarray] = list(crops)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.max_batch):
+                chunk = indices[start : start + self.max_batch]
+                batch = np.stack([crops[i] for i in chunk]).transpose(0, 3, 1, 2)
+                (normalised,) = self.session.run(
+                    None, {self.input_name: batch.astype(np.float32) / 255.0}
+                )
+                pixels = np.rint(np.clip(normalised, 0.0, 1.0) * 255.0).astype(np.uint8)
+                for i, image in zip(chunk, pixels.transpose(0, 2, 3, 1), strict=True):
+                    result[i] = image
+        return result
 
 
 class OnnxClassifier:
-    """One ONNX Runtime session shared by all requests (``run`` is thread-safe)."""
+    """ONNX Runtime sessions shared by all requests (``run`` is thread-safe)."""
 
     def __init__(
         self,
@@ -124,14 +193,12 @@ class OnnxClassifier:
         self.model_dir = Path(model_dir)
         self.card = card if card is not None else load_card(self.model_dir)
         path = self.model_dir / MODEL_FILE
-        if not path.is_file():
-            raise HistoliteError(f"{path}: model file missing")
-        expected = self.card.get("sha256")
-        if expected is not None and card is None and file_sha256(path) != expected:
-            raise HistoliteError(
-                f"{path}: the graph is not the one its model card describes (SHA-256 differs "
-                "from model.json); refusing to serve a swapped or damaged model"
-            )
+        # a card handed in is export's staging copy: its hashes are written after parity
+        _check_sha256(path, self.card.get("sha256") if card is None else None)
+        stain_graph = self.card.get("stain_graph")
+        if stain_graph is not None:
+            stain_path = self.model_dir / STAIN_FILE  # a fixed name: the card names no paths
+            _check_sha256(stain_path, stain_graph.get("sha256") if card is None else None)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -141,16 +208,15 @@ class OnnxClassifier:
                 "device cuda: this ONNX Runtime has no CUDA provider; pip install onnxruntime-gpu"
             )
         use_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else []
-        try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=[*providers] or ["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # ONNX Runtime's own error types for a corrupt graph
-            first_line = (
-                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            )
-            raise HistoliteError(f"{path}: not a loadable ONNX graph ({first_line[:300]})") from exc
+        providers = ["CUDAExecutionProvider"] if use_cuda else []
+        providers.append("CPUExecutionProvider")
+        self.session = _open_session(path, options, providers)
+        # older exports carried Reinhard inside model.onnx; their cards name no stain graph
+        self.stain: StainStep | None = (
+            StainStep(_open_session(stain_path, options, providers), max_batch)
+            if stain_graph is not None
+            else None
+        )
         self.device = "cuda" if use_cuda else "cpu"
         self.input_name = self.session.get_inputs()[0].name
         self.classes: list[str] = list(self.card["classes"])
@@ -165,8 +231,14 @@ class OnnxClassifier:
 
     def warm_up(self) -> None:
         dummy = np.full((1, 3, self.input_size, self.input_size), 0.8, dtype=np.float32)
+        if self.stain is not None:
+            self.stain([np.full((self.patch_size, self.patch_size, 3), 200, dtype=np.uint8)])
         self.session.run(None, {self.input_name: dummy})
         self._ready.set()
+
+    def to_batch(self, crops: list[np.ndarray]) -> np.ndarray:
+        """uint8 crops at their own size -> the model graph's input (stain, then resize)."""
+        return crops_to_batch(crops, self.input_size, self.stain)
 
     @property
     def ready(self) -> bool:
@@ -188,7 +260,7 @@ class OnnxClassifier:
         """Probabilities for one HxWx3 uint8 image (a bag of its patches for bag models)."""
         if self.is_bag_model:
             batch, positions = bag_to_batch(
-                pixels, self.input_size, self.patch_size, self.stride, self.min_tissue
+                pixels, self.input_size, self.patch_size, self.stride, self.min_tissue, self.stain
             )
             probabilities, attention = self.predict_bag(batch)
             return Prediction(
@@ -200,7 +272,9 @@ class OnnxClassifier:
                     (y, x, float(w)) for (y, x), w in zip(positions, attention, strict=True)
                 ],
             )
-        batch, (rows, cols) = image_to_batch(pixels, self.input_size, self.patch_size, self.stride)
+        batch, (rows, cols) = image_to_batch(
+            pixels, self.input_size, self.patch_size, self.stride, self.stain
+        )
         probs = self.predict_batch(batch)
         return Prediction(
             probabilities=probs.mean(axis=0),
@@ -213,14 +287,25 @@ class OnnxClassifier:
 def onnx_images_per_second(
     model: OnnxClassifier, batch_size: int = 64, *, min_seconds: float = 1.0, max_iters: int = 50
 ) -> float:
-    """Forward passes of the exported graph on random input until ``min_seconds`` elapse."""
+    """Forward passes of the exported graphs on random input until ``min_seconds`` elapse.
+
+    The stain graph, when the model has one, runs on patch-size input first, as served; the
+    resize between the two graphs (PIL, outside ONNX) is not timed.
+    """
     rng = np.random.default_rng(0)
     size = model.input_size
     x = rng.random((batch_size, 3, size, size), dtype=np.float32)
-    model.session.run(None, {model.input_name: x})
+    patches = rng.random((batch_size, 3, model.patch_size, model.patch_size), dtype=np.float32)
+
+    def step() -> None:
+        if model.stain is not None:
+            model.stain.session.run(None, {model.stain.input_name: patches})
+        model.session.run(None, {model.input_name: x})
+
+    step()
     iters, started = 0, time.perf_counter()
     while iters < max_iters:
-        model.session.run(None, {model.input_name: x})
+        step()
         iters += 1
         if time.perf_counter() - started >= min_seconds:
             break

@@ -3,7 +3,7 @@
 Per slide: a low-resolution tissue mask, a grid of tiles of the model's physical size (the
 training images' side x their microns per pixel, from the model card), each tile read from the
 pyramid level closest above the training resolution, batched through the model's own
-preprocessing (stain normalisation is inside the ONNX graph), and streamed to ``tiles.csv``:
+preprocessing (stain normalisation before the resize, as in training), streamed to ``tiles.csv``:
 memory stays flat in slide size. Then the GeoJSON, heatmap and summary are written from the rows.
 
 ``shard=(I, N)`` classifies only the tiles whose grid index is I modulo N, into
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from histolite.errors import DataError, HistoliteError
@@ -88,16 +87,9 @@ def _batches(tiles: Sequence[Tile], size: int) -> Iterator[Sequence[Tile]]:
 def _classify(
     slide: Slide, model: OnnxClassifier, tiles: Sequence[Tile], read_px: int
 ) -> np.ndarray:
-    size = model.input_size
-    batch = np.empty((len(tiles), 3, size, size), np.float32)
-    for i, tile in enumerate(tiles):
-        pixels = read_region(slide, tile.x, tile.y, tile.size, read_px)
-        if read_px != size:  # the served path: training-size tile, then the model's input size
-            pixels = np.asarray(
-                Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR)
-            )
-        batch[i] = pixels.transpose(2, 0, 1) / 255.0
-    return model.predict_batch(batch)
+    """Training-size tiles through the served path: stain, resize to the input, model."""
+    crops = [read_region(slide, tile.x, tile.y, tile.size, read_px) for tile in tiles]
+    return model.predict_batch(model.to_batch(crops))
 
 
 def classify_slide(

@@ -201,8 +201,7 @@ class ReinhardNormalizer:
         through Lab, and Lab statistics come from f's 3x3 covariance.
         """
         batch, was_uint8, unbatched = _as_batch(images)
-        n, _, height, width = batch.shape
-        flat = batch.reshape(n, 3, height * width)
+        flat = batch.flatten(2)  # (n, 3, pixels); no Python sizes, so ONNX keeps H and W free
         f = rgb_to_f(flat if was_uint8 else flat.to(torch.promote_types(flat.dtype, torch.float32)))
         to_lab, to_f = F_TO_LAB.to(f), LAB_TO_F.to(f)
         offset = LAB_OFFSET.to(f)
@@ -215,8 +214,8 @@ class ReinhardNormalizer:
             mean_f = (f * weight).sum(dim=-1) / count
             centred = (f - mean_f[..., None]) * weight
         else:
-            # shaped from the input (not from n) so an ONNX trace keeps the batch dynamic
-            count = torch.ones_like(f[:, :1, 0]) * float(height * width)
+            # counted from the input (not from Python ints) so an ONNX trace keeps every axis free
+            count = torch.ones_like(f[:, :1]).sum(dim=-1)
             mean_f = f.mean(dim=-1)
             centred = f - mean_f[..., None]
         covariance = torch.bmm(centred, centred.transpose(1, 2)) / count[..., None]
@@ -239,7 +238,7 @@ class ReinhardNormalizer:
         out = f_to_rgb(normalised)
         if was_uint8:
             out = out.mul_(255.0).round_().to(torch.uint8)
-        out = out.reshape(n, 3, height, width)
+        out = out.reshape_as(batch)
         return out[0] if unbatched else out
 
     def __repr__(self) -> str:
