@@ -81,6 +81,26 @@ def _flatten_alpha(rgba: np.ndarray, rows: int = 256) -> np.ndarray:
     return out
 
 
+def _check_tiff_layout(page: Any, label: str | Path) -> None:
+    """Refuse from the tags what would decode to more than an RGB(A) image of its width and
+    height: extra samples per pixel, 3-D volumes and wide samples multiply the decoded size
+    past what the pixel limit promises."""
+    samples = int(getattr(page, "samplesperpixel", 1))
+    depth = int(getattr(page, "imagedepth", 1))
+    bits = int(getattr(page, "bitspersample", 8))
+    if depth != 1:
+        raise DataError(f"{label}: a 3-D TIFF (depth {depth}); expected one 2-D RGB image")
+    if samples in (1, 2):
+        raise DataError(
+            f"{label}: grayscale image ({samples} sample(s) per pixel); "
+            "H&E classifiers need RGB colour images"
+        )
+    if samples not in (3, 4):
+        raise DataError(f"{label}: {samples} samples per pixel; expected RGB (3) or RGBA (4)")
+    if bits not in (8, 16):
+        raise DataError(f"{label}: {bits}-bit samples; expected 8- or 16-bit RGB")
+
+
 def _read_tiff(
     path: Path | BinaryIO, label: str | Path, max_pixels: int | None = None
 ) -> np.ndarray:
@@ -99,6 +119,7 @@ def _read_tiff(
                 raise MultiFrameImage(
                     f"{label}: a TIFF of {len(tif.pages)} pages; send one image per file"
                 )
+            _check_tiff_layout(page, label)
             array = page.asarray()
     except DataError:
         raise

@@ -269,7 +269,8 @@ class PredictionService:
     async def predict(self, request: Request, entry: ModelEntry) -> JSONResponse:
         """Classify every image of the request, then audit the request as one unit."""
         self.check_key(request)
-        self.require_audit()
+        # a locked database makes this wait seconds: never on the event loop (health, metrics)
+        await run_in_threadpool(self.require_audit)
         client = request.client.host if request.client else None
         request_id = uuid.uuid4().hex
         try:
@@ -279,7 +280,7 @@ class PredictionService:
                 for data, name in items
             ]
         except ClientError as exc:
-            self._audit_rejected(request_id, client, entry, exc)
+            await run_in_threadpool(self._audit_rejected, request_id, client, entry, exc)
             raise
         if self.audit is not None:
             entries = [
@@ -454,8 +455,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
         )
         return FileResponse(path, media_type=media)
 
+    # Liveness and metrics run on the event loop, not in the worker pool that predictions,
+    # URL fetches and audit writes can fill: a busy or stuck pool cannot fail the probe.
     @app.get("/healthz", summary="Liveness")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz", summary="Readiness: every model loaded and warmed up")
@@ -464,7 +467,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
-    def prometheus() -> PlainTextResponse:
+    async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/", include_in_schema=False)

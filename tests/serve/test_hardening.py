@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from histolite.data.images import ImageTooLarge, UnsupportedImage, _flatten_alpha, decode_rgb
-from histolite.errors import HistoliteError
+from histolite.errors import DataError, HistoliteError
 from histolite.export.runtime import OnnxClassifier
 from histolite.serve.app import ServeSettings, create_app
 from histolite.serve.audit import export_audit_csv, verify_audit
@@ -74,6 +74,25 @@ def test_planar_tiff_bomb_is_refused_from_its_header(model_dir: Path, tmp_path: 
     with _client(model_dir, tmp_path) as c:
         response = c.post("/v1/predict", files={"files": ("planar.tif", data)})
     assert response.status_code == 413 and "exceeds the limit" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("array", "kwargs", "message"),
+    [
+        (np.zeros((600, 600, 48), np.uint8), {"planarconfig": "contig"}, "48 samples per pixel"),
+        (np.zeros((64, 300, 300, 3), np.uint8), {"volumetric": True}, "3-D TIFF"),
+        (np.zeros((600, 600, 3), np.float64), {}, "64-bit samples"),
+    ],
+)
+def test_tiffs_that_decode_past_their_pixel_count_are_refused_from_the_tags(
+    array: np.ndarray, kwargs: dict, message: str
+) -> None:
+    """Found in review: extra samples, depth or wide samples multiplied the decoded bytes
+    (2000 x 2000 x 48 samples passed a 4 Mpx limit and decoded 184 MB)."""
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, compression="zlib", **kwargs)
+    with pytest.raises(DataError, match=message):
+        decode_rgb(buffer.getvalue(), "wide.tif", max_pixels=1_000_000)
 
 
 # 2. ---------------------------------------------------------------- malformed URLs
@@ -360,6 +379,41 @@ def test_an_unwritable_audit_log_means_503_and_not_ready(
         assert c.get("/readyz").status_code == 503
         gone = c.post("/v1/predict", files=files)
         assert gone.status_code == 503 and "deleted" in gone.json()["detail"]
+
+
+def test_a_locked_audit_log_does_not_stall_liveness(
+    model_dir: Path, tmp_path: Path, synthetic_dir: Path
+) -> None:
+    """Found in review: each prediction checked the locked log on the event loop (2 s each),
+    so six waiting predictions held /healthz for 11.9 s."""
+    files = {"files": ("a.png", _tile(synthetic_dir))}
+    with _client(model_dir, tmp_path) as c:
+        assert c.post("/v1/predict", files=files).status_code == 200
+        other = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            # the first write fails; from then on each request re-checks the locked log
+            assert c.post("/v1/predict", files=files).status_code == 503
+            codes: list[int] = []
+            posters = [
+                threading.Thread(
+                    target=lambda: codes.append(c.post("/v1/predict", files=files).status_code)
+                )
+                for _ in range(6)
+            ]
+            for thread in posters:
+                thread.start()
+            time.sleep(0.3)
+            started = time.perf_counter()
+            assert c.get("/healthz").status_code == 200
+            assert c.get("/metrics").status_code == 200
+            assert time.perf_counter() - started < 1.5
+            for thread in posters:
+                thread.join()
+            assert codes == [503] * 6
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
 
 
 def test_audit_csv_cannot_carry_formulas(
