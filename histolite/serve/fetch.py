@@ -44,7 +44,8 @@ def system_resolver(host: str, port: int) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise UrlFetchError(f"cannot resolve host {host!r} ({exc})", 422) from exc
-    return sorted({str(info[4][0]) for info in infos})
+    # the system's preference order (RFC 6724), without duplicates: connect tries them in turn
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def is_public_address(address: str) -> bool:
@@ -56,18 +57,18 @@ def is_public_address(address: str) -> bool:
 
 @dataclass(frozen=True)
 class Target:
-    """A checked hop: where to connect (the address) and whom to ask for (the host)."""
+    """A checked hop: where to connect (every checked address, in order) and whom to ask for
+    (the host)."""
 
     url: str
     parts: SplitResult
     host: str
     port: int
-    address: str
+    addresses: tuple[str, ...]
 
-    @property
-    def pinned_url(self) -> str:
-        """The URL with its host replaced by the checked address."""
-        literal = f"[{self.address}]" if ":" in self.address else self.address
+    def pinned_url(self, address: str) -> str:
+        """The URL with its host replaced by one of the checked addresses."""
+        literal = f"[{address}]" if ":" in address else address
         return self.parts._replace(netloc=f"{literal}:{self.port}").geturl()
 
     @property
@@ -124,7 +125,7 @@ class UrlFetcher:
                     f"({', '.join(refused)}); only public hosts may be fetched",
                     403,
                 )
-        return Target(url, parts, host, port, addresses[0])
+        return Target(url, parts, host, port, tuple(addresses))
 
     async def fetch(self, url: str) -> bytes:
         """The body of ``url`` (following checked redirects), within one overall deadline."""
@@ -145,39 +146,58 @@ class UrlFetcher:
     async def _fetch(self, url: str) -> bytes:
         for _ in range(self.max_redirects + 1):
             target = await asyncio.to_thread(self.check, url)
-            extensions = {"sni_hostname": target.host} if target.parts.scheme == "https" else {}
-            headers = {
-                "Host": target.host_header,
-                "Accept": "image/*",
-                "Accept-Encoding": "identity",  # raw bytes are the image's bytes
-            }
+            location, body = await self._get(target)
+            if location is None:
+                return body
+            url = urljoin(url, location)
+        raise UrlFetchError(f"more than {self.max_redirects} redirects", 422)
+
+    async def _get(self, target: Target) -> tuple[str | None, bytes]:
+        """GET one hop from the first checked address that accepts a connection (a dual-stack
+        host may publish IPv6 first to a pod without IPv6): (a redirect's Location, b"") or
+        (None, the body)."""
+        url = target.url
+        extensions = {"sni_hostname": target.host} if target.parts.scheme == "https" else {}
+        headers = {
+            "Host": target.host_header,
+            "Accept": "image/*",
+            "Accept-Encoding": "identity",  # raw bytes are the image's bytes
+        }
+        for index, address in enumerate(target.addresses):
             try:
                 async with (
                     httpx.AsyncClient(
                         timeout=httpx.Timeout(self.timeout), follow_redirects=False, trust_env=False
                     ) as client,
                     client.stream(
-                        "GET", target.pinned_url, headers=headers, extensions=extensions
+                        "GET", target.pinned_url(address), headers=headers, extensions=extensions
                     ) as response,
                 ):
                     if response.is_redirect:
                         location = response.headers.get("location")
                         if not location:
                             raise UrlFetchError(f"redirect from {url!r} without a Location", 422)
-                        url = urljoin(url, location)
-                        continue
+                        return location, b""
                     if response.status_code != 200:
                         raise UrlFetchError(
                             f"{url[:200]!r} did not return an image (the server refused)", 422
                         )
-                    return await self._read(response, url)
+                    return None, await self._read(response, url)
+            except httpx.ConnectError as exc:
+                if index + 1 < len(target.addresses):
+                    continue  # the next checked address; never a fresh resolution
+                raise UrlFetchError(
+                    f"fetching {url[:200]!r} failed (cannot connect to any of its "
+                    f"{len(target.addresses)} address(es))",
+                    422,
+                ) from exc
             except httpx.TimeoutException as exc:
                 raise UrlFetchError(f"fetching {url[:200]!r} timed out", 504) from exc
             except httpx.HTTPError as exc:
                 raise UrlFetchError(
                     f"fetching {url[:200]!r} failed ({type(exc).__name__})", 422
                 ) from exc
-        raise UrlFetchError(f"more than {self.max_redirects} redirects", 422)
+        raise UrlFetchError(f"host of {url[:200]!r} has no address", 422)
 
     async def _read(self, response: httpx.Response, url: str) -> bytes:
         declared = response.headers.get("content-length") or "0"

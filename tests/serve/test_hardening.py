@@ -175,6 +175,22 @@ def test_the_checked_address_is_the_one_connected_to(slow_server: str) -> None:
     assert data.startswith(b"\x89PNG") and calls == ["tiles.example"]
 
 
+def test_a_refusing_address_falls_back_to_the_next_checked_one(slow_server: str) -> None:
+    """Found in review: only the first address was tried, so a dual-stack host whose IPv6
+    address comes first failed on a pod without IPv6. 127.0.0.2 refuses (the server listens
+    on 127.0.0.1 only); no address outside the checked list is ever used."""
+    port = int(slow_server.rsplit(":", 1)[1])
+    fetcher = UrlFetcher(
+        timeout=5, allow_private=True, resolver=lambda host, port: ["127.0.0.2", "127.0.0.1"]
+    )
+    data = asyncio.run(fetcher.fetch(f"http://tiles.example:{port}/tile.png"))
+    assert data.startswith(b"\x89PNG")
+    nowhere = UrlFetcher(timeout=5, allow_private=True, resolver=lambda host, port: ["127.0.0.2"])
+    with pytest.raises(UrlFetchError, match="cannot connect to any of its 1 address") as info:
+        asyncio.run(nowhere.fetch(f"http://tiles.example:{port}/tile.png"))
+    assert info.value.status == 422
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
