@@ -317,6 +317,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     if not path.is_file():
         raise SlideError(f"{path}: slide file not found")
     errors = []
+    no_mpp: SlideError | None = None
     try:
         import openslide  # noqa: F401
     except ImportError:
@@ -325,12 +326,17 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
         try:
             return OpenSlideSlide(path, mpp)
         except SlideError as exc:
-            if "microns per pixel" in str(exc):
-                raise
-            errors.append(str(exc))
+            if "microns per pixel" not in str(exc):
+                errors.append(str(exc))
+            else:
+                # OpenSlide reads OME-TIFF as generic-tiff, blind to the OME-XML PhysicalSizeX:
+                # tifffile may still find the scale, so the missing-mpp error waits for it
+                no_mpp = exc
     try:
         return TiffSlide(path, mpp)
     except SlideError as exc:
+        if no_mpp is not None:
+            raise no_mpp from exc
         if "microns per pixel" in str(exc):
             raise
         errors.append(str(exc))
