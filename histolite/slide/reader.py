@@ -75,18 +75,45 @@ def read_region(slide: Slide, x: int, y: int, size: int, out: int) -> np.ndarray
     return pixels
 
 
+THUMBNAIL_BLOCK = 1024  # level pixels per side of one read: bounds a thumbnail's memory
+
+
 def thumbnail(slide: Slide, max_side: int) -> tuple[np.ndarray, float]:
-    """The whole slide at most ``max_side`` pixels on its longer side, and its downsample."""
+    """The whole slide at most ``max_side`` pixels on its longer side, and its downsample.
+
+    The level is read in blocks of about ``THUMBNAIL_BLOCK`` pixels a side, each box-filtered
+    to its share of the thumbnail, because a single-level slide would otherwise be decoded
+    whole (gigabytes). Each block is cut at the exact (fractional) source box of its output
+    pixels, so the result equals one resize of the whole level.
+    """
     info = slide.info
     scale = max(info.width, info.height) / max_side
     level = info.level_for(max(scale, 1.0))
     width, height = info.level_dimensions[level]
-    pixels = slide.read_level(level, 0, 0, width, height)
     out_w = max(1, round(info.width / max(scale, 1.0)))
     out_h = max(1, round(info.height / max(scale, 1.0)))
-    if (pixels.shape[1], pixels.shape[0]) != (out_w, out_h):
-        pixels = np.asarray(Image.fromarray(pixels).resize((out_w, out_h), Image.Resampling.BOX))
-    return pixels, info.width / out_w
+    fx, fy = width / out_w, height / out_h
+    step_x = max(1, int(THUMBNAIL_BLOCK / fx))  # output pixels per block
+    step_y = max(1, int(THUMBNAIL_BLOCK / fy))
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    for oy in range(0, out_h, step_y):
+        oy1 = min(oy + step_y, out_h)
+        sy0, sy1 = oy * fy, oy1 * fy
+        ry0, ry1 = int(sy0), min(height, int(np.ceil(sy1)))
+        for ox in range(0, out_w, step_x):
+            ox1 = min(ox + step_x, out_w)
+            sx0, sx1 = ox * fx, ox1 * fx
+            rx0, rx1 = int(sx0), min(width, int(np.ceil(sx1)))
+            block = slide.read_level(level, rx0, ry0, rx1 - rx0, ry1 - ry0)
+            if block.shape[:2] != (oy1 - oy, ox1 - ox):
+                box = (sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0)
+                block = np.asarray(
+                    Image.fromarray(block).resize(
+                        (ox1 - ox, oy1 - oy), Image.Resampling.BOX, box=box
+                    )
+                )
+            out[oy:oy1, ox:ox1] = block
+    return out, info.width / out_w
 
 
 def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
@@ -247,7 +274,7 @@ class TiffSlide:
         if x1 <= x0 or y1 <= y0:
             return out
         try:
-            if not page.is_tiled:  # strips: decode the page once (small single-level files)
+            if page.planarconfig != 1:  # colour planes stored apart (rare): decode the page
                 whole = page.asarray()
                 out[y0 - y : y1 - y, x0 - x : x1 - x] = whole[y0:y1, x0:x1, :3]
                 return out
@@ -263,8 +290,12 @@ class TiffSlide:
     def _copy_tiles(
         self, page: Any, out: np.ndarray, x: int, y: int, box: tuple[int, int, int, int]
     ) -> None:
+        """Decode only the tiles (or strips: tiles a page wide) that ``box`` touches."""
         x0, y0, x1, y1 = box
-        tw, th = page.tilewidth, page.tilelength
+        if page.is_tiled:
+            tw, th = page.tilewidth, page.tilelength
+        else:
+            tw, th = page.shape[1], min(page.rowsperstrip or page.shape[0], page.shape[0])
         across = (page.shape[1] + tw - 1) // tw
         handle = self._tif.filehandle
         for row in range(y0 // th, (y1 - 1) // th + 1):
@@ -277,8 +308,9 @@ class TiffSlide:
                 data = handle.read(count)
                 if len(data) != count:
                     raise SlideError(f"{self.info.path}: truncated tile {index}")
-                tile, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-                tile = np.asarray(tile).reshape(th, tw, -1)[..., :3]
+                tile, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
+                # a page's last strip may be short: its decoded shape says how many rows
+                tile = np.asarray(tile).reshape(shape[1], shape[2], -1)[..., :3]
                 ty, tx = row * th, col * tw
                 sy0, sx0 = max(y0, ty), max(x0, tx)
                 sy1, sx1 = min(y1, ty + th), min(x1, tx + tw)

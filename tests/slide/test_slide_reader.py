@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
-from histolite.slide.reader import open_slide
+from histolite.slide.reader import THUMBNAIL_BLOCK, TiffSlide, open_slide, thumbnail
 
 
 @pytest.mark.parametrize("pyramidal", [False, True])
@@ -38,3 +40,72 @@ def test_ome_tiff_scale_comes_from_the_ome_xml(pyramidal: bool, tmp_path: Path) 
         )
     finally:
         slide.close()
+
+
+def _gradient(height: int, width: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    channels = [x * 255 // (width - 1), y * 255 // (height - 1), (7 * x + 3 * y) % 256]
+    return np.stack(channels, axis=-1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("layout", ["strips", "tiles"])
+def test_thumbnail_of_a_single_level_slide_reads_bounded_blocks(
+    layout: str, tmp_path: Path
+) -> None:
+    """A flat slide is shrunk block by block, not decoded whole, and the result is unchanged."""
+    level0 = _gradient(2300, 3100)
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(
+        path,
+        level0,
+        photometric="rgb",
+        compression="zlib",
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+        **({"rowsperstrip": 16} if layout == "strips" else {"tile": (256, 256)}),
+    )
+    slide = open_slide(path)  # strips: tifffile; tiles: OpenSlide's generic-tiff
+    sizes: list[int] = []
+    read_level = slide.read_level
+
+    def recording(level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        sizes.append(width * height)
+        return read_level(level, x, y, width, height)
+
+    slide.read_level = recording  # type: ignore[method-assign]
+    try:
+        thumb, scale = thumbnail(slide, 512)
+    finally:
+        slide.close()
+    assert thumb.shape == (380, 512, 3) and scale == pytest.approx(3100 / 512)
+    assert max(sizes) <= (THUMBNAIL_BLOCK + 8) ** 2 < level0.shape[0] * level0.shape[1] / 4
+    whole = Image.fromarray(level0).resize((512, 380), Image.Resampling.BOX)
+    assert np.abs(thumb.astype(int) - np.asarray(whole)).max() <= 1  # one resize of the level
+
+
+def test_stripped_tiff_regions_decode_only_their_strips(tmp_path: Path) -> None:
+    """A region of a stripped TIFF costs its strips, not the page (memory flat in slide size)."""
+    level0 = _gradient(3000, 3000)
+    path = tmp_path / "strips.tif"
+    tifffile.imwrite(
+        path,
+        level0,
+        photometric="rgb",
+        compression="zlib",
+        rowsperstrip=32,
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+    )
+    slide = TiffSlide(path)
+    try:
+        tracemalloc.start()
+        region = slide.read_level(0, 1000, 2990, 256, 256)  # past the bottom edge: white
+        thumb, _ = thumbnail(slide, 300)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    finally:
+        slide.close()
+    np.testing.assert_array_equal(region[:10], level0[2990:, 1000:1256])
+    assert (region[10:] == 255).all()
+    assert thumb.shape == (300, 300, 3)
+    assert peak < level0.nbytes / 3, peak
