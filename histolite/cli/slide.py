@@ -108,7 +108,7 @@ def slide_features_command(
 
     Put each slide's file under BAGS/<class>/ and train with data.dataset=slide_features.
     """
-    from histolite.slide.reader import expand_slide_paths
+    from histolite.slide.reader import expand_slide_paths, require_distinct_stems
     from histolite.train.slide_features import FeatureSettings, slide_features
 
     settings = FeatureSettings(
@@ -121,7 +121,9 @@ def slide_features_command(
         mpp=mpp,
         batch_size=batch_size,
     )
-    for path in slide_features(expand_slide_paths(slides), out, settings, progress=progress):
+    paths = expand_slide_paths(slides)
+    require_distinct_stems(paths)  # one OUT/<stem>.npz per slide
+    for path in slide_features(paths, out, settings, progress=progress):
         typer.echo(f"wrote {path}")
 
 

@@ -35,7 +35,13 @@ from histolite.slide.outputs import (
     write_geojson,
     write_mask,
 )
-from histolite.slide.reader import Slide, open_slide, read_region, thumbnail
+from histolite.slide.reader import (
+    Slide,
+    open_slide,
+    read_region,
+    require_distinct_stems,
+    thumbnail,
+)
 from histolite.slide.tiles import Tile, mm2, tile_grid, tissue_tiles
 from histolite.slide.tissue import tissue_mask
 
@@ -286,7 +292,11 @@ def classify_slides(
     progress: bool = True,
     report: Callable[[Path, dict[str, Any] | None, str | None], None] | None = None,
 ) -> dict[str, Any]:
-    """Classify several slides; one bad slide is reported and the others go on."""
+    """Classify several slides; one bad slide is reported and the others go on.
+
+    Slides sharing a file stem are refused before any work: they would share ``OUT/<stem>/``.
+    """
+    require_distinct_stems(list(paths))
     done, failed = [], []
     for path in paths:
         try:

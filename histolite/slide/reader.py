@@ -343,6 +343,21 @@ def expand_slide_paths(paths: list[Path]) -> list[Path]:
     return found
 
 
+def require_distinct_stems(paths: list[Path]) -> None:
+    """Refuse slides that share a file stem: their outputs (``OUT/<stem>/``) would collide.
+
+    Checked before any work, so a batch never silently overwrites one slide with another.
+    """
+    seen: dict[str, Path] = {}
+    for path in paths:
+        other = seen.setdefault(path.stem, path)
+        if other != path:
+            raise SlideError(
+                f"{other} and {path} share the name {path.stem!r}, so both would write to "
+                f"OUT/{path.stem}/; rename one or run them into different --out folders"
+            )
+
+
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     """OpenSlide where it can read the file, tifffile for pyramidal TIFF / OME-TIFF otherwise."""
     path = Path(path)

@@ -205,3 +205,21 @@ def test_pyramidal_tiff_reads_back_as_a_slide(compression: str, tmp_path: Path) 
     with pytest.raises(ValueError, match="uint8"):
         write_pyramidal_tiff(tmp_path / "f.tif", level0.astype(np.float32), mpp=0.5)
     assert not (tmp_path / "f.tif").exists()
+
+
+def test_slides_sharing_a_stem_are_refused_before_any_work(
+    mosaic: tuple[Path, list],
+    tmp_path: Path,
+    model: OnnxClassifier,
+    run_cli: Callable[[list[str]], tuple[int, str, str]],
+) -> None:
+    path, _ = mosaic
+    for folder, suffix in (("a", ".tif"), ("b", ".tiff")):
+        (tmp_path / folder).mkdir()
+        shutil.copy(path, tmp_path / folder / f"s1{suffix}")
+    out = tmp_path / "out"
+    args = ["slide", "infer", str(tmp_path / "a"), str(tmp_path / "b" / "s1.tiff")]
+    code, _, err = run_cli([*args, "--model", str(model.model_dir), "--out", str(out)])
+    assert code != 0
+    assert str(tmp_path / "a" / "s1.tif") in err and str(tmp_path / "b" / "s1.tiff") in err
+    assert "share the name 's1'" in err and not out.exists()  # nothing was written
