@@ -48,6 +48,11 @@ def export(
         f"({result.size_bytes / 1e6:.2f} MB); parity on {result.parity_samples} images: "
         f"top-1 agreement {result.top1_agreement:.2%}, largest probability difference "
         f"{result.max_abs_probability_diff:.4f}"
+        + (
+            f", largest attention difference {result.max_abs_attention_diff:.2g}"
+            if result.max_abs_attention_diff is not None
+            else ""
+        )
     )
 
 

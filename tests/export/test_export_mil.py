@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +102,37 @@ def test_slide_feature_runs_are_not_exported(tmp_path: Path) -> None:
     )
     with pytest.raises(HistoliteError, match="slide features: it has no image encoder"):
         export_run(run, tmp_path / "out", progress=False)
+
+
+def test_attention_beyond_the_bound_fails_the_export_and_writes_nothing(
+    mil_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the attention difference was recorded in the card but never checked."""
+    from histolite.export.onnx import MAX_ATTENTION_DIFF, ExportError
+
+    original = OnnxClassifier.predict
+
+    def shifted(self: OnnxClassifier, pixels: np.ndarray):  # type: ignore[no-untyped-def]
+        prediction = original(self, pixels)
+        attention = prediction.attention or []
+        moved = [(y, x, w + (0.05 if i == 0 else 0.0)) for i, (y, x, w) in enumerate(attention)]
+        object.__setattr__(prediction, "attention", moved)
+        return prediction
+
+    monkeypatch.setattr(OnnxClassifier, "predict", shifted)
+    assert MAX_ATTENTION_DIFF < 0.05
+    with pytest.raises(ExportError, match="attention weights differ"):
+        export_run(mil_run_dir, tmp_path / "out", progress=False, parity_samples=8)
+    assert not list(tmp_path.iterdir())  # neither the model nor its staging folder
+
+
+def test_export_prints_the_attention_difference_of_a_bag_model(
+    mil_run_dir: Path, tmp_path: Path, run_cli: Callable[[list[str]], tuple[int, str, str]]
+) -> None:
+    code, out, err = run_cli(
+        ["export", str(mil_run_dir), "--out", str(tmp_path / "m"), "--parity-samples", "8"]
+    )
+    assert code == 0, err
+    assert "largest attention difference" in out
+    card = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert card["parity"]["allowed_attention_diff"] == 0.01
