@@ -36,7 +36,11 @@ def slide_infer(
 ) -> None:
     """Tissue mask, tiles at a physical size, one class per tile: CSV, GeoJSON, heatmap, summary."""
     from histolite.export.runtime import OnnxClassifier
-    from histolite.export.slide_inference import SlideSettings, classify_slides
+    from histolite.export.slide_inference import (
+        SlideSettings,
+        batch_summary_path,
+        classify_slides,
+    )
     from histolite.slide.reader import expand_slide_paths
     from histolite.slide.tiles import parse_shard
 
@@ -65,8 +69,9 @@ def slide_infer(
     batch = classify_slides(paths, classifier, out, settings, progress=progress, report=report)
     typer.echo(f"{len(batch['classified'])} slide(s) classified into {out}")
     if batch["failed"]:
+        report_file = batch_summary_path(out, settings.shard)
         typer.secho(
-            f"{len(batch['failed'])} slide(s) failed; see {out / 'batch_summary.json'}",
+            f"{len(batch['failed'])} slide(s) failed; see {report_file}",
             fg="red",
             err=True,
         )

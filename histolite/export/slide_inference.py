@@ -14,6 +14,7 @@ unsharded run writes.
 from __future__ import annotations
 
 import csv
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from histolite.slide.tiles import Tile, mm2, tile_grid, tissue_tiles
 from histolite.slide.tissue import tissue_mask
 
 THUMBNAIL_SIDE = 2048
+PROBABILITY_DECIMALS = 6  # as tiles.csv writes them: merged shards read back the same values
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,10 @@ def classify_slide(
             for chunk in _batches(tiles, settings.batch_size):
                 probabilities = _classify(slide, model, chunk, read_px)
                 for tile, p in zip(chunk, probabilities, strict=True):
-                    row = TileRow(tile.index, tile.x, tile.y, tile.size, tile.tissue, tuple(p))
+                    # rounded as in tiles.csv, so labels, GeoJSON and heatmap of an unsharded
+                    # run equal those merged from shards' CSVs
+                    rounded = tuple(round(float(v), PROBABILITY_DECIMALS) for v in p)
+                    row = TileRow(tile.index, tile.x, tile.y, tile.size, tile.tissue, rounded)
                     writer.writerow(tile_line(row, classes))
                     rows.append(row)
                 bar.update(len(chunk))
@@ -202,8 +207,12 @@ def _summary(
         "tissue_area_mm2": round(tissue_mm2, 4),
         "class_counts": counts,
         "class_fractions": {c: (n / len(rows) if rows else 0.0) for c, n in counts.items()},
-        "note": None if rows else "no tissue found: the slide looks blank at this tile size",
+        "note": _note(rows),
     }
+
+
+def _note(rows: Sequence[TileRow]) -> str | None:
+    return None if rows else "no tissue found: the slide looks blank at this tile size"
 
 
 def _write_outputs(
@@ -234,7 +243,13 @@ def _write_outputs(
 
 
 def merge_shards(slide_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Join ``slide_dir/shards/I-of-N`` into the unsharded outputs; refuses an incomplete set."""
+    """Join ``slide_dir/shards/I-of-N`` into the unsharded outputs; refuses an incomplete set.
+
+    The merged ``summary.json`` has the keys an unsharded run writes. Its ``timings_s`` sum the
+    shards' (work done, not wall-clock: shards run in parallel); ``tiles_per_s`` is tiles over
+    that summed classification time, and ``total`` adds the merge's own time.
+    """
+    started = time.perf_counter()
     shard_dirs = sorted((slide_dir / "shards").glob("*-of-*"))
     if not shard_dirs:
         raise DataError(f"{slide_dir}: no shards/I-of-N folders to merge")
@@ -268,18 +283,27 @@ def merge_shards(slide_dir: Path, progress: bool = True) -> dict[str, Any]:
         thumb, scale = thumbnail(slide, min(THUMBNAIL_SIDE, max(info.width, info.height)))
     finally:
         slide.close()
+    # every shard wrote the same mask of the whole slide
+    with atomic_path(slide_dir / "tissue_mask.png") as tmp:
+        shutil.copyfile(shard_dirs[0] / "tissue_mask.png", tmp)
     labels = [r.label(classes) for r in rows]
+    timings = {
+        key: round(sum(s["timings_s"][key] for s in summaries), 3)
+        for key in ("tissue_mask", "classification", "total")
+    }
+    timings["tiles_per_s"] = round(len(rows) / max(timings["classification"], 1e-9), 2)
     merged = {
         **first,
         "shard": {"index": None, "count": count, "merged_from": [str(d) for d in shard_dirs]},
         "tiles": len(rows),
         "class_counts": {c: labels.count(c) for c in classes},
         "class_fractions": {c: (labels.count(c) / len(rows) if rows else 0.0) for c in classes},
-        "timings_s": {
-            "classification": round(sum(s["timings_s"]["classification"] for s in summaries), 3)
-        },
+        "note": _note(rows),
+        "timings_s": timings,
     }
     _write_outputs(slide_dir, slide_path, rows, classes, merged, thumb, scale, partial=False)
+    timings["total"] = round(timings["total"] + time.perf_counter() - started, 3)
+    write_json(slide_dir / "summary.json", merged)
     return merged
 
 
@@ -311,5 +335,14 @@ def classify_slides(
             report(path, summary, None)
     batch = {"classified": done, "failed": failed}
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "batch_summary.json", batch)
+    write_json(batch_summary_path(out, settings.shard), batch)
     return batch
+
+
+def batch_summary_path(out: Path, shard: tuple[int, int]) -> Path:
+    """``OUT/batch_summary.json``, or ``OUT/batch_summary.I-of-N.json`` for a shard.
+
+    Shards share ``OUT``: one file each, so no shard's report overwrites another's.
+    """
+    index, count = shard
+    return out / ("batch_summary.json" if count == 1 else f"batch_summary.{index}-of-{count}.json")

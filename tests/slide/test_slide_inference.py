@@ -13,7 +13,12 @@ import pytest
 
 from histolite.errors import HistoliteError
 from histolite.export.runtime import OnnxClassifier
-from histolite.export.slide_inference import SlideSettings, classify_slide, merge_shards
+from histolite.export.slide_inference import (
+    SlideSettings,
+    classify_slide,
+    classify_slides,
+    merge_shards,
+)
 from histolite.slide.pyramid import write_pyramidal_tiff
 from histolite.slide.reader import OpenSlideSlide, SlideError, TiffSlide, open_slide, read_region
 
@@ -65,17 +70,31 @@ def test_shards_are_disjoint_and_merge_to_the_unsharded_result(
 ) -> None:
     path, _ = mosaic
     settings = SlideSettings(min_tissue=0.01, batch_size=5)
-    classify_slide(path, model, tmp_path / "whole", settings, progress=False)
+    whole = classify_slide(path, model, tmp_path / "whole", settings, progress=False)
     for index in range(3):
         shard = SlideSettings(min_tissue=0.01, batch_size=5, shard=(index, 3))
-        classify_slide(path, model, tmp_path / "sharded", shard, progress=False)
+        classify_slides([path], model, tmp_path / "sharded", shard, progress=False)
+    # each shard reports its own batch: none overwrites another's
+    reports = sorted(p.name for p in (tmp_path / "sharded").glob("batch_summary*.json"))
+    assert reports == [f"batch_summary.{i}-of-3.json" for i in range(3)]
     parts = [_rows(tmp_path / "sharded" / "mosaic" / "shards" / f"{i}-of-3") for i in range(3)]
     indices = [{r["index"] for r in part} for part in parts]
     assert all(a.isdisjoint(b) for i, a in enumerate(indices) for b in indices[i + 1 :])
     merged = merge_shards(tmp_path / "sharded" / "mosaic", progress=False)
-    assert _rows(tmp_path / "sharded" / "mosaic") == _rows(tmp_path / "whole" / "mosaic")
+    one, joined = tmp_path / "whole" / "mosaic", tmp_path / "sharded" / "mosaic"
+    assert _rows(joined) == _rows(one)
     assert merged["tiles"] == sum(len(p) for p in parts)
-    assert (tmp_path / "sharded" / "mosaic" / "heatmap.png").is_file()
+    assert (joined / "heatmap.png").is_file()
+    # the merged outputs are the unsharded run's: mask, GeoJSON to the digit, summary keys
+    for name in ("tissue_mask.png", "mosaic.geojson"):
+        assert (joined / name).read_bytes() == (one / name).read_bytes(), name
+    on_disk = json.loads((joined / "summary.json").read_text())
+    assert on_disk == merged and merged.keys() == whole.keys()
+    assert merged["timings_s"].keys() == whole["timings_s"].keys()
+    assert merged["timings_s"]["tiles_per_s"] > 0
+    assert {k: v for k, v in merged.items() if k not in ("timings_s", "shard")} == {
+        k: v for k, v in whole.items() if k not in ("timings_s", "shard")
+    }
     shutil.rmtree(tmp_path / "sharded" / "mosaic" / "shards" / "1-of-3")
     with pytest.raises(HistoliteError, match=r"shards \[1\] of 3 are missing"):
         merge_shards(tmp_path / "sharded" / "mosaic", progress=False)
