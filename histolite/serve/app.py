@@ -245,9 +245,16 @@ class PredictionService:
             "time_ms": 0.0,
         }
         if prediction.attention is not None:  # a bag model: where it looked, per patch
-            size = prediction.patch_size
+            size, (height, width) = prediction.patch_size, pixels.shape[:2]
+            # an image smaller than one patch is one instance: its box is the image, no bigger
             result["attention"] = [
-                {"x": x, "y": y, "width": size, "height": size, "weight": round(w, 6)}
+                {
+                    "x": x,
+                    "y": y,
+                    "width": min(size, width - x),
+                    "height": min(size, height - y),
+                    "weight": round(w, 6),
+                }
                 for y, x, w in prediction.attention
             ]
             result["patches"] = None

@@ -178,3 +178,16 @@ def test_a_full_queue_answers_429(repository: Path, tmp_path: Path, synthetic_di
         assert second.status_code == 429 and "try again later" in second.json()["detail"]
         gate.set()
         assert _wait(c, first.json()["id"])["status"] == "done"
+
+
+def test_attention_boxes_stay_inside_an_image_smaller_than_a_patch(
+    repository: Path, tmp_path: Path
+) -> None:
+    """Regression: a 20 x 24 upload to a 32 px bag model got a 32 x 32 box."""
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((20, 24, 3), 180, np.uint8)).save(small)
+    with TestClient(create_app(ServeSettings(repository, audit_db=tmp_path / "a.db"))) as c:
+        body = c.post("/v1/models/bags/predict", files={"files": (small.name, _png(small))})
+    (result,) = body.json()["predictions"]
+    (box,) = result["attention"]
+    assert (box["x"], box["y"], box["width"], box["height"]) == (0, 0, 24, 20)
