@@ -103,6 +103,21 @@ def bag_to_batch(
     return crops_to_batch(crops, input_size, stain), positions
 
 
+def grid_crops(
+    pixels: np.ndarray, patch_size: int, stride: int
+) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """Grid patches as views (or the whole image if smaller than a patch), and the grid."""
+    height, width = pixels.shape[:2]
+    rows, cols = patch_grid_shape(height, width, patch_size, stride)
+    if rows == 0:
+        return [pixels], (1, 1)
+    crops = [
+        pixels[y : y + patch_size, x : x + patch_size]
+        for y, x in grid_positions(height, width, patch_size, stride)
+    ]
+    return crops, (rows, cols)
+
+
 def image_to_batch(
     pixels: np.ndarray,
     input_size: int,
@@ -111,16 +126,8 @@ def image_to_batch(
     stain: CropStain | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Grid patches (or the whole image if smaller than a patch), resized, as (N, 3, S, S)."""
-    height, width = pixels.shape[:2]
-    rows, cols = patch_grid_shape(height, width, patch_size, stride)
-    if rows == 0:
-        crops, rows, cols = [pixels], 1, 1
-    else:
-        crops = [
-            pixels[y : y + patch_size, x : x + patch_size]
-            for y, x in grid_positions(height, width, patch_size, stride)
-        ]
-    return crops_to_batch(crops, input_size, stain), (rows, cols)
+    crops, grid = grid_crops(pixels, patch_size, stride)
+    return crops_to_batch(crops, input_size, stain), grid
 
 
 def _open_session(path: Path, options: Any, providers: list[str]) -> Any:
@@ -179,11 +186,15 @@ class OnnxClassifier:
         model_dir: str | Path,
         *,
         threads: int | None = None,
-        max_batch: int = 64,
+        max_batch: int = 16,
         card: dict[str, Any] | None = None,
         device: str = "cpu",
     ) -> None:
-        """``card``: use this model card instead of reading ``model.json`` (export staging).
+        """``max_batch``: patches per ONNX Runtime call. Runtime's arena keeps the largest
+        call's activations: on a Kather student a 16 Mpx upload cost 415 MB at 64 and 130 MB
+        at 16 (``benchmarks/decode_memory.py``).
+
+        ``card``: use this model card instead of reading ``model.json`` (export staging).
 
         ``device``: ``cpu``, ``cuda`` (ONNX Runtime's CUDA provider, an error if absent) or
         ``auto`` (CUDA when the installed ONNX Runtime offers it, else CPU).
@@ -272,10 +283,16 @@ class OnnxClassifier:
                     (y, x, float(w)) for (y, x), w in zip(positions, attention, strict=True)
                 ],
             )
-        batch, (rows, cols) = image_to_batch(
-            pixels, self.input_size, self.patch_size, self.stride, self.stain
+        # one batch of patches at a time: memory stays flat in image size (a 60 Mpx upload
+        # would otherwise hold ~2,700 float patches, 400 MB, at once)
+        crops, (rows, cols) = grid_crops(pixels, self.patch_size, self.stride)
+        step = self.max_batch
+        probs = np.concatenate(
+            [
+                self.predict_batch(self.to_batch(crops[i : i + step]))
+                for i in range(0, len(crops), step)
+            ]
         )
-        probs = self.predict_batch(batch)
         return Prediction(
             probabilities=probs.mean(axis=0),
             patch_probabilities=probs.reshape(rows, cols, -1),
