@@ -98,6 +98,13 @@ class SlideJobs:
             entry = self.repository.get(model, version)
         except KeyError as exc:
             raise JobError(404, str(exc.args[0])) from exc
+        if entry.model.is_bag_model:  # refused now, not accepted and failed in the worker
+            raise JobError(
+                422,
+                f"model {entry.name!r} v{entry.version} is an attention-MIL bag model: it "
+                "classifies images, not slide tiles; slides go through `histolite slide "
+                "features` and `histolite slide predict`. Choose a tile classifier.",
+            )
         with self._lock:
             pending = sum(job["status"] in PENDING for job in self._jobs.values())
             if pending >= self.settings.max_queued:

@@ -118,10 +118,13 @@ def test_slide_jobs_run_in_the_background_and_survive_a_restart(
             ({"slide": "case/missing.tif", "model": "tiles"}, 404),
             ({"slide": "case/s1.tif", "model": "nope"}, 404),
             ({"slide": "case/notes.txt", "model": "tiles"}, 422),
+            ({"slide": "case/s1.tif", "model": "bags"}, 422),  # accepted, then failed: #4
             ({"model": "tiles"}, 422),
         ):
             response = c.post("/v1/slides", json=body)
             assert response.status_code == status, (body, response.text)
+        bag = c.post("/v1/slides", json={"slide": "case/s1.tif", "model": "bags"}).json()
+        assert "bag model" in bag["detail"] and "slide predict" in bag["detail"]
         submitted = c.post("/v1/slides", json={"slide": "case/s1.tif", "model": "tiles"})
         assert submitted.status_code == 202
         job = submitted.json()["id"]
