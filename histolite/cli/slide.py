@@ -80,15 +80,42 @@ def slide_infer(
 
 @slide_app.command("merge")
 def slide_merge(
-    slide_dirs: list[Path] = typer.Argument(..., help="OUT/<stem> folders holding shards/."),
+    folders: list[Path] = typer.Argument(
+        ..., help="OUT/<stem> folders holding shards/; with --shards N, the OUT folder itself."
+    ),
+    shards: int | None = typer.Option(
+        None,
+        "--shards",
+        min=1,
+        help="N: merge every slide of OUT once all N shards have written OUT/.shards/I-of-N.done.",
+    ),
+    wait: float = typer.Option(
+        0.0, "--wait", min=0.0, help="With --shards: seconds to wait for the shards to finish."
+    ),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Join the shards of `slide infer --shard I/N` into one slide's outputs."""
-    from histolite.export.slide_inference import merge_shards
+    from histolite.errors import HistoliteError
+    from histolite.export.slide_inference import merge_batch, merge_shards
 
-    for folder in slide_dirs:
-        merged = merge_shards(folder, progress=progress)
-        typer.echo(f"{folder}: merged {merged['shard']['count']} shards, {merged['tiles']} tiles")
+    if shards is None:
+        for folder in folders:
+            merged = merge_shards(folder, progress=progress)
+            typer.echo(
+                f"{folder}: merged {merged['shard']['count']} shards, {merged['tiles']} tiles"
+            )
+        return
+    if len(folders) != 1:
+        raise HistoliteError("--shards N merges one OUT folder (the --out of the shard runs)")
+    (out,) = folders
+    batch = merge_batch(out, shards, wait_s=wait, progress=progress)
+    for entry in batch["classified"]:
+        typer.echo(f"{entry['slide']}: merged {shards} shards, {entry['tiles']} tiles")
+    for entry in batch["failed"]:
+        typer.secho(f"FAILED {entry['slide']}: {entry['error']}", fg="red", err=True)
+    typer.echo(f"{len(batch['classified'])} slide(s) merged into {out}")
+    if batch["failed"]:
+        raise typer.Exit(1)
 
 
 @slide_app.command("features")

@@ -242,15 +242,19 @@ def _write_outputs(
     write_json(target / "summary.json", summary)
 
 
-def merge_shards(slide_dir: Path, progress: bool = True) -> dict[str, Any]:
+def merge_shards(
+    slide_dir: Path, progress: bool = True, count: int | None = None
+) -> dict[str, Any]:
     """Join ``slide_dir/shards/I-of-N`` into the unsharded outputs; refuses an incomplete set.
+
+    ``count`` picks the ``*-of-N`` folders of that N (others are left over from other runs).
 
     The merged ``summary.json`` has the keys an unsharded run writes. Its ``timings_s`` sum the
     shards' (work done, not wall-clock: shards run in parallel); ``tiles_per_s`` is tiles over
     that summed classification time, and ``total`` adds the merge's own time.
     """
     started = time.perf_counter()
-    shard_dirs = sorted((slide_dir / "shards").glob("*-of-*"))
+    shard_dirs = sorted((slide_dir / "shards").glob(f"*-of-{count or '*'}"))
     if not shard_dirs:
         raise DataError(f"{slide_dir}: no shards/I-of-N folders to merge")
     summaries = [read_json(d / "summary.json") for d in shard_dirs]
@@ -319,23 +323,125 @@ def classify_slides(
     """Classify several slides; one bad slide is reported and the others go on.
 
     Slides sharing a file stem are refused before any work: they would share ``OUT/<stem>/``.
+    A shard (``settings.shard`` of N > 1) skips slides its earlier runs completed with the same
+    model and settings, so a retried pod redoes only what failed, and ends by writing its
+    completion marker (:func:`shard_marker_path`), which :func:`merge_batch` waits for.
     """
     require_distinct_stems(list(paths))
-    done, failed = [], []
+    done: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     for path in paths:
+        summary = _completed_shard(path, model, out, settings)
+        resumed = summary is not None
         try:
-            summary = classify_slide(path, model, out, settings, progress=progress)
+            if summary is None:
+                summary = classify_slide(path, model, out, settings, progress=progress)
         except (DataError, HistoliteError, OSError) as exc:
             failed.append({"slide": str(path), "error": str(exc)})
             if report is not None:
                 report(path, None, str(exc))
             continue
-        done.append({"slide": str(path), "tiles": summary["tiles"]})
+        done.append({"slide": str(path), "tiles": summary["tiles"], "resumed": resumed})
         if report is not None:
             report(path, summary, None)
     batch = {"classified": done, "failed": failed}
     out.mkdir(parents=True, exist_ok=True)
     write_json(batch_summary_path(out, settings.shard), batch)
+    if settings.shard[1] > 1:
+        index, count = settings.shard
+        write_json(shard_marker_path(out, count, index), {"shard": [index, count], **batch})
+    return batch
+
+
+def _completed_shard(
+    path: Path, model: OnnxClassifier, out: Path, settings: SlideSettings
+) -> dict[str, Any] | None:
+    """The summary of this slide's shard if an earlier run finished it the same way, else None.
+
+    ``summary.json`` is written last, so its final form (with the total time) means the shard's
+    outputs are complete; the model and every setting that changes the tiles must match.
+    """
+    if settings.shard[1] == 1:
+        return None  # an unsharded run always redoes (and overwrites) its slide
+    target = _output_dir(out, path, settings.shard)
+    try:
+        summary: dict[str, Any] = read_json(target / "summary.json")
+        tile_um, _ = model_geometry(model, settings.tile_um)
+    except HistoliteError:
+        return None
+    given_mpp = summary.get("mpp_source") == "given (--mpp)"
+    same = (
+        "total" in summary.get("timings_s", {})
+        and (target / "tiles.csv").is_file()
+        and summary.get("slide") == str(path)
+        and summary.get("model") == model.card.get("name")
+        and summary.get("model_version") == model.card.get("version")
+        and summary.get("classes") == list(model.classes)
+        and summary.get("tile_um") == tile_um
+        and summary.get("overlap") == settings.overlap
+        and summary.get("min_tissue") == settings.min_tissue
+        and summary.get("shard") == {"index": settings.shard[0], "count": settings.shard[1]}
+        and (summary.get("mpp") == settings.mpp if given_mpp else settings.mpp is None)
+    )
+    return summary if same else None
+
+
+def shard_marker_path(out: Path, count: int, index: int) -> Path:
+    """``OUT/.shards/I-of-N.done``: shard I of N has been through every slide of its batch.
+
+    A slide's folder appears as soon as its mask is made, so folders cannot tell a merge that
+    the shards are done; these markers, written at the very end of each shard's run, can.
+    """
+    return out / ".shards" / f"{index}-of-{count}.done"
+
+
+def merge_batch(
+    out: Path, count: int, *, wait_s: float = 0.0, poll_s: float = 10.0, progress: bool = True
+) -> dict[str, Any]:
+    """Merge every slide of a batch run as N shards into ``OUT``, once all N have finished.
+
+    Waits up to ``wait_s`` seconds for the N shard markers (a clear error names the missing
+    ones), then merges each slide that every shard classified. A slide that failed in some
+    shard is reported, not merged; ``OUT/batch_summary.json`` lists both, as an unsharded
+    run's does.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        missing = [i for i in range(count) if not shard_marker_path(out, count, i).is_file()]
+        if not missing or time.monotonic() >= deadline:
+            break
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+    if missing:
+        raise DataError(
+            f"{out}: shards {missing} of {count} have not finished (no "
+            f"{', '.join(str(shard_marker_path(out, count, i)) for i in missing)} after waiting "
+            f"{wait_s:g} s); wait for the shard pods, or rerun those shards"
+        )
+    markers = [read_json(shard_marker_path(out, count, i)) for i in range(count)]
+    slides: dict[str, list[str]] = {}  # slide -> errors of the shards where it failed
+    for marker in markers:
+        for entry in marker["classified"]:
+            slides.setdefault(entry["slide"], [])
+        for entry in marker["failed"]:
+            slides.setdefault(entry["slide"], []).append(entry["error"])
+    done: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for slide, errors in slides.items():
+        classified_in = sum(
+            any(e["slide"] == slide for e in marker["classified"]) for marker in markers
+        )
+        if errors or classified_in != count:
+            reason = errors[0] if errors else "not in every shard's batch (slides changed?)"
+            failed.append({"slide": slide, "error": f"not merged: {reason}"})
+            continue
+        try:
+            merged = merge_shards(out / Path(slide).stem, progress=progress, count=count)
+        except (DataError, HistoliteError, OSError) as exc:
+            failed.append({"slide": slide, "error": str(exc)})
+            continue
+        done.append({"slide": slide, "tiles": merged["tiles"]})
+    batch = {"classified": done, "failed": failed}
+    write_json(batch_summary_path(out, (0, 1)), batch)
     return batch
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from histolite.export.slide_inference import (
     SlideSettings,
     classify_slide,
     classify_slides,
+    merge_batch,
     merge_shards,
 )
 from histolite.slide.pyramid import write_pyramidal_tiff
@@ -242,3 +244,34 @@ def test_slides_sharing_a_stem_are_refused_before_any_work(
     assert code != 0
     assert str(tmp_path / "a" / "s1.tif") in err and str(tmp_path / "b" / "s1.tiff") in err
     assert "share the name 's1'" in err and not out.exists()  # nothing was written
+
+
+def test_batch_merge_waits_for_every_shard_to_finish(
+    mosaic: tuple[Path, list], model: OnnxClassifier, tmp_path: Path
+) -> None:
+    """A slide folder complete in all shards is not enough: merge waits for the shard markers."""
+    slides = [tmp_path / "a.tif", tmp_path / "b.tif"]
+    for slide in slides:
+        shutil.copy(mosaic[0], slide)
+    out = tmp_path / "out"
+    classify_slides(slides, model, out, SlideSettings(shard=(0, 2)), progress=False)
+    # shard 1 is between slides: a.tif done, b.tif not started, no marker yet
+    classify_slide(slides[0], model, out, SlideSettings(shard=(1, 2)), progress=False)
+    with pytest.raises(HistoliteError, match=r"shards \[1\] of 2 have not finished"):
+        merge_batch(out, 2)
+    assert not (out / "a" / "tiles.csv").exists()
+    late = threading.Timer(
+        0.3, classify_slides, (slides, model, out, SlideSettings(shard=(1, 2))), {"progress": False}
+    )
+    late.start()
+    try:
+        batch = merge_batch(out, 2, wait_s=60, poll_s=0.05, progress=False)
+    finally:
+        late.join()
+    assert [Path(d["slide"]).name for d in batch["classified"]] == ["a.tif", "b.tif"]
+    assert batch["failed"] == []
+    marker = json.loads((out / ".shards" / "1-of-2.done").read_text())
+    # the slide shard 1 had finished before was not redone (resume)
+    assert [d["resumed"] for d in marker["classified"]] == [True, False]
+    assert (out / "b" / "heatmap.png").is_file()
+    assert json.loads((out / "batch_summary.json").read_text()) == batch
