@@ -128,16 +128,24 @@ class AuditLog:
         if self._identity() != self._inode or not os.access(self.path, os.W_OK):
             self.failure = f"{self.path} was deleted, replaced or made read-only"
             return False
-        return self.failure is None or self._clear_after_success()
+        return self.failure is None or self._recover()
 
-    def _clear_after_success(self) -> bool:
+    def _recover(self) -> bool:
+        """After a failed write, healthy again only once a real row is written: a lock that
+        can be taken says nothing about a full disk, which fails only when pages are written.
+        The row records the outage in the chain."""
         try:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("ROLLBACK")
-        except sqlite3.Error:
+            self.write(
+                [
+                    Entry(
+                        kind="audit",
+                        outcome="recovered",
+                        detail=f"the log was unavailable: {self.failure}"[:500],
+                    )
+                ]
+            )
+        except AuditUnavailable:
             return False
-        self.failure = None
         return True
 
     def write(self, entries: Iterable[Entry]) -> None:

@@ -432,6 +432,31 @@ def test_a_locked_audit_log_does_not_stall_liveness(
             other.close()
 
 
+def test_a_full_disk_means_not_ready_until_a_row_is_really_written(
+    model_dir: Path, tmp_path: Path, synthetic_dir: Path
+) -> None:
+    """A full disk fails writes, not locks: readiness used to come back as soon as a lock could
+    be taken, so a full disk flapped between ready and 503s. SQLite's page cap gives the same
+    SQLITE_FULL error as a full disk."""
+    files = {"files": ("a.png", _tile(synthetic_dir))}
+    with _client(model_dir, tmp_path) as c:
+        db = c.app.state.audit._db  # type: ignore[attr-defined]
+        assert c.post("/v1/predict", files=files).status_code == 200
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")
+        codes = [c.post("/v1/predict", files=files).status_code for _ in range(40)]
+        assert 503 in codes, codes
+        full = c.post("/v1/predict", files=files)
+        assert full.status_code == 503 and "full" in full.json()["detail"]
+        assert c.get("/readyz").status_code == 503  # stays down: nothing can be written
+        db.execute(f"PRAGMA max_page_count = {pages * 100}")  # space freed
+        assert c.get("/readyz").status_code == 200
+        assert c.post("/v1/predict", files=files).status_code == 200
+    rows = sqlite3.connect(tmp_path / "audit.db").execute("SELECT kind, outcome FROM audit")
+    assert ("audit", "recovered") in rows.fetchall()
+    assert verify_audit(tmp_path / "audit.db")[1] is None
+
+
 def test_audit_csv_cannot_carry_formulas(
     model_dir: Path, tmp_path: Path, synthetic_dir: Path
 ) -> None:
