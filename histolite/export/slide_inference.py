@@ -62,6 +62,21 @@ class SlideSettings:
     shard: tuple[int, int] = (0, 1)
 
 
+def require_tile_classifier(model: OnnxClassifier) -> None:
+    """Refuse a bag (MIL) model for tile-by-tile slide inference, before any work.
+
+    A bag model gives one prediction for a whole image from its patches, not one per tile, so
+    it cannot label a slide's tiles; slide-level MIL goes through cached slide features.
+    Public so that anything submitting slide jobs (the service) can check at submission.
+    """
+    if model.card.get("kind") == "mil":
+        raise HistoliteError(
+            f"{model.model_dir}: a bag (MIL) model classifies whole images from their patches, "
+            "not slide tiles one by one; for slide-level MIL use `histolite slide features` "
+            "then `histolite slide predict`, or give `slide infer` a tile classifier"
+        )
+
+
 def model_geometry(model: OnnxClassifier, tile_um: float | None) -> tuple[float, int]:
     """(tile side in microns, tile side in pixels at the training resolution) for a model."""
     card = model.card
@@ -113,6 +128,7 @@ def classify_slide(
 
     ``on_progress(done, total)`` is called after every batch of tiles (job status pages).
     """
+    require_tile_classifier(model)
     started = time.perf_counter()
     classes = list(model.classes)
     slide = open_slide(path, settings.mpp)
@@ -327,6 +343,7 @@ def classify_slides(
     model and settings, so a retried pod redoes only what failed, and ends by writing its
     completion marker (:func:`shard_marker_path`), which :func:`merge_batch` waits for.
     """
+    require_tile_classifier(model)
     require_distinct_stems(list(paths))
     done: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []

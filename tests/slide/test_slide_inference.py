@@ -20,6 +20,7 @@ from histolite.export.slide_inference import (
     classify_slides,
     merge_batch,
     merge_shards,
+    require_tile_classifier,
 )
 from histolite.slide.pyramid import write_pyramidal_tiff
 from histolite.slide.reader import OpenSlideSlide, SlideError, TiffSlide, open_slide, read_region
@@ -275,3 +276,23 @@ def test_batch_merge_waits_for_every_shard_to_finish(
     assert [d["resumed"] for d in marker["classified"]] == [True, False]
     assert (out / "b" / "heatmap.png").is_file()
     assert json.loads((out / "batch_summary.json").read_text()) == batch
+
+
+def test_a_bag_model_is_refused_at_once(
+    mosaic: tuple[Path, list],
+    model: OnnxClassifier,
+    tmp_path: Path,
+    run_cli: Callable[[list[str]], tuple[int, str, str]],
+) -> None:
+    bag_model = tmp_path / "bag_model"
+    shutil.copytree(model.model_dir, bag_model)
+    card = json.loads((bag_model / "model.json").read_text())
+    (bag_model / "model.json").write_text(json.dumps({**card, "kind": "mil"}))
+    with pytest.raises(HistoliteError, match="bag"):
+        require_tile_classifier(OnnxClassifier(bag_model))
+    require_tile_classifier(model)  # a tile classifier passes
+    out = tmp_path / "out"
+    args = ["slide", "infer", str(mosaic[0]), "--model", str(bag_model), "--out", str(out)]
+    code, _, err = run_cli(args)
+    assert code == 2 and "slide features" in err and "slide predict" in err
+    assert not out.exists()  # refused before any slide was opened
