@@ -8,7 +8,9 @@ that was queued or running when the service stopped is queued again when it star
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import logging
 import re
 import threading
 import uuid
@@ -26,6 +28,8 @@ from histolite.slide.reader import SLIDE_SUFFIXES
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 PENDING = ("queued", "running")
+JOB_KEYS = ("id", "slide", "model", "version", "status", "created")
+LOG = logging.getLogger(__name__)
 
 
 class JobError(Exception):
@@ -48,6 +52,26 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _one_line(exc: BaseException) -> str:
+    """A failure as one short line: job pages and audit rows are no place for tracebacks."""
+    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    lines = message.strip().splitlines()
+    text = lines[0] if lines else ""
+    if not isinstance(exc, HistoliteError | OSError | KeyError | ValueError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text[:300]
+
+
+def _read_job(path: Path) -> dict[str, Any]:
+    """A job's state file, checked: a damaged one must not be run or served as a job."""
+    job = read_json(path)
+    if not isinstance(job, dict) or any(not isinstance(job.get(k), str) for k in JOB_KEYS):
+        raise ValueError(f"not a slide job (needs string fields {', '.join(JOB_KEYS)})")
+    if job["id"] != path.parent.name or not JOB_ID.match(job["id"]):
+        raise ValueError("its id is not its folder's name")
+    return job
+
+
 class SlideJobs:
     """The job queue: submit, look up, and the files a finished job wrote."""
 
@@ -64,8 +88,16 @@ class SlideJobs:
             max_workers=settings.max_running, thread_name_prefix="slide-job"
         )
         self._jobs: dict[str, dict[str, Any]] = {}
+        self.broken: dict[str, str] = {}  # job folder -> why its state was not loaded
         for path in sorted(settings.jobs_dir.glob("*/job.json")):
-            job = read_json(path)
+            try:
+                job = _read_job(path)
+            except (HistoliteError, OSError, ValueError) as exc:
+                # one damaged file must not stop the service: reported, skipped, kept on disk
+                folder = path.parent.name
+                self.broken[folder] = self._public(_one_line(exc))
+                LOG.warning("skipped slide job %s: %s", folder, self.broken[folder])
+                continue
             self._jobs[job["id"]] = job
         for job in sorted(self._jobs.values(), key=lambda j: j["created"]):
             if job["status"] in PENDING:  # interrupted by a restart: run it again
@@ -75,6 +107,16 @@ class SlideJobs:
 
     def _save(self, job: dict[str, Any]) -> None:
         write_json(self.settings.jobs_dir / job["id"] / "job.json", job)
+
+    def _public(self, text: str) -> str:
+        """``text`` with the server's folders cut: slides relative to the slide root, job files
+        relative to the jobs folder, so clients and the audit log never see absolute paths."""
+        bases = {str(self.root), str(self.settings.jobs_dir), str(self.settings.jobs_dir.resolve())}
+        for base in sorted(bases, key=len, reverse=True):
+            text = re.sub(
+                re.escape(base) + r"(/|(?=[\s:'\",)]|$))", lambda m: "" if m[1] else ".", text
+            )
+        return text
 
     def _slide_path(self, slide: str) -> Path:
         if not isinstance(slide, str) or not slide or "\x00" in slide:
@@ -157,21 +199,35 @@ class SlideJobs:
         self._update(job_id, progress={"tiles_done": done, "tiles_total": total})
 
     def _run(self, job_id: str) -> None:
-        job = self._update(job_id, status="running", started=_now())
+        """The worker: every outcome ends the job, done or failed, and audited."""
         try:
-            entry = self.repository.get(job["model"], job["version"])
-            summary = classify_slide(
-                self.root / job["slide"],
-                entry.model,
-                self.settings.jobs_dir / job_id,
-                SlideSettings(),
-                progress=False,
-                on_progress=lambda done, total: self._progress(job_id, done, total),
-            )
-        except (HistoliteError, OSError, KeyError, ValueError) as exc:
-            job = self._update(job_id, status="failed", finished=_now(), error=str(exc))
-            self._audit(job, "failed", str(exc))
-            return
+            self._work(job_id)
+        except Exception as exc:  # anything at all: a job must never stay "running"
+            reason = self._public(_one_line(exc))
+            with self._lock:
+                job = self._jobs[job_id]
+                job.update(status="failed", finished=_now(), error=reason)
+                with contextlib.suppress(OSError):  # unsaved: a restart runs it again
+                    self._save(job)
+                job = dict(job)
+            self._audit(job, "failed", reason)
+
+    def _work(self, job_id: str) -> None:
+        job = self._update(job_id, status="running", started=_now())
+        entry = self.repository.get(job["model"], job["version"])
+        out = self.settings.jobs_dir / job_id
+        summary = classify_slide(
+            self.root / job["slide"],
+            entry.model,
+            out,
+            SlideSettings(),
+            progress=False,
+            on_progress=lambda done, total: self._progress(job_id, done, total),
+        )
+        # the served name and version (a repository's folders), not the card's own labels,
+        # and the slide as the client named it, not its path on this server
+        summary.update(slide=job["slide"], model=entry.name, model_version=entry.version)
+        write_json(out / Path(job["slide"]).stem / "summary.json", summary)
         counts = summary["class_counts"]
         job = self._update(
             job_id,
