@@ -13,6 +13,7 @@ model (``model.json`` directly inside) is a repository of that one model, so
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,14 @@ def _load(path: Path, threads: int | None) -> OnnxClassifier:
         ) from exc
 
 
+def _relative(text: str, root: Path) -> str:
+    """A load error with the repository's own path cut, so that ``/v1/models`` names folders
+    as ``name/version/...`` and never shows where the server keeps its files."""
+    for base in sorted({str(root), str(root.resolve())}, key=len, reverse=True):
+        text = text.replace(base + os.sep, "")
+    return text
+
+
 def load_repository(root: str | Path, threads: int | None = None) -> Repository:
     """Every servable model under ``root``; broken folders are recorded, not fatal."""
     root = Path(root)
@@ -131,7 +140,7 @@ def load_repository(root: str | Path, threads: int | None = None) -> Repository:
             try:
                 model = _load(version_dir, threads)
             except HistoliteError as exc:
-                repo.broken[key] = str(exc)
+                repo.broken[key] = _relative(str(exc), root)
                 continue
             entry = ModelEntry(name_dir.name, version_dir.name, version_dir, model)
             repo.models.setdefault(name_dir.name, {})[version_dir.name] = entry

@@ -34,6 +34,9 @@ def test_a_broken_folder_is_reported_and_the_others_served(repository: Path) -> 
     assert repo.names() == ["bags", "tiles"]
     assert repo.default_version("tiles") == "10"  # newest, numerically
     assert "broken/1" in repo.broken and "not valid JSON" in repo.broken["broken/1"]
+    # named inside the repository, not by the server's absolute path (audit of issue 14)
+    assert repo.broken["broken/1"].startswith("broken/1/model.json: ")
+    assert str(repository) not in repo.broken["broken/1"]
 
 
 def _png(path: Path) -> bytes:
@@ -52,6 +55,7 @@ def test_models_listing_and_versioned_prediction(
         assert [v["version"] for v in tiles["versions"]] == ["10", "2", "1"]
         assert "source_run" not in tiles["versions"][0]["card"]
         assert listing["unavailable"][0]["folder"] == "broken/1"
+        assert str(repository) not in json.dumps(listing)
         files = {"files": (tile.name, _png(tile))}
         newest = c.post("/v1/models/tiles/predict", files=files).json()
         assert newest["model_version"] == "10" and newest["predictions"][0]["model"] == "tiles"
