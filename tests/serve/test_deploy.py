@@ -21,7 +21,7 @@ def _manifests() -> dict[str, dict]:
     """The prediction service's objects by kind (the slide service and Jobs are apart)."""
     docs = {}
     for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
-        if path.name in ("slide-job.yaml", "slides-deployment.yaml"):
+        if path.name in ("slide-job.yaml", "slides-deployment.yaml", "volumes.yaml"):
             continue
         for doc in yaml.safe_load_all(path.read_text()):
             docs[doc["kind"]] = doc
@@ -125,3 +125,58 @@ def test_install_script_builds_a_torch_free_serving_venv(tmp_path: Path) -> None
     ).stdout
     assert "model_dir" in help_text.lower()
     assert sys.executable  # the test venv itself is untouched
+
+
+DOCS = (REPO_ROOT / "docs" / "deploy.md").read_text()
+
+
+def _commands(text: str, program: str) -> list[str]:
+    """Shell commands of ``program`` in a text (comment markers dropped, continuations joined)."""
+    lines = [re.sub(r"^#\s?", "", line).strip() for line in text.splitlines()]
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    return [line for line in joined.splitlines() if line.startswith(program)]
+
+
+def test_every_claim_the_manifests_mount_is_defined() -> None:
+    """Regression: histolite-slides, -results and -slide-jobs were mounted but never defined."""
+    claims = {
+        doc["metadata"]["name"]: doc["spec"]
+        for doc in yaml.safe_load_all((DEPLOY / "k8s" / "volumes.yaml").read_text())
+        if doc["kind"] == "PersistentVolumeClaim"
+    }
+    mounted = set(re.findall(r"claimName: ([\w-]+)", "".join(
+        p.read_text() for p in (DEPLOY / "k8s").glob("*.yaml")
+    )))  # fmt: skip
+    assert mounted == {"histolite-slides", "histolite-results", "histolite-slide-jobs"}
+    assert mounted <= set(claims)
+    assert claims["histolite-results"]["accessModes"] == ["ReadWriteMany"]  # shards write at once
+    assert claims["histolite-slide-jobs"]["accessModes"] == ["ReadWriteOnce"]  # one replica
+    for spec in claims.values():
+        assert spec["resources"]["requests"]["storage"]
+
+
+def test_docs_apply_manifests_by_name_so_the_service_never_starts_batch_jobs() -> None:
+    """Regression: `kubectl apply -f deploy/k8s/` also started the slide-shard Jobs."""
+    applies = _commands(DOCS, "kubectl apply")
+    assert applies
+    for command in applies:
+        paths = re.findall(r"-f (\S+)", command)
+        assert paths and all((REPO_ROOT / p).is_file() for p in paths), command
+        assert "deploy/k8s/slide-job.yaml" not in paths or paths == ["deploy/k8s/slide-job.yaml"]
+    applied = {p for c in applies for p in re.findall(r"-f (\S+)", c)}
+    assert {"deploy/k8s/volumes.yaml", "deploy/k8s/slides-deployment.yaml"} <= applied
+
+
+def test_docker_docs_build_what_the_dockerfile_copies_and_set_the_slide_root() -> None:
+    """Regression: the docs exported to deploy/model, the image copies deploy/models; /slides
+    was mounted without HISTOLITE_SLIDE_ROOT, so slide jobs stayed off."""
+    models = re.search(r"^ARG MODELS=(\S+)", DOCKERFILE, re.M)
+    assert models is not None
+    docker = DOCS.split("## Docker", 1)[1].split("## Kubernetes", 1)[0]
+    outs = [m for c in _commands(docker, "histolite export") for m in re.findall(r"--out (\S+)", c)]
+    assert outs and all(o.startswith(models.group(1) + "/") for o in outs), outs
+    for text in (DOCKERFILE, DOCS):
+        runs = _commands(text, "docker run")
+        assert any(":/slides" in r for r in runs)
+        for run in runs:
+            assert (":/slides" in run) == ("HISTOLITE_SLIDE_ROOT=/slides" in run), run
