@@ -1,11 +1,15 @@
 """Tissue masks on a low-resolution view of a slide.
 
 H&E tissue is coloured (saturated pink and purple); glass is white or grey. So the mask is an
-Otsu threshold on HSV saturation, floored so that a blank slide (nothing but low-saturation
-glass) gives no tissue instead of half of its noise. Pen marks are excluded by colour: ink is
-blue, green or near-black, hues and values that haematoxylin and eosin do not take. Small specks
-are removed and small holes filled, at sizes set in microns so the result does not depend on
-the view's resolution.
+Otsu threshold on HSV saturation, bounded to where glass ends and tissue begins: floored so that
+a blank slide (nothing but low-saturation glass) gives no tissue instead of half of its noise,
+and capped so that a view with no glass at all (a field of tissue) is not split in two, pale
+eosin against dark haematoxylin. Pen marks are excluded by colour: ink is blue, green or
+near-black, hues and values that haematoxylin and eosin do not take. Small specks are removed
+and small holes filled, at sizes set in microns so the result does not depend on the view's
+resolution.
+
+Known limitation: red ink has the hue and saturation of eosin and is kept as tissue.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 MIN_SATURATION = 0.07  # below this no pixel is tissue, whatever Otsu says
+# at or above this every pixel is tissue: glass, even tinted, stays below it (about 0.01-0.05),
+# and pale stroma, mucus and debris stay above it (Kather tiles: 0.1-0.3 at their palest)
+MAX_SATURATION_CUT = 0.15
 PEN_HUES = (0.25, 0.70)  # green through blue, in HSV hue (0..1)
 
 
@@ -74,7 +81,7 @@ def tissue_mask(
 
     hsv = rgb_to_hsv(rgb)
     saturation = hsv[..., 1]
-    threshold = max(otsu_threshold(saturation), MIN_SATURATION)
+    threshold = min(max(otsu_threshold(saturation), MIN_SATURATION), MAX_SATURATION_CUT)
     mask = (saturation > threshold) & ~pen_mask(hsv)
     pixel_area = mpp * mpp
     mask = ndimage.binary_opening(mask, iterations=1)
