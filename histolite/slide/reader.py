@@ -222,13 +222,17 @@ class TiffSlide:
                 for s in self._tif.series
                 if not any(word in (s.name or "").lower() for word in _NOT_TISSUE)
             ] or list(self._tif.series)
+            if not series:  # e.g. an SVS cut short: its directories sit at the end of the file
+                raise SlideError(f"{path}: truncated or not a slide: no image pages could be read")
             main = max(series, key=lambda s: int(np.prod(s.levels[0].shape[:2])))
             # tifffile types pages as page-or-frame-or-None; slides have real pages
             self._pages: list[Any] = [level.pages[0] for level in main.levels]
         except SlideError:
             raise
         except Exception as exc:
-            raise SlideError(f"{path}: not a readable TIFF slide ({exc})") from exc
+            raise SlideError(
+                f"{path}: truncated or not a slide: not a readable TIFF ({exc})"
+            ) from exc
         dims = []
         for page in self._pages:
             shape = page.shape
@@ -307,7 +311,10 @@ class TiffSlide:
                 handle.seek(offset)
                 data = handle.read(count)
                 if len(data) != count:
-                    raise SlideError(f"{self.info.path}: truncated tile {index}")
+                    raise SlideError(
+                        f"{self.info.path}: truncated or not a slide: tile {index} lies past "
+                        "the end of the file"
+                    )
                 tile, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
                 # a page's last strip may be short: its decoded shape says how many rows
                 tile = np.asarray(tile).reshape(shape[1], shape[2], -1)[..., :3]
@@ -386,5 +393,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
             raise no_mpp from exc
         if "microns per pixel" in str(exc):
             raise
-        errors.append(str(exc))
-    raise SlideError(f"{path}: not a readable slide: " + "; ".join(errors))
+        errors.append("tifffile: " + str(exc).removeprefix(f"{path}: truncated or not a slide: "))
+    # each reader's reason, without the path that the message already starts with
+    reasons = "; ".join(e.removeprefix(f"{path}: ") for e in errors)
+    raise SlideError(f"{path}: truncated or not a slide ({reasons})")

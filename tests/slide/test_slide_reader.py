@@ -10,7 +10,14 @@ import pytest
 import tifffile
 from PIL import Image
 
-from histolite.slide.reader import THUMBNAIL_BLOCK, TiffSlide, open_slide, thumbnail
+from histolite.slide.pyramid import write_pyramidal_tiff
+from histolite.slide.reader import (
+    THUMBNAIL_BLOCK,
+    SlideError,
+    TiffSlide,
+    open_slide,
+    thumbnail,
+)
 
 
 @pytest.mark.parametrize("pyramidal", [False, True])
@@ -109,3 +116,29 @@ def test_stripped_tiff_regions_decode_only_their_strips(tmp_path: Path) -> None:
     assert (region[10:] == 255).all()
     assert thumb.shape == (300, 300, 3)
     assert peak < level0.nbytes / 3, peak
+
+
+SVS = Path(__file__).resolve().parents[3] / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
+
+
+@pytest.mark.parametrize("keep", [8, 1000, 150_000])
+def test_a_truncated_file_is_named_and_called_truncated(keep: int, tmp_path: Path) -> None:
+    """An SVS keeps its directories at the end: cut short, it has a header and no pages."""
+    source = SVS.read_bytes() if SVS.is_file() else b"II*\x00\x00\x00\x10\x00" + bytes(200_000)
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(source[:keep])
+    with pytest.raises(SlideError, match=r"cut\.svs: truncated or not a slide") as caught:
+        open_slide(cut)
+    assert "max()" not in str(caught.value)
+
+
+def test_tiles_past_the_end_of_a_truncated_pyramid_are_named(tmp_path: Path) -> None:
+    whole = write_pyramidal_tiff(tmp_path / "whole.tif", _gradient(600, 800), mpp=0.5, tile=128)
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    slide = open_slide(cut)  # the first directory is whole; tiles after the cut are gone
+    try:
+        with pytest.raises(SlideError, match=r"cut\.tif: truncated or not a slide: tile \d+"):
+            slide.read_level(0, 0, 0, 800, 600)
+    finally:
+        slide.close()
