@@ -211,6 +211,7 @@ def _summary(
         "mpp_source": info.mpp_source,
         "model": model.card.get("name"),
         "model_version": model.card.get("version"),
+        "device": model.device,  # cpu or cuda: timings mean little without it
         "classes": classes,
         "tile_um": tile_um,
         "tile_px_level0": rows[0].size if rows else round(tile_um / info.mpp),
@@ -319,6 +320,7 @@ def merge_shards(
         "class_counts": {c: labels.count(c) for c in classes},
         "class_fractions": {c: (labels.count(c) / len(rows) if rows else 0.0) for c in classes},
         "note": _note(rows),
+        "device": "+".join(sorted({str(s.get("device")) for s in summaries})),
         "timings_s": timings,
     }
     _write_outputs(slide_dir, slide_path, rows, classes, merged, thumb, scale, partial=False)

@@ -41,6 +41,7 @@ def test_tiles_line_up_with_the_mosaic_and_match_direct_prediction(
     summary = classify_slide(path, model, tmp_path, SlideSettings(min_tissue=0.01), progress=False)
     assert summary["mpp"] == pytest.approx(0.25) and summary["tile_um"] == pytest.approx(16.0)
     assert summary["tile_px_level0"] == 64 and summary["tile_px_model"] == 32
+    assert summary["device"] == model.device == "cpu"  # which device ran the model
     rows = _rows(tmp_path / "mosaic")
     assert rows and len(rows) == summary["tiles"]
     seen = set()
