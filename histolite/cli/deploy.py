@@ -54,6 +54,8 @@ def export(
             else ""
         )
     )
+    if result.explanation not in (None, "gradcam", "attention"):  # the page shows no heatmap
+        typer.secho(str(result.explanation), fg="yellow", err=True)
 
 
 @app.command("serve")

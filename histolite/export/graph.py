@@ -6,7 +6,9 @@ at its own resolution *before* resizing it to the model's input (``data.transfor
 - ``StainGraph`` (``stain.onnx``): Reinhard on a batch of same-size patches of any height and
   width, float RGB in [0, 1] -> float RGB in [0, 1]; the runtime rounds it to 8 bits, as the
   training path does, then resizes;
-- ``ServingGraph`` / ``MilServingGraph`` (``model.onnx``): model + softmax on resized input.
+- ``ServingGraph`` / ``MilServingGraph`` (``model.onnx``): model + softmax on resized input;
+  ``CamServingGraph`` adds Grad-CAM maps for networks that end in global average pooling and
+  one linear layer (``gradcam_head``), so the service can explain without torch or gradients.
 
 Normalising after the resize instead (one graph) changes each tile's Lab statistics and skips
 the 8-bit rounding: 97.5% top-1 agreement with the trained model on Kather test tiles, against
@@ -18,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from histolite.errors import HistoliteError
+from histolite.evaluate.explain import last_spatial_layer
 from histolite.models import NormalizedClassifier
 from histolite.models.mil import AttentionMIL
 from histolite.stain import ReinhardNormalizer
@@ -39,6 +43,95 @@ class ServingGraph(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return torch.softmax(self.model(images), dim=1)
+
+
+def gradcam_head(model: NormalizedClassifier, input_size: int) -> tuple[str, str]:
+    """(feature map layer, linear classifier) of a network whose logits are
+    ``classifier(mean over space of the layer's maps)``.
+
+    The layer is the one ``explain.py``'s Grad-CAM uses (the last spatial map). The structure
+    is checked numerically on random images rather than by architecture, so any backbone
+    (histolite, timm, torchvision) qualifies exactly when its head is global average pooling
+    plus one linear layer.
+
+    Raises:
+        ValueError: why Grad-CAM has no closed form for this network (e.g. timm MobileNetV3's
+            convolution after the pooling, the BreakHis MLP head, vision transformers).
+    """
+    example = torch.rand(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    maps: list[Tensor] = []
+    linears: list[tuple[str, Tensor]] = []
+    names = {module: name for name, module in model.named_modules() if name}
+    try:
+        try:
+            layer = last_spatial_layer(model, example[:1])
+        except HistoliteError as exc:
+            raise ValueError(str(exc)) from exc
+        handles = [
+            module.register_forward_hook(lambda m, i, out: linears.append((names[m], out)))
+            for module in names
+            if isinstance(module, nn.Linear)
+        ]
+        handles.append(
+            model.get_submodule(layer).register_forward_hook(lambda m, i, out: maps.append(out))
+        )
+        try:
+            with torch.no_grad():
+                logits = model(example)
+        finally:
+            for handle in handles:
+                handle.remove()
+    finally:
+        model.train(was_training)
+    if not linears:
+        raise ValueError("the network has no linear classifier")
+    classifier = linears[-1][0]
+    linear = model.get_submodule(classifier)
+    assert isinstance(linear, nn.Linear)
+    features = maps[-1]
+    closed_form = linear.in_features == features.shape[1] and torch.allclose(
+        linear(features.mean(dim=(2, 3))),
+        logits,
+        rtol=1e-4,
+        atol=1e-4 * (1 + float(logits.abs().max())),
+    )
+    if not closed_form:
+        raise ValueError(
+            f"its logits are not one linear layer ({classifier}) over the global average of its "
+            f"last feature map ({layer}), so Grad-CAM needs gradients"
+        )
+    return layer, classifier
+
+
+class CamServingGraph(nn.Module):
+    """Images (N, 3, S, S) -> probabilities (N, C) and Grad-CAM maps of every class (N, C, h, w).
+
+    With ``logit_c = sum_k w_ck mean(A_k) + b_c`` the gradient of ``logit_c`` at every position
+    of map ``A_k`` is ``w_ck / (h w)``, so Grad-CAM's ``ReLU(sum_k grad_k A_k)`` equals
+    ``ReLU(sum_k w_ck A_k)`` up to a positive factor that its normalisation removes: a graph
+    output, no gradients. The maps are kept per class so that a multi-patch image can be
+    explained for its image-level class, as ``explain.py`` does.
+    """
+
+    def __init__(self, model: NormalizedClassifier, layer: str, classifier: str) -> None:
+        super().__init__()
+        self.model = model
+        self.layer, self.classifier = layer, classifier
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        maps: list[Tensor] = []
+        hook = self.model.get_submodule(self.layer).register_forward_hook(
+            lambda m, i, out: maps.append(out)
+        )
+        try:
+            logits = self.model(images)
+        finally:
+            hook.remove()
+        weight = self.model.get_submodule(self.classifier).weight  # (C, K)
+        cam = torch.relu(torch.einsum("ck,nkhw->nchw", weight, maps[-1]))
+        return torch.softmax(logits, dim=1), cam
 
 
 class MilServingGraph(nn.Module):

@@ -28,7 +28,13 @@ from histolite.data.splits import read_split_csv
 from histolite.errors import HistoliteError
 from histolite.evaluate.inference import predict, predict_bag_pixels, predict_image
 from histolite.evaluate.report import build_report
-from histolite.export.graph import MilServingGraph, ServingGraph, StainGraph
+from histolite.export.graph import (
+    CamServingGraph,
+    MilServingGraph,
+    ServingGraph,
+    StainGraph,
+    gradcam_head,
+)
 from histolite.export.runtime import (
     CARD_FILE,
     MODEL_FILE,
@@ -73,6 +79,7 @@ class ExportResult:
     parity_samples: int
     size_bytes: int
     max_abs_attention_diff: float | None = None  # bag models only
+    explanation: str | None = None  # "gradcam", "attention" or why there is none
 
 
 def _split_samples(run: LoadedRun, preferred: Sequence[str]) -> list[Sample]:
@@ -211,11 +218,12 @@ def _export(graph: torch.nn.Module, example: torch.Tensor, path: Path, **names: 
         )
 
 
-def _export_graph(run: LoadedRun, path: Path) -> None:
-    """The FP32 model graph: model + softmax on resized input.
+def _export_graph(run: LoadedRun, path: Path) -> dict[str, Any]:
+    """The FP32 model graph: model + softmax on resized input; returns the card's explanation.
 
-    Classifiers take a batch of images (N free); bag models take one bag of N patches (N free)
-    and also return each patch's attention.
+    Classifiers take a batch of images (N free) and, when their head is global average pooling
+    plus one linear layer, also return Grad-CAM maps of every class (``cam``); bag models take
+    one bag of N patches (N free) and also return each patch's attention.
     """
     size = run.spec.image_size
     if isinstance(run.model, AttentionMIL):
@@ -227,15 +235,35 @@ def _export_graph(run: LoadedRun, path: Path) -> None:
             output_names=["probabilities", "attention"],
             dynamic_axes={"patches": {0: "instances"}, "attention": {0: "instances"}},
         )
-    else:
+        return {"method": "attention", "output": "attention"}
+    model = require_classifier(run, "ONNX export")
+    try:
+        layer, classifier = gradcam_head(model, size)
+    except ValueError as exc:  # served without an explanation, and the card says why
         _export(
-            ServingGraph(require_classifier(run, "ONNX export")),
+            ServingGraph(model),
             torch.rand(1, 3, size, size),
             path,
             input_names=["image"],
             output_names=["probabilities"],
             dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
         )
+        return {"method": None, "reason": f"no Grad-CAM in the graph: {exc}"}
+    _export(
+        CamServingGraph(model, layer, classifier),
+        torch.rand(1, 3, size, size),
+        path,
+        input_names=["image"],
+        output_names=["probabilities", "cam"],
+        dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}, "cam": {0: "batch"}},
+    )
+    return {
+        "method": "gradcam",
+        "output": "cam",
+        "layer": layer,
+        "classifier": classifier,
+        "maps": "ReLU(classifier weights x feature maps) per class, at feature resolution",
+    }
 
 
 def _stain_normalizer(run: LoadedRun) -> ReinhardNormalizer | None:
@@ -425,7 +453,7 @@ def export_run(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         fp32 = staging / ("model_fp32.onnx" if int8 else MODEL_FILE)
-        _export_graph(run, fp32)
+        explanation = _export_graph(run, fp32)
         if stain is not None:
             _export_stain_graph(stain, staging / STAIN_FILE)
         if int8:
@@ -444,6 +472,7 @@ def export_run(
             checkpoint=checkpoint,
             geometry=geometry,
         )
+        card["explanation"] = explanation
         if stain is not None:
             card["stain_graph"] = {
                 "file": STAIN_FILE,
@@ -483,4 +512,12 @@ def export_run(
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    return ExportResult(out, agreement, max_diff, len(checks), card["size_bytes"], attention_diff)
+    return ExportResult(
+        out,
+        agreement,
+        max_diff,
+        len(checks),
+        card["size_bytes"],
+        attention_diff,
+        explanation["method"] or explanation["reason"],
+    )

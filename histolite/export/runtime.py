@@ -5,13 +5,15 @@ An exported model folder holds ``model.onnx`` and ``model.json`` (the model card
 crop -> stain (``stain.onnx``, at the patch's own resolution, rounded to 8 bits) -> bilinear
 resize to the model's input -> ``model.onnx`` (float32 RGB in [0, 1], (N, 3, S, S)) -> class
 probabilities. Images larger than one patch are cut into the card's grid and the patch
-probabilities are averaged, which also gives a per-patch heatmap.
+probabilities are averaged, which also gives a per-patch heatmap. Graphs with a ``cam`` output
+(``export.graph.CamServingGraph``) also give each image's Grad-CAM as a grid in image pixels.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +33,20 @@ CARD_FILE = "model.json"
 
 # uint8 H x W x 3 crops in, the same crops stain normalised out
 CropStain = Callable[[list[np.ndarray]], list[np.ndarray]]
+# Grad-CAM grids have at most this many cells a side: a 60 Mpx upload would otherwise answer
+# with about a million cells, far finer than the page can show.
+MAX_CAM_CELLS = 128
+
+
+@dataclass(frozen=True)
+class CamGrid:
+    """Grad-CAM of the image's class over the image: ``values[r, c]`` in [0, 1] covers image
+    pixels ``[r * cell_height, (r + 1) * cell_height) x [c * cell_width, (c + 1) * cell_width)``.
+    """
+
+    values: np.ndarray  # (rows, cols) float32
+    cell_height: float
+    cell_width: float
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,7 @@ class Prediction:
     patch_size: int
     stride: int
     attention: list[tuple[int, int, float]] | None = None  # bag models: (y, x, weight) per patch
+    explanation: CamGrid | None = None  # classifiers whose graph has a ``cam`` output
 
     def top_class(self) -> int:
         return int(self.probabilities.argmax())
@@ -128,6 +145,78 @@ def image_to_batch(
     """Grid patches (or the whole image if smaller than a patch), resized, as (N, 3, S, S)."""
     crops, grid = grid_crops(pixels, patch_size, stride)
     return crops_to_batch(crops, input_size, stain), grid
+
+
+def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(C, h, w) -> (C, height, width), bilinear as ``explain.py`` resizes its maps; a
+    whole-factor shrink (large images' coarser grid) is a block mean, ten times faster."""
+    classes, h, w = maps.shape
+    if h % height == 0 and w % width == 0:
+        return maps.reshape(classes, height, h // height, width, w // width).mean(axis=(2, 4))
+    size = (width, height)
+    return np.stack(
+        [np.asarray(Image.fromarray(m).resize(size, Image.Resampling.BILINEAR)) for m in maps]
+    )
+
+
+def _cells(start: int, length: int, cell: float, limit: int) -> tuple[int, int]:
+    """The grid cells a patch covers along one axis: at least one, inside the grid."""
+    first = min(round(start / cell), limit - 1)
+    return first, min(limit, max(first + 1, round((start + length) / cell)))
+
+
+class CamCanvas:
+    """Grad-CAM maps of a batch of patches, pasted into one coarse grid per class as they come
+    (memory stays flat in image size), then read out for the image's class.
+
+    As ``explain.py`` does: each patch's map is scaled to [0, 1] by its own maximum, overlaps
+    are averaged, and the result is scaled to [0, 1]. A cell is ``patch / feature map`` image
+    pixels (coarser for very large images, so that no side exceeds ``MAX_CAM_CELLS``).
+    """
+
+    def __init__(self, boxes: list[tuple[int, int, int, int]]) -> None:
+        self.boxes = boxes  # (y, x, height, width) of every patch, in image pixels
+        self.total: np.ndarray | None = None
+        self.count: np.ndarray = np.zeros((0, 0), np.float32)
+        self.cell = (1.0, 1.0)
+        self.seen = 0
+
+    def _start(self, classes: int, height: int, width: int) -> None:
+        _, _, box_h, box_w = self.boxes[0]
+        bottom = max(y + h for y, _, h, _ in self.boxes)
+        right = max(x + w for _, x, _, w in self.boxes)
+        cell_h, cell_w = box_h / height, box_w / width
+        factor = max(1, math.ceil(max(bottom / cell_h, right / cell_w) / MAX_CAM_CELLS))
+        self.cell = (cell_h * factor, cell_w * factor)
+        rows, cols = round(bottom / self.cell[0]), round(right / self.cell[1])
+        self.total = np.zeros((classes, rows, cols), np.float32)
+        self.count = np.zeros((rows, cols), np.float32)
+
+    def add(self, cams: np.ndarray) -> None:
+        """The next patches' maps, (N, C, h, w), in the order of ``boxes``."""
+        if self.total is None:
+            self._start(*cams.shape[1:])
+        assert self.total is not None
+        (cell_h, cell_w), (rows, cols) = self.cell, self.count.shape
+        top = cams.max(axis=(2, 3), keepdims=True)
+        cams = np.divide(cams, top, out=np.zeros_like(cams), where=top > 0)
+        for cam, (y, x, h, w) in zip(cams, self.boxes[self.seen :], strict=False):
+            r0, r1 = _cells(y, h, cell_h, rows)
+            c0, c1 = _cells(x, w, cell_w, cols)
+            if (r1 - r0, c1 - c0) != cam.shape[1:]:
+                cam = _resize_maps(cam, r1 - r0, c1 - c0)
+            self.total[:, r0:r1, c0:c1] += cam
+            self.count[r0:r1, c0:c1] += 1
+        self.seen += len(cams)
+
+    def grid(self, target: int) -> CamGrid:
+        assert self.total is not None
+        heat = np.divide(
+            self.total[target], self.count, out=np.zeros_like(self.count), where=self.count > 0
+        )
+        heat -= heat.min()  # as explain.normalise: a flat map means nothing stands out
+        top = float(heat.max())
+        return CamGrid(heat / top if top > 0 else heat, *self.cell)
 
 
 def _open_session(path: Path, options: Any, providers: list[str]) -> Any:
@@ -230,6 +319,10 @@ class OnnxClassifier:
         )
         self.device = "cuda" if use_cuda else "cpu"
         self.input_name = self.session.get_inputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        # older exports and non-GAP heads have no ``cam`` output: they answer without one
+        self.has_cam = "cam" in outputs
+        self._probabilities = outputs[:1]
         self.classes: list[str] = list(self.card["classes"])
         self.input_size = int(self.card["input_size"])
         self.patch_size = int(self.card["patch_size"])
@@ -256,9 +349,11 @@ class OnnxClassifier:
         return self._ready.is_set()
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities only (slide tiles, benchmarks): a ``cam`` output is not fetched."""
+        feed, step = self.input_name, self.max_batch
         chunks = [
-            self.session.run(None, {self.input_name: batch[i : i + self.max_batch]})[0]
-            for i in range(0, len(batch), self.max_batch)
+            self.session.run(self._probabilities, {feed: batch[i : i + step]})[0]
+            for i in range(0, len(batch), step)
         ]
         return np.concatenate(chunks).astype(np.float64)
 
@@ -286,19 +381,42 @@ class OnnxClassifier:
         # one batch of patches at a time: memory stays flat in image size (a 60 Mpx upload
         # would otherwise hold ~2,700 float patches, 400 MB, at once)
         crops, (rows, cols) = grid_crops(pixels, self.patch_size, self.stride)
-        step = self.max_batch
-        probs = np.concatenate(
-            [
-                self.predict_batch(self.to_batch(crops[i : i + step]))
-                for i in range(0, len(crops), step)
-            ]
-        )
+        if not self.has_cam:
+            step = self.max_batch
+            probs = np.concatenate(
+                [
+                    self.predict_batch(self.to_batch(crops[i : i + step]))
+                    for i in range(0, len(crops), step)
+                ]
+            )
+            explanation = None
+        else:
+            probs, explanation = self._predict_with_cam(pixels, crops)
         return Prediction(
             probabilities=probs.mean(axis=0),
             patch_probabilities=probs.reshape(rows, cols, -1),
             patch_size=self.patch_size,
             stride=self.stride,
+            explanation=explanation,
         )
+
+    def _predict_with_cam(
+        self, pixels: np.ndarray, crops: list[np.ndarray]
+    ) -> tuple[np.ndarray, CamGrid]:
+        """Patch probabilities and the Grad-CAM grid of the image-level class (the class the
+        answer names, as ``explain.py`` explains it), one batch of patches at a time."""
+        height, width = pixels.shape[:2]
+        size = self.patch_size
+        positions = grid_positions(height, width, size, self.stride)
+        boxes = [(y, x, size, size) for y, x in positions] or [(0, 0, height, width)]
+        canvas, chunks = CamCanvas(boxes), []
+        for i in range(0, len(crops), self.max_batch):
+            batch = self.to_batch(crops[i : i + self.max_batch])
+            probabilities, cams = self.session.run(None, {self.input_name: batch})
+            chunks.append(probabilities.astype(np.float64))
+            canvas.add(cams)
+        probs = np.concatenate(chunks)
+        return probs, canvas.grid(int(probs.mean(axis=0).argmax()))
 
 
 def onnx_images_per_second(

@@ -197,3 +197,66 @@ def test_stain_graph_takes_any_patch_size_and_a_swapped_one_is_refused(
     (out / "stain.onnx").write_bytes((out / "model.onnx").read_bytes())
     with pytest.raises(HistoliteError, match="SHA-256 differs"):
         OnnxClassifier(out)
+
+
+def _model_dir(workdir: Path, synthetic_dir: Path) -> Path:
+    model_dir = workdir / "model"
+    return model_dir if model_dir.exists() else export_small_model(workdir, synthetic_dir)
+
+
+def test_patch_models_serve_the_gradcam_of_explain_py(workdir: Path, synthetic_dir: Path) -> None:
+    """Grad-CAM for patch models without torch: the graph's ``cam`` output, stitched in image
+    pixels, is ``evaluate/explain.py``'s gradient Grad-CAM (issue 14, page explanations)."""
+    import torch
+
+    from histolite.evaluate.explain import grad_cam, gradcam_explanation
+
+    model_dir = _model_dir(workdir, synthetic_dir)
+    card = json.loads((model_dir / "model.json").read_text())
+    assert card["explanation"]["method"] == "gradcam" and card["explanation"]["output"] == "cam"
+    run = load_run(workdir / "run", device="cpu")
+    served = OnnxClassifier(model_dir)
+    tiles = [load_rgb(p) for p in sorted(synthetic_dir.glob("*/*.png"))[::16]]
+    # per patch, every class: the graph output is the gradient Grad-CAM
+    batch = served.to_batch(tiles)
+    _, cams = served.session.run(None, {served.input_name: batch})
+    for i, target in ((0, 0), (1, 3), (2, 1)):
+        reference, _ = grad_cam(run.model, torch.from_numpy(batch[i : i + 1]), target, "net.stages")
+        np.testing.assert_allclose(cams[i, target] / cams[i, target].max(), reference, atol=1e-4)
+    # the served grid, cell by cell, is explain.py's heatmap averaged over each cell
+    for tile in tiles:
+        prediction = served.predict(tile)
+        grid = prediction.explanation
+        assert grid is not None and grid.values.shape == (8, 8)
+        assert (grid.cell_height, grid.cell_width) == (4.0, 4.0)  # 32 px patch, 8 x 8 map
+        reference = gradcam_explanation(run, tile)
+        assert reference.target == prediction.top_class()
+        cells = reference.heatmap.reshape(8, 4, 8, 4).mean(axis=(1, 3))
+        assert np.corrcoef(cells.ravel(), grid.values.ravel())[0, 1] > 0.97
+    # several patches: one grid over the image, for the image's class, in image pixels
+    wide = np.concatenate(tiles[:3], axis=1)  # 32 x 96: three patches
+    grid = served.predict(wide).explanation
+    assert grid is not None and grid.values.shape == (8, 24)
+    assert grid.values.min() == 0.0 and grid.values.max() == 1.0
+
+
+def test_models_without_a_pooling_head_export_and_serve_without_gradcam(
+    workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Old exports, and heads where Grad-CAM needs gradients, answer without an explanation."""
+    import histolite.export.onnx as onnx_export
+
+    def refuse(*args: object) -> tuple[str, str]:
+        raise ValueError("its logits are not one linear layer")
+
+    monkeypatch.setattr(onnx_export, "gradcam_head", refuse)
+    export_run(workdir / "run", tmp_path / "plain", progress=False, parity_samples=8)
+    card = json.loads((tmp_path / "plain" / "model.json").read_text())
+    assert card["explanation"] == {
+        "method": None,
+        "reason": "no Grad-CAM in the graph: its logits are not one linear layer",
+    }
+    served = OnnxClassifier(tmp_path / "plain")
+    assert not served.has_cam
+    prediction = served.predict(np.full((40, 70, 3), 120, np.uint8))
+    assert prediction.explanation is None and prediction.patch_probabilities.shape == (1, 2, 4)
