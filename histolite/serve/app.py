@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 from histolite.data.images import decode_rgb
 from histolite.errors import DataError
+from histolite.export.runtime import CamGrid
 from histolite.serve.audit import AuditLog, AuditUnavailable, Entry
 from histolite.serve.fetch import UrlFetcher, UrlFetchError
 from histolite.serve.metrics import Metrics
@@ -270,6 +271,7 @@ class PredictionService:
                     for row in prediction.patch_probabilities
                 ],
             }
+        result["explanation"] = _gradcam_view(prediction.explanation, predicted)
         result["time_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return result
 
@@ -482,6 +484,23 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return FileResponse(STATIC_DIR / "index.html")
 
     return app
+
+
+def _gradcam_view(grid: CamGrid | None, predicted: str) -> dict[str, Any] | None:
+    """Grad-CAM of the answered class as a small grid in image pixels (the page paints it);
+    ``None`` for bag models (their ``attention`` explains them) and graphs without ``cam``."""
+    if grid is None:
+        return None
+    rows, cols = grid.values.shape
+    return {
+        "method": "gradcam",
+        "class": predicted,
+        "rows": int(rows),
+        "cols": int(cols),
+        "cell_height": round(grid.cell_height, 4),
+        "cell_width": round(grid.cell_width, 4),
+        "values": [[round(float(v), 3) for v in row] for row in grid.values],
+    }
 
 
 def _job_view(job: dict[str, Any]) -> dict[str, Any]:

@@ -163,6 +163,7 @@ def test_model_picker_and_attention_heatmap_of_a_bag_model(
             assert page.get_attribute(heat, "data-kind") == "attention"
             assert page.get_attribute(heat, "data-cells") == "4"
             assert "attention" in page.inner_text("article.result .legend")
+            assert not page.is_visible("article.result .gradcam-toggle")  # no Grad-CAM for bags
             assert "bags v1" in page.inner_text("article.result .meta")
             # the most-attended patch is painted most opaque
             alpha = page.evaluate(
@@ -175,5 +176,52 @@ def test_model_picker_and_attention_heatmap_of_a_bag_model(
             )
             assert max(alpha) > 0 and len(set(alpha)) > 1
             page.screenshot(path=str(tmp_path / "bag.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_patch_model_draws_its_gradcam_through_the_overlay(
+    server: str, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """Grad-CAM for patch models on the page (issue 14): painted over the image, strongest
+    cell most opaque, with the patch heatmap one click away."""
+    tile = sorted((synthetic_dir / "tumor").iterdir())[3]
+    expected = httpx.post(
+        f"{server}/v1/predict", files={"files": (tile.name, tile.read_bytes())}
+    ).json()["predictions"][0]["explanation"]
+    values = expected["values"]
+    flat = [(v, r, c) for r, row in enumerate(values) for c, v in enumerate(row)]
+    (_, hot_r, hot_c), (_, cold_r, cold_c) = max(flat), min(flat)
+    cell = expected["cell_width"]
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server)
+            page.set_input_files("#file-input", str(tile))
+            page.wait_for_selector("article.result", timeout=20_000)
+            cam = "article.result canvas.gradcam"
+            assert page.get_attribute(cam, "data-kind") == "gradcam"
+            assert page.get_attribute(cam, "data-cells") == str(len(flat)) == "64"
+            assert page.is_visible("article.result .gradcam-toggle")
+            assert "Grad-CAM" in page.inner_text("article.result .legend")
+            visibility = "sel => getComputedStyle(document.querySelector(sel)).visibility"
+            assert page.evaluate(visibility, cam) == "visible"
+            assert page.evaluate(visibility, "article.result canvas.heatmap") == "hidden"
+            alpha = page.evaluate(
+                """([points]) => {
+                  const d = document.querySelector('article.result canvas.gradcam')
+                    .getContext('2d');
+                  return points.map(([x, y]) => d.getImageData(x, y, 1, 1).data[3]);
+                }""",
+                [[[(hot_c + 0.5) * cell, (hot_r + 0.5) * cell],
+                  [(cold_c + 0.5) * cell, (cold_r + 0.5) * cell]]],
+            )  # fmt: skip
+            assert alpha[0] > 150 and alpha[1] == 0, alpha  # 0.7 opaque at the strongest cell
+            page.screenshot(path=str(tmp_path / "gradcam.png"), full_page=True)
+            page.click("article.result .show-heatmap")
+            assert page.evaluate(visibility, "article.result canvas.heatmap") == "visible"
+            page.click("article.result .show-gradcam")
+            assert page.evaluate(visibility, cam) == "hidden"
         finally:
             browser.close()

@@ -86,6 +86,7 @@ def test_bag_model_returns_attention_per_patch(
         body = c.post("/v1/models/bags/predict", files={"files": (image.name, _png(image))}).json()
     (result,) = body["predictions"]
     assert result["patches"] is None and len(result["attention"]) == 4  # a 2 x 2 mosaic
+    assert result["explanation"] is None  # attention explains a bag model
     assert sum(a["weight"] for a in result["attention"]) == pytest.approx(1.0, abs=1e-4)
     boxes = {(a["x"], a["y"], a["width"], a["height"]) for a in result["attention"]}
     assert boxes == {(0, 0, 32, 32), (32, 0, 32, 32), (0, 32, 32, 32), (32, 32, 32, 32)}

@@ -95,6 +95,13 @@ def test_large_image_returns_the_patch_grid(client: TestClient, synthetic_dir: P
     grid = prediction["patches"]
     assert (grid["rows"], grid["cols"], grid["size"]) == (2, 2, 32)
     assert np.array(grid["probabilities"]).shape == (2, 2, 4)
+    # Grad-CAM of the answered class: one grid over the 64 x 64 image, in its pixels
+    cam = prediction["explanation"]
+    assert cam["method"] == "gradcam" and cam["class"] == prediction["class"]
+    assert (cam["rows"], cam["cols"]) == (16, 16)
+    assert cam["rows"] * cam["cell_height"] == 64 and cam["cols"] * cam["cell_width"] == 64
+    values = np.array(cam["values"])
+    assert values.shape == (16, 16) and values.min() == 0.0 and values.max() == 1.0
 
 
 @pytest.mark.parametrize(

@@ -84,20 +84,41 @@ function drawImage(canvas, source) {
   canvas.getContext("2d").drawImage(source, 0, 0);
 }
 
-function drawAttention(canvas, prediction, width, height) {
-  // A bag model: each patch is shaded by its share of the attention (the largest is opaque).
+function drawCells(canvas, cells, colour, kind, width, height, outline) {
+  // The overlay: boxes {x, y, width, height, weight} in image pixels, each shaded by its
+  // weight (the largest is most opaque). Attention and Grad-CAM both go through it.
   canvas.width = width;
   canvas.height = height;
   const ctx = canvas.getContext("2d");
-  const top = Math.max(...prediction.attention.map((a) => a.weight)) || 1;
-  for (const a of prediction.attention) {
-    ctx.fillStyle = `rgba(255, 200, 0, ${(0.7 * a.weight / top).toFixed(3)})`;
+  const top = cells.reduce((m, a) => Math.max(m, a.weight), 0) || 1;
+  for (const a of cells) {
+    ctx.fillStyle = `rgba(${colour}, ${(0.7 * a.weight / top).toFixed(3)})`;
     ctx.fillRect(a.x, a.y, a.width, a.height);
-    ctx.strokeStyle = "rgba(255,255,255,0.6)";
-    ctx.strokeRect(a.x, a.y, a.width, a.height);
+    if (outline) {
+      ctx.strokeStyle = "rgba(255,255,255,0.6)";
+      ctx.strokeRect(a.x, a.y, a.width, a.height);
+    }
   }
-  canvas.dataset.cells = String(prediction.attention.length);
-  canvas.dataset.kind = "attention";
+  canvas.dataset.cells = String(cells.length);
+  canvas.dataset.kind = kind;
+}
+
+function drawAttention(canvas, prediction, width, height) {
+  // A bag model: each patch is shaded by its share of the attention.
+  drawCells(canvas, prediction.attention, "255, 200, 0", "attention", width, height, true);
+}
+
+function drawGradcam(canvas, explanation, width, height) {
+  // A patch model: its Grad-CAM grid (cells in image pixels, whole pixels so no seams show).
+  const cells = [];
+  const ch = explanation.cell_height;
+  const cw = explanation.cell_width;
+  explanation.values.forEach((row, r) => row.forEach((weight, c) => {
+    const x = Math.floor(c * cw);
+    const y = Math.floor(r * ch);
+    cells.push({ x, y, width: Math.ceil((c + 1) * cw) - x, height: Math.ceil((r + 1) * ch) - y, weight });
+  }));
+  drawCells(canvas, cells, "230, 30, 30", "gradcam", width, height, false);
 }
 
 function drawHeatmap(canvas, prediction, width, height) {
@@ -150,6 +171,7 @@ function render(prediction, imageSource) {
   }
   const imageCanvas = node.querySelector("canvas.image");
   const heat = node.querySelector("canvas.heatmap");
+  const cam = node.querySelector("canvas.gradcam");
   if (imageSource) {
     drawImage(imageCanvas, imageSource);
   } else {
@@ -166,8 +188,23 @@ function render(prediction, imageSource) {
     node.querySelector(".legend").textContent =
       `heatmap: probability of ${prediction.class} in each ${prediction.patches.size} px patch`;
   }
+  if (prediction.explanation) {
+    // Grad-CAM shows first; the patch heatmap stays one click away
+    drawGradcam(cam, prediction.explanation, prediction.image_size.width, prediction.image_size.height);
+    node.querySelector(".gradcam-toggle").hidden = false;
+    node.querySelector(".show-heatmap").checked = false;
+    heat.style.visibility = "hidden";
+    node.querySelector(".legend").textContent =
+      `red: where the model saw ${prediction.class} (Grad-CAM, strongest most opaque); ` +
+      `patch heatmap: probability of ${prediction.class} in each ${prediction.patches.size} px patch`;
+  } else {
+    cam.style.visibility = "hidden";
+  }
   node.querySelector(".show-heatmap").addEventListener("change", (e) => {
     heat.style.visibility = e.target.checked ? "visible" : "hidden";
+  });
+  node.querySelector(".show-gradcam").addEventListener("change", (e) => {
+    cam.style.visibility = e.target.checked ? "visible" : "hidden";
   });
   results.prepend(node);
 }
