@@ -102,6 +102,16 @@ def serve(
     shutdown_timeout: int = typer.Option(
         10, "--shutdown-timeout", help="Seconds to finish requests after SIGTERM."
     ),
+    max_pixels: int = typer.Option(
+        60_000_000, "--max-pixels", help="Largest image accepted (width x height), else 413."
+    ),
+    max_concurrent_predictions: int = typer.Option(
+        2,
+        "--max-concurrent-predictions",
+        min=1,
+        help="Images decoded and classified at once per worker; others wait. Peak memory is "
+        "about 75 MB + this x 8 bytes x --max-pixels.",
+    ),
 ) -> None:
     """Serve exported models: prediction API, upload page, slide jobs, metrics (no torch)."""
     import os
@@ -132,6 +142,8 @@ def serve(
         ("HISTOLITE_JOBS_DIR", jobs_dir.resolve() if jobs_dir else None),
         ("HISTOLITE_DOCS", "1" if docs else None),
         ("HISTOLITE_OPEN_METADATA", "1" if open_metadata else None),
+        ("HISTOLITE_MAX_PIXELS", max_pixels),
+        ("HISTOLITE_MAX_CONCURRENT_PREDICTIONS", max_concurrent_predictions),
     ):
         if value:
             os.environ[name] = str(value)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
@@ -72,6 +74,9 @@ class ServeSettings:
     docs: bool = False  # Swagger UI at /docs loads its script from a CDN: off by default
     open_metadata: bool = False  # with an API key: leave /v1/models, /metrics, /docs open
     max_url_fetches: int = 8  # concurrent URL fetches; more are answered 429
+    # images decoded and classified at once; the others wait. Peak memory is about
+    # 75 MB + this x 8 bytes x max_pixels (benchmarks/decode_memory.py)
+    max_concurrent_predictions: int = 2
 
     @classmethod
     def from_env(cls) -> ServeSettings:
@@ -92,6 +97,7 @@ class ServeSettings:
             docs=env.get("HISTOLITE_DOCS", "0") == "1",
             open_metadata=env.get("HISTOLITE_OPEN_METADATA", "0") == "1",
             max_url_fetches=int(env.get("HISTOLITE_MAX_URL_FETCHES", 8)),
+            max_concurrent_predictions=int(env.get("HISTOLITE_MAX_CONCURRENT_PREDICTIONS", 2)),
             # tests and benchmarks on loopback only; never in a deployment
             allow_private_urls=env.get("HISTOLITE_ALLOW_PRIVATE_URLS", "0") == "1",
         )
@@ -132,6 +138,7 @@ class PredictionService:
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
+        self._slots: anyio.CapacityLimiter | None = None
         self.repository: Repository = load_repository(settings.model_dir, settings.threads)
         cards = json.dumps(self.repository.describe(), sort_keys=True, default=str)
         self.audit = (
@@ -179,6 +186,13 @@ class PredictionService:
             raise ClientError(
                 503, f"the audit log is unavailable ({self.audit.failure}); retry later"
             )
+
+    def _prediction_slots(self) -> anyio.CapacityLimiter:
+        """Bounds decoded images in memory: waiting requests hold no thread, only a place in
+        the limiter's queue. Made on first use, inside the event loop it belongs to."""
+        if self._slots is None:
+            self._slots = anyio.CapacityLimiter(self.settings.max_concurrent_predictions)
+        return self._slots
 
     def check_key(self, request: Request) -> None:
         if self.settings.api_key is None:
@@ -285,7 +299,9 @@ class PredictionService:
         try:
             items = await self.read_images(request)
             results = [
-                await run_in_threadpool(self.classify, entry, data, name, client)
+                await anyio.to_thread.run_sync(
+                    self.classify, entry, data, name, client, limiter=self._prediction_slots()
+                )
                 for data, name in items
             ]
         except ClientError as exc:

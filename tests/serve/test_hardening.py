@@ -535,6 +535,44 @@ def test_alpha_is_blended_exactly_and_in_little_memory() -> None:
     assert peak < 70e6, peak  # float blending needed about 900 MB here
 
 
+def test_decoded_images_in_memory_are_bounded_by_prediction_slots(
+    model_dir: Path, tmp_path: Path, synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each request decodes its image (about 8 bytes per pixel at the peak): without a bound,
+    40 worker threads could hold 40 near-limit images at once, far past the pod's memory."""
+    import histolite.serve.app as app_module
+
+    lock, active, most = threading.Lock(), [0], [0]
+    original = app_module.decode_rgb
+
+    def slow_decode(*args: object, **kwargs: object) -> np.ndarray:
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.2)
+        try:
+            return original(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(app_module, "decode_rgb", slow_decode)
+    files = {"files": ("a.png", _tile(synthetic_dir))}
+    with _client(model_dir, tmp_path, max_concurrent_predictions=2) as c:
+        codes: list[int] = []
+        posters = [
+            threading.Thread(
+                target=lambda: codes.append(c.post("/v1/predict", files=files).status_code)
+            )
+            for _ in range(6)
+        ]
+        for thread in posters:
+            thread.start()
+        for thread in posters:
+            thread.join()
+    assert codes == [200] * 6 and most[0] == 2, (codes, most)
+
+
 # Evidence: a bounded fuzz of the upload and URL paths.
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
