@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="an exported model folder")
     parser.add_argument("--megapixels", type=float, nargs="+", default=[16.0, 36.0, 60.0])
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
-    parser.add_argument("--max-batch", type=int, default=64, help="patches per ONNX call")
+    parser.add_argument("--max-batch", type=int, default=16, help="patches per ONNX call")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

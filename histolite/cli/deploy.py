@@ -102,15 +102,19 @@ def serve(
     shutdown_timeout: int = typer.Option(
         10, "--shutdown-timeout", help="Seconds to finish requests after SIGTERM."
     ),
-    max_pixels: int = typer.Option(
-        60_000_000, "--max-pixels", help="Largest image accepted (width x height), else 413."
+    max_pixels: int | None = typer.Option(
+        None,
+        "--max-pixels",
+        envvar="HISTOLITE_MAX_PIXELS",
+        help="Largest image accepted (width x height), else 413 [default: 60000000].",
     ),
-    max_concurrent_predictions: int = typer.Option(
-        2,
+    max_concurrent_predictions: int | None = typer.Option(
+        None,
         "--max-concurrent-predictions",
+        envvar="HISTOLITE_MAX_CONCURRENT_PREDICTIONS",
         min=1,
         help="Images decoded and classified at once per worker; others wait. Peak memory is "
-        "about 75 MB + this x 8 bytes x --max-pixels.",
+        "about 75 MB + this x 8 bytes x --max-pixels [default: 2].",
     ),
 ) -> None:
     """Serve exported models: prediction API, upload page, slide jobs, metrics (no torch)."""

@@ -37,6 +37,7 @@ from histolite.export.graph import (
 )
 from histolite.export.runtime import (
     CARD_FILE,
+    CARD_FORMAT_VERSION,
     MODEL_FILE,
     STAIN_FILE,
     CropStain,
@@ -338,6 +339,7 @@ def _model_card(
         "name": name,
         "version": version,
         "format": "onnx",
+        "format_version": CARD_FORMAT_VERSION,
         "precision": "int8" if int8 else "fp32",
         "opset": OPSET,
         "input": {
@@ -347,6 +349,12 @@ def _model_card(
             "range": [0.0, 1.0],
             "colour": "RGB",
             "resize": "bilinear",
+            "preprocessing": (
+                f"each patch through {STAIN_FILE} at its own size (uint8 / 255 in, rounded to "
+                "8 bits out), then a bilinear resize to input_size"
+                if run.stain is not None
+                else "each patch resized (bilinear) to input_size"
+            ),
         },
         **bag,
         "classes": list(run.spec.classes),

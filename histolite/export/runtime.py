@@ -30,6 +30,8 @@ from histolite.errors import HistoliteError
 MODEL_FILE = "model.onnx"
 STAIN_FILE = "stain.onnx"
 CARD_FILE = "model.json"
+# 2: Reinhard lives in stain.onnx, applied before the resize (1: inside model.onnx, or none)
+CARD_FORMAT_VERSION = 2
 
 # uint8 H x W x 3 crops in, the same crops stain normalised out
 CropStain = Callable[[list[np.ndarray]], list[np.ndarray]]
@@ -87,6 +89,12 @@ def load_card(model_dir: str | Path) -> dict[str, Any]:
     for key in ("classes", "input_size", "patch_size", "patch_stride"):
         if key not in card:
             raise HistoliteError(f"{path}: model card lacks {key!r}")
+    made_by = card.get("format_version", 1)
+    if not isinstance(made_by, int) or made_by > CARD_FORMAT_VERSION:
+        raise HistoliteError(
+            f"{path}: model card format {made_by!r} is newer than this histolite understands "
+            f"(up to {CARD_FORMAT_VERSION}); upgrade histolite to serve this export"
+        )
     return card
 
 

@@ -126,7 +126,7 @@ class AuditLog:
     def healthy(self) -> bool:
         """The file this log writes is still there, the same file, and writable."""
         if self._identity() != self._inode or not os.access(self.path, os.W_OK):
-            self.failure = f"{self.path} was deleted, replaced or made read-only"
+            self.failure = f"{self.path.name} was deleted, replaced or made read-only"
             return False
         return self.failure is None or self._recover()
 
@@ -151,7 +151,7 @@ class AuditLog:
     def write(self, entries: Iterable[Entry]) -> None:
         """Append entries in one transaction, chained; all or none."""
         if self._identity() != self._inode:
-            self.failure = f"{self.path} was deleted or replaced while serving"
+            self.failure = f"{self.path.name} was deleted or replaced while serving"
             raise AuditUnavailable(f"audit log unavailable: {self.failure}")
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
         with self._lock:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from histolite.errors import HistoliteError
@@ -48,8 +48,13 @@ class ModelEntry:
         return self.model.card
 
     def public_card(self) -> dict[str, Any]:
-        """The model card without paths of the machine it was exported on."""
-        return {k: v for k, v in self.card.items() if k not in ("source_run",)}
+        """The model card without paths of the machine it was exported on (the run folder;
+        the stain target file, kept by its name)."""
+        card = {k: v for k, v in self.card.items() if k != "source_run"}
+        stain = card.get("stain")
+        if isinstance(stain, dict) and isinstance(stain.get("source"), str):
+            card["stain"] = {**stain, "source": PurePath(stain["source"]).name}
+        return card
 
 
 @dataclass

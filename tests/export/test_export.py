@@ -260,3 +260,55 @@ def test_models_without_a_pooling_head_export_and_serve_without_gradcam(
     assert not served.has_cam
     prediction = served.predict(np.full((40, 70, 3), 120, np.uint8))
     assert prediction.explanation is None and prediction.patch_probabilities.shape == (1, 2, 4)
+
+
+def test_an_older_export_with_stain_inside_model_onnx_still_serves(
+    reinhard_run: Path, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """Folders exported before stain.onnx (Reinhard traced into model.onnx after the resize,
+    card format 1, no cam output) keep serving exactly as they did."""
+    import torch
+
+    from histolite.export.runtime import crops_to_batch, file_sha256
+    from histolite.models.loading import require_classifier
+
+    out = tmp_path / "model"
+    export_run(reinhard_run, out, progress=False, parity_samples=8)
+    run = load_run(reinhard_run, device="cpu")
+    model, stain = require_classifier(run, "test"), run.stain
+    assert stain is not None
+
+    class OldGraph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.model(stain.torch_normalize(images)), dim=1)
+
+    with torch.no_grad():
+        torch.onnx.export(
+            OldGraph().eval(), (torch.rand(1, 3, 24, 24),), str(out / "model.onnx"),
+            dynamo=False, opset_version=17, input_names=["image"],
+            output_names=["probabilities"], dynamic_axes={"image": {0: "batch"}},
+        )  # fmt: skip
+    (out / "stain.onnx").unlink()
+    card = json.loads((out / "model.json").read_text())
+    for key in ("stain_graph", "format_version"):
+        card.pop(key, None)
+    card["sha256"] = file_sha256(out / "model.onnx")
+    (out / "model.json").write_text(json.dumps(card))
+
+    served = OnnxClassifier(out)
+    assert served.stain is None
+    tile = load_rgb(sorted((synthetic_dir / "stroma").iterdir())[0])
+    resized = torch.from_numpy(crops_to_batch([tile], 24))
+    with torch.no_grad():
+        expected = OldGraph()(resized)[0].numpy()
+    prediction = served.predict(tile)
+    np.testing.assert_allclose(prediction.probabilities, expected, atol=1e-4)
+
+    card["format_version"] = 3  # written by a newer histolite
+    (out / "model.json").write_text(json.dumps(card))
+    with pytest.raises(HistoliteError, match="newer than this histolite"):
+        OnnxClassifier(out)

@@ -199,3 +199,20 @@ def test_attention_boxes_stay_inside_an_image_smaller_than_a_patch(
     (result,) = body.json()["predictions"]
     (box,) = result["attention"]
     assert (box["x"], box["y"], box["width"], box["height"]) == (0, 0, 24, 20)
+
+
+def test_served_cards_carry_no_paths_of_the_exporting_machine(tmp_path: Path) -> None:
+    """Found in review: the stain target's absolute path (card["stain"]["source"]) was served."""
+    from types import SimpleNamespace
+
+    from histolite.serve.repository import ModelEntry
+
+    card = {
+        "source_run": "/home/lab/runs/kather",
+        "stain": {"method": "reinhard", "source": "/home/lab/configs/stain/target.json"},
+    }
+    entry = ModelEntry("m", "1", tmp_path, SimpleNamespace(card=card))  # type: ignore[arg-type]
+    public = entry.public_card()
+    assert "source_run" not in public and "/home/lab" not in json.dumps(public)
+    assert public["stain"]["source"] == "target.json"
+    assert card["stain"]["source"].startswith("/home/lab")  # the card itself is untouched
