@@ -4,8 +4,7 @@ Two graphs per exported model when it normalises stain, because training normali
 at its own resolution *before* resizing it to the model's input (``data.transforms.preprocess``):
 
 - ``StainGraph`` (``stain.onnx``): Reinhard on a batch of same-size patches of any height and
-  width, float RGB in [0, 1] -> float RGB in [0, 1]; the runtime rounds it to 8 bits, as the
-  training path does, then resizes;
+  width, uint8 RGB in and out, as the training path's normaliser; the runtime then resizes;
 - ``ServingGraph`` / ``MilServingGraph`` (``model.onnx``): model + softmax on resized input;
   ``CamServingGraph`` adds Grad-CAM maps for networks that end in global average pooling and
   one linear layer (``gradcam_head``), so the service can explain without torch or gradients.

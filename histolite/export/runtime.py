@@ -2,7 +2,7 @@
 
 An exported model folder holds ``model.onnx`` and ``model.json`` (the model card), plus
 ``stain.onnx`` when the model normalises stain. Each patch goes through the training order:
-crop -> stain (``stain.onnx``, at the patch's own resolution, rounded to 8 bits) -> bilinear
+crop -> stain (``stain.onnx``, uint8, at the patch's own resolution) -> bilinear
 resize to the model's input -> ``model.onnx`` (float32 RGB in [0, 1], (N, 3, S, S)) -> class
 probabilities. Images larger than one patch are cut into the card's grid and the patch
 probabilities are averaged, which also gives a per-patch heatmap. Graphs with a ``cam`` output
@@ -249,13 +249,25 @@ def _check_sha256(path: Path, expected: str | None) -> None:
 
 
 class StainStep:
-    """``stain.onnx`` applied to uint8 crops: same-size crops in one call, output rounded to
-    8 bits as the training path's uint8 normaliser does."""
+    """``stain.onnx`` applied to uint8 crops, same-size crops in one call.
+
+    The graph takes and returns uint8 (N, 3, H, W), as the training path's normaliser does
+    (input through a 256-entry sRGB table, output rounded). Graphs exported earlier on the
+    day this arrived took float in [0, 1]; they are fed and rounded here instead.
+    """
 
     def __init__(self, session: Any, max_batch: int) -> None:
         self.session = session
         self.input_name = session.get_inputs()[0].name
+        self.takes_uint8 = session.get_inputs()[0].type == "tensor(uint8)"
         self.max_batch = max_batch
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N, 3, H, W) -> normalised uint8 (N, 3, H, W)."""
+        if self.takes_uint8:
+            return np.asarray(self.session.run(None, {self.input_name: batch})[0])
+        (normalised,) = self.session.run(None, {self.input_name: batch.astype(np.float32) / 255})
+        return np.rint(np.clip(normalised, 0.0, 1.0) * 255.0).astype(np.uint8)
 
     def __call__(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -266,10 +278,7 @@ class StainStep:
             for start in range(0, len(indices), self.max_batch):
                 chunk = indices[start : start + self.max_batch]
                 batch = np.stack([crops[i] for i in chunk]).transpose(0, 3, 1, 2)
-                (normalised,) = self.session.run(
-                    None, {self.input_name: batch.astype(np.float32) / 255.0}
-                )
-                pixels = np.rint(np.clip(normalised, 0.0, 1.0) * 255.0).astype(np.uint8)
+                pixels = self.run(np.ascontiguousarray(batch))
                 for i, image in zip(chunk, pixels.transpose(0, 2, 3, 1), strict=True):
                     result[i] = image
         return result
@@ -438,11 +447,12 @@ def onnx_images_per_second(
     rng = np.random.default_rng(0)
     size = model.input_size
     x = rng.random((batch_size, 3, size, size), dtype=np.float32)
-    patches = rng.random((batch_size, 3, model.patch_size, model.patch_size), dtype=np.float32)
+    side = model.patch_size
+    patches = rng.integers(0, 256, (batch_size, 3, side, side), dtype=np.uint8)
 
     def step() -> None:
         if model.stain is not None:
-            model.stain.session.run(None, {model.stain.input_name: patches})
+            model.stain.run(patches)
         model.session.run(None, {model.input_name: x})
 
     step()

@@ -48,30 +48,39 @@ def mix(matrix: Tensor, flat: Tensor) -> Tensor:
     return torch.matmul(matrix.to(flat), flat)
 
 
+# The three piecewise curves below are continuous at their knees, so each is written as
+# curve(max(x, knee)) + line(min(x, knee)) - line(knee) instead of torch.where: the same values,
+# but elementwise max/min are vectorised in ONNX Runtime, where `Where` took a third of the
+# stain graph's time.
+
+
 def linearize(rgb: Tensor) -> Tensor:
     """sRGB -> linear RGB; uint8 input goes through a 256-entry table (exact and fast)."""
     if rgb.dtype == torch.uint8:
         lut = SRGB_TO_LINEAR_LUT.to(device=rgb.device, dtype=torch.float32)
         return lut.take(rgb.long())
-    high = rgb.add(0.055).div_(1.055).clamp_min_(0.0).pow_(2.4)
-    return torch.where(rgb > 0.04045, high, rgb / 12.92)
+    knee = 0.04045
+    high = rgb.clamp_min(knee).add_(0.055).div_(1.055).pow_(2.4)
+    return high.add_(rgb.clamp_max(knee).sub_(knee).div_(12.92))
 
 
 def delinearize(linear: Tensor) -> Tensor:
     """Linear RGB -> sRGB clipped to [0, 1]."""
-    high = linear.clamp_min(0.0031308).pow_(1.0 / 2.4).mul_(1.055).sub_(0.055)
-    return torch.where(linear > 0.0031308, high, linear * 12.92).clamp_(0.0, 1.0)
+    knee = 0.0031308
+    high = linear.clamp_min(knee).pow_(1.0 / 2.4).mul_(1.055).sub_(0.055)
+    return high.add_(linear.clamp_max(knee).sub_(knee).mul_(12.92)).clamp_(0.0, 1.0)
 
 
 def lab_f(xyz_normalised: Tensor) -> Tensor:
     """CIELAB's companding function f(t), elementwise."""
     cube_root = xyz_normalised.clamp_min(_EPSILON).pow_(1.0 / 3.0)
-    return torch.where(xyz_normalised > _EPSILON, cube_root, xyz_normalised * _SLOPE + _OFFSET)
+    return cube_root.add_(xyz_normalised.clamp_max(_EPSILON).sub_(_EPSILON).mul_(_SLOPE))
 
 
 def lab_f_inverse(f: Tensor) -> Tensor:
-    cube = f.pow(3)
-    return torch.where(f > _F_EPSILON, cube, (f - _OFFSET).div_(_SLOPE))
+    above = f.clamp_min(_F_EPSILON)
+    cube = above * above * above
+    return cube.add_(f.clamp_max(_F_EPSILON).sub_(_F_EPSILON).div_(_SLOPE))
 
 
 def rgb_to_f(rgb: Tensor) -> Tensor:

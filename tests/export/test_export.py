@@ -194,6 +194,23 @@ def test_stain_graph_takes_any_patch_size_and_a_swapped_one_is_refused(
         reference = normaliser(torch.from_numpy(crop).permute(2, 0, 1)).permute(1, 2, 0).numpy()
         assert onnx.shape == shape
         assert np.abs(onnx.astype(int) - reference.astype(int)).max() <= 1
+    assert served.stain.takes_uint8
+    # a float-in/float-out stain graph (the first stain.onnx format) is fed and rounded
+    from histolite.export.graph import StainGraph
+    from histolite.export.runtime import StainStep
+
+    with torch.no_grad():
+        torch.onnx.export(
+            StainGraph(normaliser), (torch.rand(1, 3, 8, 8),), str(tmp_path / "float.onnx"),
+            dynamo=False, opset_version=17, input_names=["patches"],
+            dynamic_axes={"patches": {0: "n", 2: "h", 3: "w"}},
+        )  # fmt: skip
+    import onnxruntime as ort
+
+    float_step = StainStep(ort.InferenceSession(str(tmp_path / "float.onnx")), 16)
+    crops = [rng.integers(0, 256, (33, 47, 3), dtype=np.uint8) for _ in range(3)]
+    for mine, theirs in zip(float_step(crops), served.stain(crops), strict=True):
+        assert mine.dtype == np.uint8 and np.abs(mine.astype(int) - theirs.astype(int)).max() <= 1
     (out / "stain.onnx").write_bytes((out / "model.onnx").read_bytes())
     with pytest.raises(HistoliteError, match="SHA-256 differs"):
         OnnxClassifier(out)
