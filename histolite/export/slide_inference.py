@@ -48,6 +48,7 @@ from histolite.slide.tissue import tissue_mask
 
 THUMBNAIL_SIDE = 2048
 PROBABILITY_DECIMALS = 6  # as tiles.csv writes them: merged shards read back the same values
+MODEL_KEYS = ("model", "model_version", "model_sha256", "stain_sha256")  # see model_identity
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,18 @@ def model_geometry(model: OnnxClassifier, tile_um: float | None) -> tuple[float,
     elif train_mpp:
         read_px = max(1, round(tile_um / float(train_mpp)))
     return tile_um, read_px
+
+
+def model_identity(model: OnnxClassifier) -> dict[str, Any]:
+    """Name, version and graph hashes of a model, as summaries and shard markers record them.
+
+    Name and version alone are not enough: re-exporting a retrained run to the same folder keeps
+    both, and only the graphs' hashes tell its tiles from the old model's.
+    """
+    card = model.card
+    stain_sha256 = (card.get("stain_graph") or {}).get("sha256")
+    values = (card.get("name"), card.get("version"), card.get("sha256"), stain_sha256)
+    return dict(zip(MODEL_KEYS, values, strict=True))
 
 
 def _output_dir(out: Path, slide: Path, shard: tuple[int, int]) -> Path:
@@ -209,8 +222,7 @@ def _summary(
         "height": info.height,
         "mpp": info.mpp,
         "mpp_source": info.mpp_source,
-        "model": model.card.get("name"),
-        "model_version": model.card.get("version"),
+        **model_identity(model),
         "device": model.device,  # cpu or cuda: timings mean little without it
         "classes": classes,
         "tile_um": tile_um,
@@ -284,9 +296,9 @@ def merge_shards(
         missing = sorted(set(range(count)) - set(have))
         raise DataError(f"{slide_dir}: shards {missing} of {count} are missing; run them first")
     first = summaries[0]
-    keys = ("slide", "model", "model_version", "tile_um", "overlap", "min_tissue", "mpp", "classes")
+    keys = ("slide", *MODEL_KEYS, "tile_um", "overlap", "min_tissue", "mpp", "classes")
     for summary in summaries[1:]:
-        differing = [k for k in keys if summary[k] != first[k]]
+        differing = [k for k in keys if summary.get(k) != first.get(k)]
         if differing:
             raise DataError(f"{slide_dir}: shards disagree on {differing}")
     classes = first["classes"]
@@ -385,7 +397,7 @@ def _completed_shard(
     target = _output_dir(out, path, settings.shard)
     try:
         summary: dict[str, Any] = read_json(target / "summary.json")
-        tile_um, _ = model_geometry(model, settings.tile_um)
+        tile_um, read_px = model_geometry(model, settings.tile_um)
     except HistoliteError:
         return None
     given_mpp = summary.get("mpp_source") == "given (--mpp)"
@@ -393,10 +405,11 @@ def _completed_shard(
         "total" in summary.get("timings_s", {})
         and (target / "tiles.csv").is_file()
         and summary.get("slide") == str(path)
-        and summary.get("model") == model.card.get("name")
-        and summary.get("model_version") == model.card.get("version")
+        # the graphs' hashes too: a retrained model re-exported under the same name and version
+        and all(summary.get(k) == v for k, v in model_identity(model).items())
         and summary.get("classes") == list(model.classes)
         and summary.get("tile_um") == tile_um
+        and summary.get("tile_px_model") == read_px
         and summary.get("overlap") == settings.overlap
         and summary.get("min_tissue") == settings.min_tissue
         and summary.get("shard") == {"index": settings.shard[0], "count": settings.shard[1]}

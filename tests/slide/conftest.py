@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 from support import mosaic_slide, write_config
 
 from histolite.export.onnx import export_run
-from histolite.export.runtime import OnnxClassifier
+from histolite.export.runtime import OnnxClassifier, file_sha256
 from histolite.train import resolve_config, train_run
 
 COLUMNS, ROWS = 6, 4
@@ -25,6 +26,24 @@ def model(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Onnx
     run = train_run(cfg, root / "run", progress=False)
     export_run(run, root / "model", progress=False, parity_samples=16)
     return OnnxClassifier(root / "model")
+
+
+@pytest.fixture(scope="session")
+def retrained(tmp_path_factory: pytest.TempPathFactory, model: OnnxClassifier) -> OnnxClassifier:
+    """``model`` re-exported after retraining: same name and version, another graph."""
+    import json
+
+    import onnx
+
+    folder = tmp_path_factory.mktemp("retrained") / "model"
+    shutil.copytree(model.model_dir, folder)
+    graph = onnx.load(folder / "model.onnx")
+    graph.doc_string = "retrained"  # a different file, as new weights would give
+    onnx.save(graph, folder / "model.onnx")
+    card = json.loads((folder / "model.json").read_text())
+    card["sha256"] = file_sha256(folder / "model.onnx")
+    (folder / "model.json").write_text(json.dumps(card))
+    return OnnxClassifier(folder)
 
 
 @pytest.fixture(scope="session")

@@ -297,3 +297,22 @@ def test_a_bag_model_is_refused_at_once(
     code, _, err = run_cli(args)
     assert code == 2 and "slide features" in err and "slide predict" in err
     assert not out.exists()  # refused before any slide was opened
+
+
+def test_a_resumed_shard_redoes_slides_of_a_retrained_model(
+    mosaic: tuple[Path, list], model: OnnxClassifier, retrained: OnnxClassifier, tmp_path: Path
+) -> None:
+    """Regression: resume matched the model by name and version only, so re-exporting a
+    retrained run to the same folder reused the old model's tiles."""
+    assert retrained.card["name"] == model.card["name"]
+    assert retrained.card["version"] == model.card["version"]
+    out, shard = tmp_path / "out", SlideSettings(shard=(0, 2))
+    classify_slides([mosaic[0]], model, out, shard, progress=False)
+    summary = json.loads((out / "mosaic" / "shards" / "0-of-2" / "summary.json").read_text())
+    assert summary["model_sha256"] == model.card["sha256"] and summary["stain_sha256"] is None
+    again = classify_slides([mosaic[0]], model, out, shard, progress=False)
+    assert [d["resumed"] for d in again["classified"]] == [True]  # same model: reused
+    redone = classify_slides([mosaic[0]], retrained, out, shard, progress=False)
+    assert [d["resumed"] for d in redone["classified"]] == [False]
+    summary = json.loads((out / "mosaic" / "shards" / "0-of-2" / "summary.json").read_text())
+    assert summary["model_sha256"] == retrained.card["sha256"] != model.card["sha256"]
