@@ -92,7 +92,8 @@ def test_the_job_commands_shard_and_merge_a_slide_volume(
         " ".join(early.stderr.split())
     )
     assert not (results / "case1" / "tiles.csv").exists()
-    _run(shard_job, slides, models, results, count - 1)
+    last = _run(shard_job, slides, models, results, count - 1)
+    assert last.returncode == 1 and "broken.svs" in last.stderr
     # a retried pod redoes only the slide that failed
     first = (results / "case1" / "shards" / f"0-of-{count}" / "summary.json").stat().st_mtime_ns
     assert _run(shard_job, slides, models, results, 0).returncode == 1
