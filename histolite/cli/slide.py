@@ -90,7 +90,11 @@ def slide_merge(
         help="N: merge every slide of OUT once all N shards have written OUT/.shards/I-of-N.done.",
     ),
     wait: float = typer.Option(
-        0.0, "--wait", min=0.0, help="With --shards: seconds to wait for the shards to finish."
+        0.0,
+        "--wait",
+        min=0.0,
+        help="With --shards: seconds to wait for every shard to finish without failures "
+        "(retried shards rewrite their markers); then merge what succeeded.",
     ),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:

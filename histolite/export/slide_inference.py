@@ -432,35 +432,38 @@ def merge_batch(
 ) -> dict[str, Any]:
     """Merge every slide of a batch run as N shards into ``OUT``, once all N have finished.
 
-    Waits up to ``wait_s`` seconds for the N shard markers (a clear error names the missing
-    ones), then merges each slide that every shard classified. A slide that failed in some
-    shard is reported, not merged; ``OUT/batch_summary.json`` lists both, as an unsharded
-    run's does.
+    Waits up to ``wait_s`` seconds until the N shard markers exist and list no failed slide.
+    A marker listing failures is not final: its pod exits 1 and is retried, and a clean retry
+    overwrites it. After the wait, missing markers are an error naming them; slides that failed
+    in some shard are reported, not merged, and the rest are merged.
+    ``OUT/batch_summary.json`` lists both, as an unsharded run's does.
     """
     deadline = time.monotonic() + wait_s
     while True:
-        missing = [i for i in range(count) if not shard_marker_path(out, count, i).is_file()]
-        if not missing or time.monotonic() >= deadline:
+        paths = {i: shard_marker_path(out, count, i) for i in range(count)}
+        markers = {i: read_json(p) for i, p in paths.items() if p.is_file()}  # written atomically
+        missing = [i for i in range(count) if i not in markers]
+        failing = [i for i, marker in markers.items() if marker["failed"]]
+        if not (missing or failing) or time.monotonic() >= deadline:
             break
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
     if missing:
         raise DataError(
             f"{out}: shards {missing} of {count} have not finished (no "
-            f"{', '.join(str(shard_marker_path(out, count, i)) for i in missing)} after waiting "
+            f"{', '.join(str(paths[i]) for i in missing)} after waiting "
             f"{wait_s:g} s); wait for the shard pods, or rerun those shards"
         )
-    markers = [read_json(shard_marker_path(out, count, i)) for i in range(count)]
     slides: dict[str, list[str]] = {}  # slide -> errors of the shards where it failed
-    for marker in markers:
+    for i, marker in markers.items():
         for entry in marker["classified"]:
             slides.setdefault(entry["slide"], [])
         for entry in marker["failed"]:
-            slides.setdefault(entry["slide"], []).append(entry["error"])
+            slides.setdefault(entry["slide"], []).append(f"shard {i}: {entry['error']}")
     done: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     for slide, errors in slides.items():
         classified_in = sum(
-            any(e["slide"] == slide for e in marker["classified"]) for marker in markers
+            any(e["slide"] == slide for e in marker["classified"]) for marker in markers.values()
         )
         if errors or classified_in != count:
             reason = errors[0] if errors else "not in every shard's batch (slides changed?)"

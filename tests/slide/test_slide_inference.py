@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -316,3 +317,41 @@ def test_a_resumed_shard_redoes_slides_of_a_retrained_model(
     assert [d["resumed"] for d in redone["classified"]] == [False]
     summary = json.loads((out / "mosaic" / "shards" / "0-of-2" / "summary.json").read_text())
     assert summary["model_sha256"] == retrained.card["sha256"] != model.card["sha256"]
+
+
+def test_batch_merge_waits_for_a_failed_shard_to_be_retried(
+    mosaic: tuple[Path, list], model: OnnxClassifier, tmp_path: Path
+) -> None:
+    """Regression: a marker listing a failed slide was taken as final, so the merge gave up on
+    the slide at once while Kubernetes was still retrying its shard."""
+    slides = [tmp_path / "a.tif", tmp_path / "b.tif"]
+    for slide in slides:
+        shutil.copy(mosaic[0], slide)
+    out = tmp_path / "out"
+    classify_slides(slides, model, out, SlideSettings(shard=(0, 2)), progress=False)
+    slides[1].write_text("not yet copied")  # a transient failure in shard 1
+    failed = classify_slides(slides, model, out, SlideSettings(shard=(1, 2)), progress=False)
+    assert [Path(f["slide"]).name for f in failed["failed"]] == ["b.tif"]
+    # the wait runs out with the failure still listed: the good slide is merged, b is named
+    started = time.monotonic()
+    batch = merge_batch(out, 2, wait_s=0.3, poll_s=0.05, progress=False)
+    assert time.monotonic() - started >= 0.3
+    assert [Path(d["slide"]).name for d in batch["classified"]] == ["a.tif"]
+    ((slide, error),) = [(f["slide"], f["error"]) for f in batch["failed"]]
+    assert Path(slide).name == "b.tif" and error.startswith("not merged: shard 1: ")
+
+    def retry() -> None:  # the retried pod: b.tif readable now
+        shutil.copy(mosaic[0], slides[1])
+        classify_slides(slides, model, out, SlideSettings(shard=(1, 2)), progress=False)
+
+    late = threading.Timer(0.3, retry)
+    late.start()
+    try:
+        batch = merge_batch(out, 2, wait_s=60, poll_s=0.05, progress=False)
+    finally:
+        late.join()
+    assert [Path(d["slide"]).name for d in batch["classified"]] == ["a.tif", "b.tif"]
+    assert batch["failed"] == []
+    marker = json.loads((out / ".shards" / "1-of-2.done").read_text())
+    assert marker["failed"] == []  # the clean retry overwrote the marker
+    assert [d["resumed"] for d in marker["classified"]] == [True, False]

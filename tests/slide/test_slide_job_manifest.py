@@ -91,6 +91,12 @@ def test_the_job_commands_shard_and_merge_a_slide_volume(
     assert early.returncode != 0 and f"shards [{count - 1}] of {count} have not finished" in (
         " ".join(early.stderr.split())
     )
+    # the merge's answers after its --wait end the Job: a retry would wait as long again
+    merge_spec = jobs["histolite-slide-merge"]["spec"]
+    assert merge_spec["template"]["spec"]["restartPolicy"] == "Never"
+    (rule,) = merge_spec["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["operator"] == "In"
+    assert early.returncode in rule["onExitCodes"]["values"]
     assert not (results / "case1" / "tiles.csv").exists()
     last = _run(shard_job, slides, models, results, count - 1)
     assert last.returncode == 1 and "broken.svs" in last.stderr
@@ -105,6 +111,7 @@ def test_the_job_commands_shard_and_merge_a_slide_volume(
     ).stat().st_mtime_ns == first
     merge = _run(merge_job, slides, models, results, None)
     assert merge.returncode == 1 and "FAILED" in merge.stderr and "broken.svs" in merge.stderr
+    assert merge.returncode in rule["onExitCodes"]["values"]
     batch = json.loads((results / "batch_summary.json").read_text())
     assert sorted(Path(d["slide"]).name for d in batch["classified"]) == ["case1.tif", "case2.tiff"]
     reference = tmp_path / "reference"
