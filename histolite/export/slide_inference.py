@@ -380,7 +380,9 @@ def classify_slides(
     write_json(batch_summary_path(out, settings.shard), batch)
     if settings.shard[1] > 1:
         index, count = settings.shard
-        write_json(shard_marker_path(out, count, index), {"shard": [index, count], **batch})
+        # the model too: merge refuses a set of markers from two models (a stale one)
+        marker = {"shard": [index, count], **model_identity(model), **batch}
+        write_json(shard_marker_path(out, count, index), marker)
     return batch
 
 
@@ -432,10 +434,11 @@ def merge_batch(
 ) -> dict[str, Any]:
     """Merge every slide of a batch run as N shards into ``OUT``, once all N have finished.
 
-    Waits up to ``wait_s`` seconds until the N shard markers exist and list no failed slide.
-    A marker listing failures is not final: its pod exits 1 and is retried, and a clean retry
-    overwrites it. After the wait, missing markers are an error naming them; slides that failed
-    in some shard are reported, not merged, and the rest are merged.
+    Waits up to ``wait_s`` seconds until the N shard markers exist, list no failed slide and
+    name one model. A marker listing failures is not final: its pod exits 1 and is retried, and
+    a clean retry overwrites it. Nor is one naming another model: an earlier run's, until its
+    shard rewrites it. After the wait, missing markers or several models are an error naming
+    them; slides that failed in some shard are reported, not merged, and the rest are merged.
     ``OUT/batch_summary.json`` lists both, as an unsharded run's does.
     """
     deadline = time.monotonic() + wait_s
@@ -444,7 +447,10 @@ def merge_batch(
         markers = {i: read_json(p) for i, p in paths.items() if p.is_file()}  # written atomically
         missing = [i for i in range(count) if i not in markers]
         failing = [i for i, marker in markers.items() if marker["failed"]]
-        if not (missing or failing) or time.monotonic() >= deadline:
+        by_model: dict[tuple[Any, ...], list[int]] = {}
+        for i, marker in markers.items():
+            by_model.setdefault(tuple(marker.get(k) for k in MODEL_KEYS), []).append(i)
+        if not (missing or failing or len(by_model) > 1) or time.monotonic() >= deadline:
             break
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
     if missing:
@@ -452,6 +458,16 @@ def merge_batch(
             f"{out}: shards {missing} of {count} have not finished (no "
             f"{', '.join(str(paths[i]) for i in missing)} after waiting "
             f"{wait_s:g} s); wait for the shard pods, or rerun those shards"
+        )
+    if len(by_model) > 1:
+        # merging would mix two models' tiles; only a person knows which run is the stale one
+        groups = "; ".join(
+            f"{', '.join(paths[i].name for i in shards)} by {_describe_model(model)}"
+            for model, shards in by_model.items()
+        )
+        raise DataError(
+            f"{out}: shard markers of different models after waiting {wait_s:g} s ({groups}); "
+            f"markers left by an earlier run? delete {out / '.shards'} and rerun the shards"
         )
     slides: dict[str, list[str]] = {}  # slide -> errors of the shards where it failed
     for i, marker in markers.items():
@@ -478,6 +494,13 @@ def merge_batch(
     batch = {"classified": done, "failed": failed}
     write_json(batch_summary_path(out, (0, 1)), batch)
     return batch
+
+
+def _describe_model(model: tuple[Any, ...]) -> str:
+    name, version, sha256, _ = model
+    if not any(model):
+        return "no recorded model (an older histolite)"
+    return f"{name} {version} (model.onnx sha256 {str(sha256)[:12] if sha256 else 'unknown'})"
 
 
 def batch_summary_path(out: Path, shard: tuple[int, int]) -> Path:

@@ -355,3 +355,37 @@ def test_batch_merge_waits_for_a_failed_shard_to_be_retried(
     marker = json.loads((out / ".shards" / "1-of-2.done").read_text())
     assert marker["failed"] == []  # the clean retry overwrote the marker
     assert [d["resumed"] for d in marker["classified"]] == [True, False]
+
+
+def test_batch_merge_refuses_markers_of_another_model(
+    mosaic: tuple[Path, list], model: OnnxClassifier, retrained: OnnxClassifier, tmp_path: Path
+) -> None:
+    """Regression: an earlier run's marker on the same volume was merged with this run's."""
+    out, slides = tmp_path / "out", [mosaic[0]]
+    for index in range(2):
+        classify_slides(slides, model, out, SlideSettings(shard=(index, 2)), progress=False)
+    # the next run, with a retrained model: shard 0 is done, shard 1's marker is the old run's
+    classify_slides(slides, retrained, out, SlideSettings(shard=(0, 2)), progress=False)
+    marker = json.loads((out / ".shards" / "0-of-2.done").read_text())
+    assert marker["model_sha256"] == retrained.card["sha256"]
+    with pytest.raises(HistoliteError, match="different models") as refused:
+        merge_batch(out, 2, wait_s=0.2, poll_s=0.05, progress=False)
+    message = str(refused.value)
+    assert f"0-of-2.done by {model.card['name']}" in message and "1-of-2.done" in message
+    assert retrained.card["sha256"][:12] in message and model.card["sha256"][:12] in message
+    assert not (out / "mosaic" / "tiles.csv").exists()
+    # within the wait, shard 1 rewrites its marker: the merge goes on, with one model
+    late = threading.Timer(
+        0.3,
+        classify_slides,
+        (slides, retrained, out, SlideSettings(shard=(1, 2))),
+        {"progress": False},
+    )
+    late.start()
+    try:
+        batch = merge_batch(out, 2, wait_s=60, poll_s=0.05, progress=False)
+    finally:
+        late.join()
+    assert batch["failed"] == [] and len(batch["classified"]) == 1
+    merged = json.loads((out / "mosaic" / "summary.json").read_text())
+    assert merged["model_sha256"] == retrained.card["sha256"]
