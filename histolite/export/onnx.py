@@ -60,6 +60,7 @@ OPSET = 17
 # (patches out of order, a broken gate or softmax) moves weights by about their own size (1/N for
 # a bag of N), which is far above it. At 0.01 the page's heatmap shades are indistinguishable.
 MAX_ATTENTION_DIFF = 0.01
+GRADCAM_CHECKS = 16  # parity images whose served Grad-CAM is compared with explain.py's
 INTENDED_USE = (
     "Research use: classifying H&E tissue tiles of the classes listed, from the same kind of "
     "scanner, magnification and staining as the training data. Not a medical device; not for "
@@ -405,6 +406,34 @@ def _parity(
     return agree / len(samples), max_diff, attention_diff if run.is_mil else None
 
 
+def _gradcam_agreement(
+    run: LoadedRun, exported: OnnxClassifier, samples: list[Sample]
+) -> float | None:
+    """The lowest correlation, over ``samples``, between the served Grad-CAM grid and
+    ``explain.py``'s gradient Grad-CAM of the same class (sampled at the grid's cell centres):
+    recorded so an INT8 graph's explanation is checked, not assumed. None without ``cam``."""
+    from histolite.evaluate.explain import gradcam_explanation
+
+    lowest: float | None = None
+    for sample in samples:
+        pixels = load_rgb(sample.path)
+        served = exported.predict(pixels)
+        grid = served.explanation
+        if grid is None:
+            return None
+        reference = gradcam_explanation(run, pixels, target=served.top_class()).heatmap
+        rows, cols = grid.values.shape
+        height, width = reference.shape
+        ys = np.minimum(((np.arange(rows) + 0.5) * grid.cell_height).astype(int), height - 1)
+        xs = np.minimum(((np.arange(cols) + 0.5) * grid.cell_width).astype(int), width - 1)
+        sampled = reference[np.ix_(ys, xs)].ravel()
+        if sampled.std() == 0 or grid.values.std() == 0:
+            continue  # a flat map has no shape to agree on
+        r = float(np.corrcoef(sampled, grid.values.ravel())[0, 1])
+        lowest = r if lowest is None else min(lowest, r)
+    return lowest
+
+
 def _calibration_batch(
     run: LoadedRun, pixels: np.ndarray, geometry: tuple[int, int, str], stain: CropStain | None
 ) -> np.ndarray:
@@ -490,9 +519,8 @@ def export_run(
                 "order": "each patch at its own resolution (uint8 in and out), then resized",
             }
         checks = _spread(_split_samples(run, ("test", "val", "train")), parity_samples)
-        agreement, max_diff, attention_diff = _parity(
-            run, OnnxClassifier(staging, card=card), checks, progress
-        )
+        exported = OnnxClassifier(staging, card=card)
+        agreement, max_diff, attention_diff = _parity(run, exported, checks, progress)
         if agreement < min_agreement:
             raise ExportError(
                 f"parity check failed: the ONNX model agrees with the PyTorch model on "
@@ -512,6 +540,9 @@ def export_run(
             "top1_agreement": agreement,
             "max_abs_probability_diff": max_diff,
             "max_abs_attention_diff": attention_diff,
+            "gradcam_min_correlation": None
+            if run.is_mil
+            else _gradcam_agreement(run, exported, checks[:GRADCAM_CHECKS]),
             "allowed_attention_diff": MAX_ATTENTION_DIFF if attention_diff is not None else None,
             "required_agreement": min_agreement,
             "reference": "PyTorch checkpoint through histolite's evaluation path",

@@ -167,10 +167,19 @@ def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
     )
 
 
+def _cell_side(natural: float, stride: int) -> float:
+    """A cell side at least ``natural`` that divides the stride (or is a whole number of
+    strides): patch starts then fall on cell edges and every patch spans the same number of
+    cells, instead of rounding each edge on its own (half-cell shifts with overlaps)."""
+    if natural <= stride:
+        return stride / max(1, math.floor(stride / natural))
+    return float(stride * math.ceil(natural / stride))
+
+
 def _cells(start: int, length: int, cell: float, limit: int) -> tuple[int, int]:
     """The grid cells a patch covers along one axis: at least one, inside the grid."""
-    first = min(round(start / cell), limit - 1)
-    return first, min(limit, max(first + 1, round((start + length) / cell)))
+    first = min(int(start / cell + 1e-6), limit - 1)
+    return first, min(limit, first + max(1, round(length / cell)))
 
 
 class CamCanvas:
@@ -182,8 +191,9 @@ class CamCanvas:
     pixels (coarser for very large images, so that no side exceeds ``MAX_CAM_CELLS``).
     """
 
-    def __init__(self, boxes: list[tuple[int, int, int, int]]) -> None:
+    def __init__(self, boxes: list[tuple[int, int, int, int]], stride: int | None = None) -> None:
         self.boxes = boxes  # (y, x, height, width) of every patch, in image pixels
+        self.stride = stride or boxes[0][2]  # patch starts are multiples of it
         self.total: np.ndarray | None = None
         self.count: np.ndarray = np.zeros((0, 0), np.float32)
         self.cell = (1.0, 1.0)
@@ -195,8 +205,12 @@ class CamCanvas:
         right = max(x + w for _, x, _, w in self.boxes)
         cell_h, cell_w = box_h / height, box_w / width
         factor = max(1, math.ceil(max(bottom / cell_h, right / cell_w) / MAX_CAM_CELLS))
-        self.cell = (cell_h * factor, cell_w * factor)
-        rows, cols = round(bottom / self.cell[0]), round(right / self.cell[1])
+        self.cell = (
+            _cell_side(cell_h * factor, self.stride),
+            _cell_side(cell_w * factor, self.stride),
+        )
+        rows = math.ceil(bottom / self.cell[0] - 1e-6)
+        cols = math.ceil(right / self.cell[1] - 1e-6)
         self.total = np.zeros((classes, rows, cols), np.float32)
         self.count = np.zeros((rows, cols), np.float32)
 
@@ -426,7 +440,7 @@ class OnnxClassifier:
         size = self.patch_size
         positions = grid_positions(height, width, size, self.stride)
         boxes = [(y, x, size, size) for y, x in positions] or [(0, 0, height, width)]
-        canvas, chunks = CamCanvas(boxes), []
+        canvas, chunks = CamCanvas(boxes, self.stride if positions else None), []
         for i in range(0, len(crops), self.max_batch):
             batch = self.to_batch(crops[i : i + self.max_batch])
             probabilities, cams = self.session.run(None, {self.input_name: batch})

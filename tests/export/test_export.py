@@ -50,6 +50,8 @@ def test_fp32_export_matches_pytorch(workdir: Path, synthetic_dir: Path) -> None
     assert card["patch_size"] == 32 and card["metrics"]["n"] == 16
     assert card["parity"]["top1_agreement"] >= 0.99
     assert card["parity"]["max_abs_probability_diff"] < 1e-4
+    # the served Grad-CAM follows explain.py's (resnet8 ends in pooling + linear: a cam output)
+    assert card["parity"]["gradcam_min_correlation"] > 0.9
     # the served path gives the training path's probabilities
     run = load_run(workdir / "run", device="cpu")
     served = OnnxClassifier(model_dir)
@@ -82,6 +84,7 @@ def test_int8_export_is_smaller_and_agrees_on_every_image(
     card = json.loads((model_dir / "model.json").read_text())
     fp32 = json.loads((fp32_dir / "model.json").read_text())
     assert card["precision"] == "int8" and card["parity"]["top1_agreement"] >= 0.99
+    assert card["parity"]["gradcam_min_correlation"] > 0.8, card["parity"]
     assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.onnx"]
     assert card["size_bytes"] < fp32["size_bytes"]
     # beyond the export's own check (the test split): all 64 images, train and val included

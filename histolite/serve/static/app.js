@@ -109,14 +109,15 @@ function drawAttention(canvas, prediction, width, height) {
 }
 
 function drawGradcam(canvas, explanation, width, height) {
-  // A patch model: its Grad-CAM grid (cells in image pixels, whole pixels so no seams show).
+  // A patch model: its Grad-CAM grid (cells in image pixels). Both edges of a cell are
+  // rounded the same way, so neighbours share an edge: no gaps and no twice-shaded seams.
   const cells = [];
   const ch = explanation.cell_height;
   const cw = explanation.cell_width;
   explanation.values.forEach((row, r) => row.forEach((weight, c) => {
-    const x = Math.floor(c * cw);
-    const y = Math.floor(r * ch);
-    cells.push({ x, y, width: Math.ceil((c + 1) * cw) - x, height: Math.ceil((r + 1) * ch) - y, weight });
+    const x = Math.round(c * cw);
+    const y = Math.round(r * ch);
+    cells.push({ x, y, width: Math.round((c + 1) * cw) - x, height: Math.round((r + 1) * ch) - y, weight });
   }));
   drawCells(canvas, cells, "230, 30, 30", "gradcam", width, height, false);
 }
