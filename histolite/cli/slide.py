@@ -96,15 +96,34 @@ def slide_merge(
         help="With --shards: seconds to wait for every shard to finish without failures "
         "(retried shards rewrite their markers); then merge what succeeded.",
     ),
+    model: Path | None = typer.Option(
+        None,
+        "--model",
+        help="The exported model the shards must have used: markers and shard outputs of any "
+        "other model (an earlier run's on the same volume) count as not yet written.",
+    ),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Join the shards of `slide infer --shard I/N` into one slide's outputs."""
     from histolite.errors import HistoliteError
-    from histolite.export.slide_inference import merge_batch, merge_shards
+    from histolite.export.slide_inference import (
+        exported_model_identity,
+        merge_batch,
+        merge_shards,
+    )
 
+    identity = exported_model_identity(model) if model is not None else None
+    if identity is None:
+        typer.secho(
+            "warning: without --model, an earlier run's shard outputs of one model cannot be "
+            "told from this run's; pass --model MODEL_DIR (the shards' --model), or delete "
+            "OUT/.shards before rerunning the shards",
+            fg="yellow",
+            err=True,
+        )
     if shards is None:
         for folder in folders:
-            merged = merge_shards(folder, progress=progress)
+            merged = merge_shards(folder, progress=progress, model=identity)
             typer.echo(
                 f"{folder}: merged {merged['shard']['count']} shards, {merged['tiles']} tiles"
             )
@@ -112,7 +131,7 @@ def slide_merge(
     if len(folders) != 1:
         raise HistoliteError("--shards N merges one OUT folder (the --out of the shard runs)")
     (out,) = folders
-    batch = merge_batch(out, shards, wait_s=wait, progress=progress)
+    batch = merge_batch(out, shards, wait_s=wait, progress=progress, model=identity)
     for entry in batch["classified"]:
         typer.echo(f"{entry['slide']}: merged {shards} shards, {entry['tiles']} tiles")
     for entry in batch["failed"]:

@@ -8,13 +8,17 @@ memory stays flat in slide size. Then the GeoJSON, heatmap and summary are writt
 
 ``shard=(I, N)`` classifies only the tiles whose grid index is I modulo N, into
 ``OUT/<stem>/shards/I-of-N/``; :func:`merge_shards` joins the shards into the same outputs an
-unsharded run writes.
+unsharded run writes. A slide's ``summary.json`` is written after its ``tiles.csv`` and
+``tissue_mask.png`` and records their SHA-256 (``outputs_sha256``): a merge takes a shard's files
+only if they are the ones its summary describes, so it never joins one run's tiles under
+another run's summary (a shard being rerun over an earlier run's folder).
 """
 
 from __future__ import annotations
 
 import csv
-import shutil
+import hashlib
+import io
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,11 +29,11 @@ import numpy as np
 from tqdm import tqdm
 
 from histolite.errors import DataError, HistoliteError
-from histolite.export.runtime import OnnxClassifier
+from histolite.export.runtime import STAIN_FILE, OnnxClassifier, file_sha256, load_card
 from histolite.fileio import atomic_path, read_json, write_json
 from histolite.slide.outputs import (
     TileRow,
-    read_tiles_csv,
+    parse_tiles_csv,
     render_heatmap,
     tile_header,
     tile_line,
@@ -49,6 +53,7 @@ from histolite.slide.tissue import tissue_mask
 THUMBNAIL_SIDE = 2048
 PROBABILITY_DECIMALS = 6  # as tiles.csv writes them: merged shards read back the same values
 MODEL_KEYS = ("model", "model_version", "model_sha256", "stain_sha256")  # see model_identity
+HASHED_OUTPUTS = ("tiles.csv", "tissue_mask.png")  # summary.json's outputs_sha256
 
 
 @dataclass(frozen=True)
@@ -103,10 +108,35 @@ def model_identity(model: OnnxClassifier) -> dict[str, Any]:
     Name and version alone are not enough: re-exporting a retrained run to the same folder keeps
     both, and only the graphs' hashes tell its tiles from the old model's.
     """
-    card = model.card
+    return _card_identity(model.card)
+
+
+def _card_identity(card: dict[str, Any]) -> dict[str, Any]:
     stain_sha256 = (card.get("stain_graph") or {}).get("sha256")
     values = (card.get("name"), card.get("version"), card.get("sha256"), stain_sha256)
     return dict(zip(MODEL_KEYS, values, strict=True))
+
+
+def exported_model_identity(model_dir: Path) -> dict[str, Any]:
+    """:func:`model_identity` of an exported model folder, without loading its graphs.
+
+    The graphs are hashed and compared with the card, as loading the model would, so a folder
+    whose files were replaced without their card is refused rather than trusted.
+    """
+    card = load_card(model_dir)
+    graphs = [("model.onnx", card.get("sha256"))]
+    if card.get("stain_graph"):
+        graphs.append((STAIN_FILE, card["stain_graph"].get("sha256")))
+    for name, expected in graphs:
+        path = Path(model_dir) / name
+        if not path.is_file():
+            raise HistoliteError(f"{model_dir}: no {name}; not a complete exported model")
+        if expected is not None and file_sha256(path) != expected:
+            raise HistoliteError(
+                f"{path}: the graph is not the one its model card describes (SHA-256 differs); "
+                "re-export the model"
+            )
+    return _card_identity(card)
 
 
 def _output_dir(out: Path, slide: Path, shard: tuple[int, int]) -> Path:
@@ -186,6 +216,8 @@ def classify_slide(
     finally:
         slide.close()
     summary = _summary(path, model, info, settings, tile_um, read_px, grid.count, rows, mask, scale)
+    # what this run's tiles.csv and mask are: a merge refuses a shard whose files are not these
+    summary["outputs_sha256"] = {name: file_sha256(target / name) for name in HASHED_OUTPUTS}
     summary["timings_s"] = {
         "tissue_mask": round(masked - started, 3),
         "classification": round(classified - masked, 3),
@@ -272,11 +304,19 @@ def _write_outputs(
 
 
 def merge_shards(
-    slide_dir: Path, progress: bool = True, count: int | None = None
+    slide_dir: Path,
+    progress: bool = True,
+    count: int | None = None,
+    *,
+    model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Join ``slide_dir/shards/I-of-N`` into the unsharded outputs; refuses an incomplete set.
 
     ``count`` picks the ``*-of-N`` folders of that N (others are left over from other runs).
+    ``model`` (a :func:`model_identity`): refuse shards whose summary names another model (an
+    earlier run's, not yet redone). A shard is taken only if its summary is final and its
+    ``tiles.csv`` and mask are the files that summary hashed: never one run's tiles under
+    another run's summary.
 
     The merged ``summary.json`` has the keys an unsharded run writes. Its ``timings_s`` sum the
     shards' (work done, not wall-clock: shards run in parallel); ``tiles_per_s`` is tiles over
@@ -287,6 +327,19 @@ def merge_shards(
     if not shard_dirs:
         raise DataError(f"{slide_dir}: no shards/I-of-N folders to merge")
     summaries = [read_json(d / "summary.json") for d in shard_dirs]
+    for folder, summary in zip(shard_dirs, summaries, strict=True):
+        if "total" not in summary.get("timings_s", {}) or "outputs_sha256" not in summary:
+            raise DataError(
+                f"{folder}: summary.json is not final (the shard is still being written, or was "
+                "written by an older histolite); wait for the shard, or rerun it"
+            )
+        found = {k: summary.get(k) for k in MODEL_KEYS}
+        if model is not None and found != model:
+            raise DataError(
+                f"{folder}: made by {_describe_model(tuple(found.values()))}, not "
+                f"{_describe_model(tuple(model.values()))} (an earlier run's shard?); "
+                "rerun the shard with that model"
+            )
     counts = {s["shard"]["count"] for s in summaries}
     if len(counts) != 1:
         raise DataError(f"{slide_dir}: shards of different counts {sorted(counts)}")
@@ -302,10 +355,19 @@ def merge_shards(
         if differing:
             raise DataError(f"{slide_dir}: shards disagree on {differing}")
     classes = first["classes"]
+    # each file read once, checked against its summary's hash, then used from those bytes
+    files = [_shard_file(d, s, "tiles.csv") for d, s in zip(shard_dirs, summaries, strict=True)]
     rows = sorted(
-        (r for d in shard_dirs for r in read_tiles_csv(d / "tiles.csv", classes)),
+        (
+            r
+            for d, data in zip(shard_dirs, files, strict=True)
+            for r in parse_tiles_csv(
+                io.StringIO(data.decode("utf-8"), newline=""), classes, str(d / "tiles.csv")
+            )
+        ),
         key=lambda r: r.index,
     )
+    mask = _shard_file(shard_dirs[0], summaries[0], "tissue_mask.png")
     from histolite.slide.outputs import write_tiles_csv
 
     write_tiles_csv(slide_dir / "tiles.csv", rows, classes)
@@ -318,7 +380,7 @@ def merge_shards(
         slide.close()
     # every shard wrote the same mask of the whole slide
     with atomic_path(slide_dir / "tissue_mask.png") as tmp:
-        shutil.copyfile(shard_dirs[0] / "tissue_mask.png", tmp)
+        tmp.write_bytes(mask)
     labels = [r.label(classes) for r in rows]
     timings = {
         key: round(sum(s["timings_s"][key] for s in summaries), 3)
@@ -333,12 +395,27 @@ def merge_shards(
         "class_fractions": {c: (labels.count(c) / len(rows) if rows else 0.0) for c in classes},
         "note": _note(rows),
         "device": "+".join(sorted({str(s.get("device")) for s in summaries})),
+        "outputs_sha256": {name: file_sha256(slide_dir / name) for name in HASHED_OUTPUTS},
         "timings_s": timings,
     }
     _write_outputs(slide_dir, slide_path, rows, classes, merged, thumb, scale, partial=False)
     timings["total"] = round(timings["total"] + time.perf_counter() - started, 3)
     write_json(slide_dir / "summary.json", merged)
     return merged
+
+
+def _shard_file(folder: Path, summary: dict[str, Any], name: str) -> bytes:
+    """The bytes of a shard's output file, refused unless they are those its summary hashed."""
+    try:
+        data = (folder / name).read_bytes()
+    except FileNotFoundError:
+        data = b""
+    if hashlib.sha256(data).hexdigest() != summary["outputs_sha256"].get(name):
+        raise DataError(
+            f"{folder / name}: not the file its summary.json describes (another run of the shard "
+            "is rewriting the folder, or it was interrupted); wait for the shard, or rerun it"
+        )
+    return data
 
 
 def classify_slides(
@@ -405,7 +482,7 @@ def _completed_shard(
     given_mpp = summary.get("mpp_source") == "given (--mpp)"
     same = (
         "total" in summary.get("timings_s", {})
-        and (target / "tiles.csv").is_file()
+        and _outputs_match(target, summary)
         and summary.get("slide") == str(path)
         # the graphs' hashes too: a retrained model re-exported under the same name and version
         and all(summary.get(k) == v for k, v in model_identity(model).items())
@@ -420,6 +497,14 @@ def _completed_shard(
     return summary if same else None
 
 
+def _outputs_match(folder: Path, summary: dict[str, Any]) -> bool:
+    hashes = summary.get("outputs_sha256") or {}
+    try:
+        return all(file_sha256(folder / n) == hashes.get(n) for n in HASHED_OUTPUTS)
+    except OSError:
+        return False
+
+
 def shard_marker_path(out: Path, count: int, index: int) -> Path:
     """``OUT/.shards/I-of-N.done``: shard I of N has been through every slide of its batch.
 
@@ -430,7 +515,13 @@ def shard_marker_path(out: Path, count: int, index: int) -> Path:
 
 
 def merge_batch(
-    out: Path, count: int, *, wait_s: float = 0.0, poll_s: float = 10.0, progress: bool = True
+    out: Path,
+    count: int,
+    *,
+    wait_s: float = 0.0,
+    poll_s: float = 10.0,
+    progress: bool = True,
+    model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Merge every slide of a batch run as N shards into ``OUT``, once all N have finished.
 
@@ -440,24 +531,45 @@ def merge_batch(
     shard rewrites it. After the wait, missing markers or several models are an error naming
     them; slides that failed in some shard are reported, not merged, and the rest are merged.
     ``OUT/batch_summary.json`` lists both, as an unsharded run's does.
+
+    ``model`` (the :func:`model_identity` the shards must have used): a marker naming any other
+    model counts as not yet written, so an earlier run's markers *of one model* are not merged
+    either (without it they cannot be told from this run's). Each slide's shard summaries must
+    name the markers' model too.
     """
     deadline = time.monotonic() + wait_s
     while True:
         paths = {i: shard_marker_path(out, count, i) for i in range(count)}
         markers = {i: read_json(p) for i, p in paths.items() if p.is_file()}  # written atomically
+        stale = {
+            i: tuple(marker.get(k) for k in MODEL_KEYS)
+            for i, marker in markers.items()
+            if model is not None and {k: marker.get(k) for k in MODEL_KEYS} != model
+        }
         missing = [i for i in range(count) if i not in markers]
-        failing = [i for i, marker in markers.items() if marker["failed"]]
+        failing = [i for i, marker in markers.items() if marker["failed"] and i not in stale]
         by_model: dict[tuple[Any, ...], list[int]] = {}
         for i, marker in markers.items():
             by_model.setdefault(tuple(marker.get(k) for k in MODEL_KEYS), []).append(i)
-        if not (missing or failing or len(by_model) > 1) or time.monotonic() >= deadline:
+        if not (missing or stale or failing or len(by_model) > 1):
+            break
+        if time.monotonic() >= deadline:
             break
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
-    if missing:
+    if missing or stale:
+        problems = []
+        if missing:
+            problems.append(f"no {', '.join(str(paths[i]) for i in missing)}")
+        if stale:
+            assert model is not None
+            problems.append(
+                "; ".join(f"{paths[i]} by {_describe_model(m)}" for i, m in stale.items())
+                + f" instead of {_describe_model(tuple(model.values()))} (an earlier run's)"
+            )
         raise DataError(
-            f"{out}: shards {missing} of {count} have not finished (no "
-            f"{', '.join(str(paths[i]) for i in missing)} after waiting "
-            f"{wait_s:g} s); wait for the shard pods, or rerun those shards"
+            f"{out}: shards {sorted([*missing, *stale])} of {count} have not finished "
+            f"({'; '.join(problems)}) after waiting {wait_s:g} s; wait for the shard pods, or "
+            "rerun those shards"
         )
     if len(by_model) > 1:
         # merging would mix two models' tiles; only a person knows which run is the stale one
@@ -469,6 +581,7 @@ def merge_batch(
             f"{out}: shard markers of different models after waiting {wait_s:g} s ({groups}); "
             f"markers left by an earlier run? delete {out / '.shards'} and rerun the shards"
         )
+    (agreed,) = by_model  # one model: each slide's shard summaries must name it too
     slides: dict[str, list[str]] = {}  # slide -> errors of the shards where it failed
     for i, marker in markers.items():
         for entry in marker["classified"]:
@@ -486,7 +599,12 @@ def merge_batch(
             failed.append({"slide": slide, "error": f"not merged: {reason}"})
             continue
         try:
-            merged = merge_shards(out / Path(slide).stem, progress=progress, count=count)
+            merged = merge_shards(
+                out / Path(slide).stem,
+                progress=progress,
+                count=count,
+                model=dict(zip(MODEL_KEYS, agreed, strict=True)),
+            )
         except (DataError, HistoliteError, OSError) as exc:
             failed.append({"slide": slide, "error": str(exc)})
             continue

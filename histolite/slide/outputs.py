@@ -80,21 +80,26 @@ def tile_line(row: TileRow, classes: Sequence[str]) -> list[object]:
 
 def read_tiles_csv(path: Path, classes: Sequence[str]) -> list[TileRow]:
     with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        expected = tile_header(classes)
-        if reader.fieldnames != expected:
-            raise ValueError(f"{path}: columns {reader.fieldnames} are not {expected}")
-        return [
-            TileRow(
-                int(r["index"]),
-                int(r["x"]),
-                int(r["y"]),
-                int(r["width"]),
-                float(r["tissue_fraction"]),
-                tuple(float(r[f"prob_{c}"]) for c in classes),
-            )
-            for r in reader
-        ]
+        return parse_tiles_csv(fh, classes, str(path))
+
+
+def parse_tiles_csv(lines: Iterable[str], classes: Sequence[str], source: str) -> list[TileRow]:
+    """The rows of a ``tiles.csv`` already read (e.g. bytes checked against a hash first)."""
+    reader = csv.DictReader(lines)
+    expected = tile_header(classes)
+    if reader.fieldnames != expected:
+        raise ValueError(f"{source}: columns {reader.fieldnames} are not {expected}")
+    return [
+        TileRow(
+            int(r["index"]),
+            int(r["x"]),
+            int(r["y"]),
+            int(r["width"]),
+            float(r["tissue_fraction"]),
+            tuple(float(r[f"prob_{c}"]) for c in classes),
+        )
+        for r in reader
+    ]
 
 
 def write_tiles_csv(path: Path, rows: Iterable[TileRow], classes: Sequence[str]) -> None:

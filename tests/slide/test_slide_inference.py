@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import threading
@@ -21,8 +22,10 @@ from histolite.export.slide_inference import (
     classify_slides,
     merge_batch,
     merge_shards,
+    model_identity,
     require_tile_classifier,
 )
+from histolite.slide.outputs import read_tiles_csv, write_tiles_csv
 from histolite.slide.pyramid import write_pyramidal_tiff
 from histolite.slide.reader import OpenSlideSlide, SlideError, TiffSlide, open_slide, read_region
 
@@ -389,3 +392,70 @@ def test_batch_merge_refuses_markers_of_another_model(
     assert batch["failed"] == [] and len(batch["classified"]) == 1
     merged = json.loads((out / "mosaic" / "summary.json").read_text())
     assert merged["model_sha256"] == retrained.card["sha256"]
+
+
+def test_batch_merge_with_model_waits_for_stale_markers_of_one_model(
+    mosaic: tuple[Path, list],
+    model: OnnxClassifier,
+    retrained: OnnxClassifier,
+    tmp_path: Path,
+    run_cli: Callable[[list[str]], tuple[int, str, str]],
+) -> None:
+    """Regression: rerun on the same volume after re-exporting a retrained model, the merge
+    found the earlier run's N markers (all of one model, no failures) and merged them at once."""
+    out, slides = tmp_path / "out", [mosaic[0]]
+    for index in range(2):
+        classify_slides(slides, model, out, SlideSettings(shard=(index, 2)), progress=False)
+    expected = model_identity(retrained)
+    with pytest.raises(HistoliteError, match=r"shards \[0, 1\] of 2 have not finished") as stale:
+        merge_batch(out, 2, wait_s=0.2, poll_s=0.05, progress=False, model=expected)
+    assert "0-of-2.done by" in str(stale.value) and "1-of-2.done by" in str(stale.value)
+    assert model.card["sha256"][:12] in str(stale.value)
+    with pytest.raises(HistoliteError, match="made by"):  # the shard summaries likewise
+        merge_shards(out / "mosaic", progress=False, model=expected)
+    args = ["slide", "merge", str(out), "--shards", "2", "--no-progress"]
+    code, _, err = run_cli([*args, "--model", str(retrained.model_dir)])
+    assert code == 2 and "0-of-2.done" in err and "warning" not in err
+    assert not (out / "mosaic" / "tiles.csv").exists()
+
+    def rerun() -> None:  # this run's shards, with the retrained model
+        for index in range(2):
+            classify_slides(slides, retrained, out, SlideSettings(shard=(index, 2)), progress=False)
+
+    late = threading.Timer(0.3, rerun)
+    late.start()
+    try:
+        batch = merge_batch(out, 2, wait_s=60, poll_s=0.05, progress=False, model=expected)
+    finally:
+        late.join()
+    assert batch["failed"] == [] and len(batch["classified"]) == 1
+    merged = json.loads((out / "mosaic" / "summary.json").read_text())
+    assert merged["model_sha256"] == retrained.card["sha256"]
+    code, _, err = run_cli(args)  # without --model: merged as before, with a warning
+    assert code == 0 and "warning: without --model" in err
+
+
+def test_a_torn_shard_folder_is_not_merged(
+    mosaic: tuple[Path, list], model: OnnxClassifier, tmp_path: Path
+) -> None:
+    """Regression: a merge between a rerun shard replacing tiles.csv and writing its
+    summary.json took the new tiles under the old summary."""
+    out, slides = tmp_path / "out", [mosaic[0]]
+    for index in range(2):
+        classify_slides(slides, model, out, SlideSettings(shard=(index, 2)), progress=False)
+    shard = out / "mosaic" / "shards" / "1-of-2"
+    classes = list(model.classes)
+    rows = read_tiles_csv(shard / "tiles.csv", classes)
+    first = rows[0]
+    flipped = tuple(reversed(first.probabilities))  # another run's tiles.csv, newer
+    torn = [dataclasses.replace(first, probabilities=flipped), *rows[1:]]
+    write_tiles_csv(shard / "tiles.csv", torn, classes)
+    with pytest.raises(HistoliteError, match=r"not the file its summary\.json describes"):
+        merge_shards(out / "mosaic", progress=False, count=2)
+    batch = merge_batch(out, 2, progress=False)
+    assert batch["classified"] == [] and "1-of-2/tiles.csv" in batch["failed"][0]["error"]
+    assert not (out / "mosaic" / "tiles.csv").exists()
+    # the shard's rerun does not take the torn folder for finished: it redoes the slide
+    redo = classify_slides(slides, model, out, SlideSettings(shard=(1, 2)), progress=False)
+    assert [d["resumed"] for d in redo["classified"]] == [False]
+    assert merge_batch(out, 2, progress=False)["failed"] == []

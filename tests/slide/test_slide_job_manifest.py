@@ -41,6 +41,9 @@ def test_indexed_job_runs_one_shard_per_index() -> None:
     assert f"histolite slide merge /results --shards {spec['completions']} --wait" in (
         _command(merge)
     )
+    # the merge names the shards' model: an earlier run's markers on the volume are not merged
+    model_dir = re.search(r"--model (\S+)", command)
+    assert model_dir and f"--model {model_dir.group(1)} " in _command(merge) + " "
     for job in (shards, merge):
         pod = job["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsUser"] == 10001
