@@ -9,7 +9,8 @@ share initialisation and batch order across arms, so the paired differences are 
     python benchmarks/kather_distillation.py --data ../shared/data/kather2016 --out runs/kd \\
         --seeds 1 2 3 --splits grouped tile
 
-Finished runs are skipped, so an interrupted benchmark continues where it stopped. Results go to
+Finished runs are skipped and a run stopped part-way resumes from its last checkpoint (its
+train time then counts the last session only), so an interrupted benchmark continues. Results go to
 OUT/results.csv (one line per run) and OUT/table.md (the BENCHMARKS.md table: mean +- sd over
 seeds, paired differences, parameters, MACs, size, ONNX images/s at batch 64 (INT8 where it
 passes export's parity check), train time, and the command of each row).
@@ -21,6 +22,7 @@ import argparse
 import csv
 import json
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -102,11 +104,15 @@ def train(arm: Arm, data: Path, out: Path, split: str, seed: int, results: Path)
             record(results, split, arm.name, seed, run, summary["train_seconds_this_session"])
         return
     args = command(arm, data, out, split, seed)
+    if (run / "checkpoints" / "last.ckpt").is_file():  # stopped part-way: continue it
+        args = ["histolite", arm.command, "--out", str(run), "--resume", "--no-progress"]
+    elif run.exists():  # stopped before its first epoch ended: nothing worth keeping
+        shutil.rmtree(run)
     print("$", shlex.join(args), flush=True)
     log = run.with_suffix(".log")
     run.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with log.open("w") as fh:
+    with log.open("a") as fh:
         code = subprocess.call(
             [str(Path(sys.executable).with_name("histolite")), *args[1:]], stdout=fh, stderr=fh
         )
