@@ -252,14 +252,22 @@ def _open_session(path: Path, options: Any, providers: list[str]) -> Any:
         raise HistoliteError(f"{path}: not a loadable ONNX graph ({first_line[:300]})") from exc
 
 
-def _check_sha256(path: Path, expected: str | None) -> None:
-    if not path.is_file():
-        raise HistoliteError(f"{path}: model file missing")
-    if expected is not None and file_sha256(path) != expected:
-        raise HistoliteError(
-            f"{path}: the graph is not the one its model card describes (SHA-256 differs "
-            "from model.json); refusing to serve a swapped or damaged model"
-        )
+def verify_graphs(model_dir: Path, card: dict[str, Any], *, hashes: bool = True) -> None:
+    """The folder's graphs (``model.onnx``, and ``stain.onnx`` when the card names one) exist
+    and, with ``hashes``, are the ones the card describes: a swapped or damaged file is refused.
+    """
+    graphs = [(MODEL_FILE, card.get("sha256"))]
+    if card.get("stain_graph") is not None:  # a fixed name: the card names no paths
+        graphs.append((STAIN_FILE, card["stain_graph"].get("sha256")))
+    for name, expected in graphs:
+        path = model_dir / name
+        if not path.is_file():
+            raise HistoliteError(f"{path}: model file missing")
+        if hashes and expected is not None and file_sha256(path) != expected:
+            raise HistoliteError(
+                f"{path}: the graph is not the one its model card describes (SHA-256 differs "
+                "from model.json); refusing to use a swapped or damaged model"
+            )
 
 
 class StainStep:
@@ -325,11 +333,9 @@ class OnnxClassifier:
         self.card = card if card is not None else load_card(self.model_dir)
         path = self.model_dir / MODEL_FILE
         # a card handed in is export's staging copy: its hashes are written after parity
-        _check_sha256(path, self.card.get("sha256") if card is None else None)
+        verify_graphs(self.model_dir, self.card, hashes=card is None)
         stain_graph = self.card.get("stain_graph")
-        if stain_graph is not None:
-            stain_path = self.model_dir / STAIN_FILE  # a fixed name: the card names no paths
-            _check_sha256(stain_path, stain_graph.get("sha256") if card is None else None)
+        stain_path = self.model_dir / STAIN_FILE
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

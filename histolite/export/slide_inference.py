@@ -29,7 +29,12 @@ import numpy as np
 from tqdm import tqdm
 
 from histolite.errors import DataError, HistoliteError
-from histolite.export.runtime import STAIN_FILE, OnnxClassifier, file_sha256, load_card
+from histolite.export.runtime import (
+    OnnxClassifier,
+    file_sha256,
+    load_card,
+    verify_graphs,
+)
 from histolite.fileio import atomic_path, read_json, write_json
 from histolite.slide.outputs import (
     TileRow,
@@ -124,18 +129,7 @@ def exported_model_identity(model_dir: Path) -> dict[str, Any]:
     whose files were replaced without their card is refused rather than trusted.
     """
     card = load_card(model_dir)
-    graphs = [("model.onnx", card.get("sha256"))]
-    if card.get("stain_graph"):
-        graphs.append((STAIN_FILE, card["stain_graph"].get("sha256")))
-    for name, expected in graphs:
-        path = Path(model_dir) / name
-        if not path.is_file():
-            raise HistoliteError(f"{model_dir}: no {name}; not a complete exported model")
-        if expected is not None and file_sha256(path) != expected:
-            raise HistoliteError(
-                f"{path}: the graph is not the one its model card describes (SHA-256 differs); "
-                "re-export the model"
-            )
+    verify_graphs(Path(model_dir), card)
     return _card_identity(card)
 
 

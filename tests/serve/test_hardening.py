@@ -49,6 +49,21 @@ def _client(model_dir: Path, tmp_path: Path, **kw: object) -> TestClient:
     return TestClient(create_app(ServeSettings(model_dir, audit_db=tmp_path / "audit.db", **kw)))  # type: ignore[arg-type]
 
 
+def _start_posts(
+    client: TestClient, files: dict, count: int, codes: list[int]
+) -> list[threading.Thread]:
+    """``count`` predictions posted at once from threads; their statuses go into ``codes``."""
+    posters = [
+        threading.Thread(
+            target=lambda: codes.append(client.post("/v1/predict", files=files).status_code)
+        )
+        for _ in range(count)
+    ]
+    for thread in posters:
+        thread.start()
+    return posters
+
+
 def _png(pixels: np.ndarray, **save: object) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", **save)
@@ -411,14 +426,7 @@ def test_a_locked_audit_log_does_not_stall_liveness(
             # the first write fails; from then on each request re-checks the locked log
             assert c.post("/v1/predict", files=files).status_code == 503
             codes: list[int] = []
-            posters = [
-                threading.Thread(
-                    target=lambda: codes.append(c.post("/v1/predict", files=files).status_code)
-                )
-                for _ in range(6)
-            ]
-            for thread in posters:
-                thread.start()
+            posters = _start_posts(c, files, 6, codes)
             time.sleep(0.3)
             started = time.perf_counter()
             assert c.get("/healthz").status_code == 200
@@ -560,14 +568,7 @@ def test_decoded_images_in_memory_are_bounded_by_prediction_slots(
     files = {"files": ("a.png", _tile(synthetic_dir))}
     with _client(model_dir, tmp_path, max_concurrent_predictions=2) as c:
         codes: list[int] = []
-        posters = [
-            threading.Thread(
-                target=lambda: codes.append(c.post("/v1/predict", files=files).status_code)
-            )
-            for _ in range(6)
-        ]
-        for thread in posters:
-            thread.start()
+        posters = _start_posts(c, files, 6, codes)
         for thread in posters:
             thread.join()
     assert codes == [200] * 6 and most[0] == 2, (codes, most)
