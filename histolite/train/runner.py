@@ -97,6 +97,11 @@ def resolve_config(
         return after
     # DDP workers start after rank 0 has written the run files: only rank 0 guards the folder.
     if RunDir(out).spec.exists() and is_rank_zero():
+        if not (RunDir(out).checkpoints / "last.ckpt").is_file():
+            raise HistoliteError(
+                f"{out} holds a run that stopped before its first checkpoint (nothing to "
+                "resume); delete the folder or choose another --out"
+            )
         raise HistoliteError(
             f"{out} already holds a run; pass --resume to continue it, or choose another --out"
         )
@@ -351,12 +356,13 @@ def train_run(
         split = run_split(out)
     prepared = prepare_data(cfg.data, cfg.seed, progress=progress and is_rank_zero(), split=split)
     spec = _run_spec(cfg, prepared, out, resume)
+    # The model first: a model that cannot be built (weights missing offline) must not leave a
+    # folder behind that blocks the corrected command with "already holds a run".
+    model = model_builder(spec, cfg)
+    module = module_builder(model, cfg, spec)
     if is_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
         _write_run_files(out, cfg, spec, prepared, extra_metadata or {})
-
-    model = model_builder(spec, cfg)
-    module = module_builder(model, cfg, spec)
     augment = batch_stain_augment(cfg, prepared)
     if augment and isinstance(module, ClassifierModule):
         module.batch_augment = augment

@@ -129,6 +129,24 @@ def test_resume_continues_without_losing_epochs(tmp_path: Path, synthetic_dir: P
         resolve_config(tmp_path / "run.yaml", [], run, resume=False)
 
 
+def test_a_model_that_cannot_be_built_leaves_no_run_behind(
+    tmp_path: Path, synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from histolite.models import pretrained
+
+    monkeypatch.setattr(pretrained, "_host_reachable", lambda host, *a, **k: False)
+    monkeypatch.setattr(pretrained, "timm_weights_cached", lambda name: False)
+    with pytest.raises(HistoliteError, match=r"model\.weights=PATH"):
+        _train(tmp_path, synthetic_dir, model={"name": "resnet18", "pretrained": True})
+    assert not (tmp_path / "run" / "run.json").exists()
+    # the corrected command reuses the same --out instead of "already holds a run"
+    run = _train(tmp_path, synthetic_dir, model={"name": "resnet8"})
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    (run / "checkpoints" / "last.ckpt").unlink()  # as if stopped before its first epoch ended
+    with pytest.raises(HistoliteError, match="stopped before its first checkpoint"):
+        resolve_config(tmp_path / "run.yaml", [], run, resume=False)
+
+
 def test_final_model_last_epoch_ignores_the_validation_ranking(
     tmp_path: Path, synthetic_dir: Path
 ) -> None:
