@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from histolite.config import DistillConfig, TrainConfig
 from histolite.data.split_policy import Split, load_split
-from histolite.data.splits import read_split_csv
+from histolite.data.splits import count_seen, read_split_csv
 from histolite.errors import HistoliteError
 from histolite.fileio import read_json, write_json
 from histolite.models.loading import (
@@ -223,9 +223,9 @@ def teacher_mismatches(
     teacher_split = RunDir(teacher_dir).split_csv
     if teacher_split.is_file():
         table = read_split_csv(teacher_split)
-        teacher_train = {s.path.resolve() for s, name in table.rows if name == "train"}
+        teacher_train = [s for s, name in table.rows if name == "train"]
         for name in ("val", "test"):
-            seen = sum(1 for s in split.parts[name] if s.path.resolve() in teacher_train)
+            seen = count_seen(teacher_train, split.parts[name])
             if seen:
                 problems.append(
                     f"the teacher trained on {seen} of the {len(split.parts[name])} images in the "

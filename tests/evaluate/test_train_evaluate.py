@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 from support import write_config
 
 from histolite.config import load_config
+from histolite.data.splits import LeakageWarning
 from histolite.errors import DataError, HistoliteError
 from histolite.evaluate import evaluate_run, load_run
 from histolite.evaluate.inference import predict_image
@@ -112,6 +114,25 @@ def test_training_learns_the_synthetic_task(tmp_path: Path, synthetic_dir: Path)
     interval = report["accuracy_ci95"]
     assert interval["low"] <= report["accuracy"] <= interval["high"]
     assert interval["groups"] == report["n"]  # synthetic tiles are their own groups
+
+
+def test_evaluate_warns_about_training_images_even_in_a_copy(
+    tmp_path: Path, synthetic_dir: Path
+) -> None:
+    run = _train(tmp_path, synthetic_dir, overrides=["data.test_fraction=0.25"])
+    with pytest.warns(LeakageWarning, match=r"\d+ of the \d+ images evaluated were TRAINING"):
+        report = evaluate_run(
+            run, run / "split.csv", tmp_path / "rep", split="train", progress=False
+        )
+    assert report["training_images_evaluated"] == report["n"] > 0
+    assert "TRAINING" in report["warning"]
+    copy = tmp_path / "copy"  # the same images elsewhere are still the training images
+    shutil.copytree(synthetic_dir, copy)
+    with pytest.warns(LeakageWarning):
+        report = evaluate_run(run, copy, tmp_path / "rep_copy", progress=False)
+    assert 0 < report["training_images_evaluated"] < report["n"]
+    clean = evaluate_run(run, run / "split.csv", tmp_path / "rep_test", progress=False)
+    assert clean["training_images_evaluated"] == 0 and "warning" not in clean
 
 
 def test_resume_continues_without_losing_epochs(tmp_path: Path, synthetic_dir: Path) -> None:

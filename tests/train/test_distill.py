@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -336,6 +337,14 @@ def test_teacher_refuses_other_stain_geometry_or_a_leaky_split(
     ):
         distill_run(leaky, teacher_run, tmp_path / "l", progress=False)
     assert not (tmp_path / "l" / "checkpoints").exists()  # refused before training
+    # the check survives a teacher run copied elsewhere and a copy of the data
+    moved = tmp_path / "elsewhere" / "deeper" / "teacher"
+    shutil.copytree(teacher_run, moved)
+    data_copy = tmp_path / "data_copy"
+    shutil.copytree(synthetic_dir, data_copy)
+    leaky.data.root = str(data_copy)
+    with pytest.raises(HistoliteError, match=r"the teacher trained on \d+ of the"):
+        distill_run(leaky, moved, tmp_path / "m", progress=False)
 
 
 def test_onnx_teacher_matches_the_torch_teacher(teacher_run: Path) -> None:
