@@ -99,6 +99,12 @@ def test_other_commands(
 ) -> None:
     code, out, _ = run_cli(["models", "list", "--filter", "resnet"])
     assert code == 0 and "resnet8" in out and "77," in out and "resnet50" in out
+    code, out, _ = run_cli(["models", "list", "--filter", "efficientnet_b0", "--input-size", "224"])
+    assert code == 0 and "efficientnet_b0" in out and "384.5" in out  # any exact timm name
+    code, out, _ = run_cli(["models", "list", "--filter", "lite0"])
+    assert "offline" in out and "tf_efficientnet_lite0" in out
+    code, _, _ = run_cli(["models", "list", "--input-size", "8"])
+    assert code != 0
 
     code, out, _ = run_cli(["data", "list"])
     assert "kather2016" in out
