@@ -61,7 +61,7 @@ def compare_runs(
         loaded = load_run(run, device="cpu")
         classifier = require_classifier(loaded, "compare")
         report = evaluate_run(
-            run, data, out / "reports" / Path(label).name, split=split, progress=progress
+            run, data, out / "reports" / Path(label).name, split=split, progress=progress, tta=tta
         )
         size = loaded.spec.image_size
         row: dict[str, Any] = {
@@ -72,6 +72,7 @@ def compare_runs(
             "n": report["n"],
             "accuracy": report["accuracy"],
             "accuracy_ci95": report["accuracy_ci95"],
+            "test_time_augmentation": report["test_time_augmentation"],
             "balanced_accuracy": report["balanced_accuracy"],
             "macro_f1": report["macro_f1"],
             "weighted_f1": report["weighted_f1"],
@@ -116,7 +117,7 @@ def _int8_throughput(run: Path, export_dir: Path, seconds: float, progress: bool
 def _rate(value: float | str | None) -> str:
     if isinstance(value, (int, float)):
         return f"{value:.0f}"
-    return "n/a" if value is None or not value else "failed"
+    return "n/a" if value is None or not value else "refused (see compare.json)"
 
 
 def _interval(row: dict[str, Any]) -> str:
@@ -168,7 +169,13 @@ def format_comparison(rows: Sequence[dict[str, Any]]) -> str:
     n = rows[0]["n"] if rows else 0
     lines += [
         "",
-        f"{rows[0]['level'] if rows else 'image'}-level metrics on n={n} test items; MACs at "
+        f"{rows[0]['level'] if rows else 'image'}-level metrics on n={n} test items"
+        + (
+            ", averaged over 8 dihedral views (--tta)"
+            if any(r.get("test_time_augmentation") for r in rows)
+            else ""
+        )
+        + "; MACs at "
         "each model's input size; throughput measured on random input, single process, "
         f"{torch.get_num_threads()} threads.",
     ]

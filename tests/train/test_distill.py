@@ -313,6 +313,18 @@ def test_distill_command_prints_the_plan_and_compare_builds_one_table(
     assert "| teacher | resnet14 |" in table and "Per-class precision / recall / F1" in table
     assert "16 groups]" in table and rows[0]["accuracy_ci95"]["groups"] == 16
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())[1]["model"] == "resnet8"
+    assert rows[0]["test_time_augmentation"] is None
+    with_tta = compare_runs(
+        [teacher_run],
+        teacher_run / "split.csv",
+        tmp_path / "cmp_tta8",
+        progress=False,
+        int8=False,
+        tta=True,
+        speed_seconds=0.1,
+    )
+    assert with_tta[0]["test_time_augmentation"] == "8 dihedral views"
+    assert "8 dihedral views (--tta)" in (tmp_path / "cmp_tta8" / "compare.md").read_text()
 
 
 def test_teacher_refuses_other_stain_geometry_or_a_leaky_split(
