@@ -331,7 +331,7 @@ class DistillConfig(TrainConfig):
     distill: DistillSection = Field(default_factory=DistillSection)
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid config"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -406,7 +406,7 @@ def load_config(
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, str(path or "config"))) from exc
+        raise ConfigError(format_validation_error(exc, str(path or "config"))) from exc
 
 
 def _anchor_stain_target(data: dict[str, Any], folder: Path) -> None:

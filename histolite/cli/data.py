@@ -92,7 +92,9 @@ def data_split(
     val_split_by: str = typer.Option(
         "same",
         "--val-split-by",
-        help="same: validation split like test; stratified: validation from training groups.",
+        help="same: validation by whole groups like test; group_if_possible: the same, except "
+        "for classes with too few groups, whose validation comes from training groups; "
+        "stratified: validation from training groups.",
     ),
     group_regex: str | None = typer.Option(
         None,
@@ -102,24 +104,30 @@ def data_split(
     ),
 ) -> None:
     """Write a reproducible train/val/test split CSV and its split report (JSON)."""
-    from histolite.config import DataConfig
+    from pydantic import ValidationError
+
+    from histolite.config import DataConfig, format_validation_error
     from histolite.data.split_policy import load_split
     from histolite.data.splits import write_split_csv
+    from histolite.errors import ConfigError
     from histolite.fileio import write_json
 
-    cfg = DataConfig(
-        dataset=dataset,
-        root=str(root),
-        labels=labels,
-        magnification=magnification,  # type: ignore[arg-type]
-        val_fraction=val,
-        test_fraction=test,
-        split_by=split_by,  # type: ignore[arg-type]
-        group_by=group_by,
-        group_regex=group_regex,
-        val_split_by=val_split_by,  # type: ignore[arg-type]
-        split_seed=seed,
-    )
+    try:
+        cfg = DataConfig(
+            dataset=dataset,
+            root=str(root),
+            labels=labels,
+            magnification=magnification,  # type: ignore[arg-type]
+            val_fraction=val,
+            test_fraction=test,
+            split_by=split_by,  # type: ignore[arg-type]
+            group_by=group_by,
+            group_regex=group_regex,
+            val_split_by=val_split_by,  # type: ignore[arg-type]
+            split_seed=seed,
+        )
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "histolite data split options")) from exc
     split = load_split(cfg, seed)
     write_split_csv(out, split.as_images(), split.split_names())
     report = split.report

@@ -177,6 +177,7 @@ def _folder(root: Path, classes: dict[str, int], mode: str = "RGB") -> Path:
         "malformed_yaml",
         "unknown_key",
         "missing_run",
+        "bad_split_option",
     ],
 )
 def test_bad_input_gives_one_clear_error(
@@ -221,6 +222,10 @@ def test_bad_input_gives_one_clear_error(
             str(tmp_path / "r"),
         ]
         expected = "not a histolite run"
+    elif case == "bad_split_option":
+        args = ["data", "split", str(data), "--out", str(tmp_path / "s.csv")]
+        args += ["--val-split-by", "bogus"]
+        expected = "val_split_by: Input should be 'same', 'group_if_possible' or 'stratified'"
     code, _, err = run_cli(args)
     assert code == 2
     assert err.startswith("error: ") and expected in err
