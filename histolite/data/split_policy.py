@@ -8,6 +8,8 @@ and evaluation pass on; nothing downstream decides splits again.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +17,10 @@ from pathlib import Path
 from histolite.config import DataConfig
 from histolite.data.folder import LabelledImages, Sample
 from histolite.data.layouts import scan_dataset
-from histolite.data.registry import get_dataset
+from histolite.data.registry import get_dataset, list_datasets
 from histolite.data.splits import (
     SPLIT_NAMES,
+    LeakageWarning,
     make_split,
     read_split_csv,
     split_report,
@@ -150,6 +153,30 @@ def _report(
     return report
 
 
+def names_that_hold_groups(samples: Sequence[Sample], dataset: str) -> list[str]:
+    """Warn when a plain folder's file names say where its images came from.
+
+    Kather tiles read as ``dataset: folder`` would otherwise be split tile by tile, silently
+    letting tiles of one source image sit in training and test.
+    """
+    names = [s.path.name for s in samples]
+    for spec in list_datasets():
+        if spec.name == dataset or not spec.groupings or not names:
+            continue
+        kind, pattern = spec.groupings[0]
+        matched = sum(1 for n in names if re.search(pattern, n))
+        if matched >= 0.9 * len(names):
+            group = kind.replace("_", " ")
+            message = (
+                f"IMAGE-LEVEL SPLIT, but {matched} of the {len(names)} file names carry a "
+                f"{spec.name} {group} ({pattern}): tiles of one {group} will sit in training "
+                f"and test. Use dataset {spec.name} (data.dataset / --dataset) to split by {group}."
+            )
+            warnings.warn(message, LeakageWarning, stacklevel=2)
+            return [message]
+    return []
+
+
 def load_split(cfg: DataConfig, seed: int) -> Split:
     """Samples per split, from ``data.split_csv`` or by splitting ``data.root`` per policy."""
     if cfg.split_csv is not None:
@@ -170,6 +197,8 @@ def load_split(cfg: DataConfig, seed: int) -> Split:
     )
     images.require_trainable(cfg.root)
     given = [] if policy.grouped or not spec.patient_level else [warn_image_level_split(spec.name)]
+    if not policy.grouped and cfg.split_by == "auto":
+        given += names_that_hold_groups(images.samples, cfg.dataset)
     names = make_split(
         images,
         val=policy.val,

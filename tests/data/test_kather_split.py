@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from support import KATHER_CLASSES, make_kather
 from histolite.config import DataConfig
 from histolite.data.layouts import scan_dataset
 from histolite.data.split_policy import load_split
+from histolite.data.splits import LeakageWarning
 from histolite.errors import DataError
 
 
@@ -76,3 +78,13 @@ def test_original_tif_names_and_png_copies_give_the_same_groups(tmp_path: Path) 
         sample.path.rename(sample.path.with_suffix(".png"))
     png = scan_dataset("kather2016", root, group_regex=r"_(CRC-Prim-HE-[^.]+)\.tif")
     assert [s.group for s in tif.samples] == [s.group for s in png.samples]
+
+
+def test_kather_names_read_as_a_plain_folder_warn_of_a_tile_split(kather_root: Path) -> None:
+    with pytest.warns(LeakageWarning, match=r"carry a kather2016 source image"):
+        split = load_split(_cfg(kather_root, dataset="folder"), seed=0)
+    assert any("--dataset" in w for w in split.report["warnings"])
+    with warnings.catch_warnings():  # asked for explicitly: no warning
+        warnings.simplefilter("error", LeakageWarning)
+        load_split(_cfg(kather_root, dataset="folder", split_by="stratified"), seed=0)
+        load_split(_cfg(kather_root, val_split_by="group_if_possible"), seed=0)
