@@ -236,11 +236,14 @@ def train_minutes(rows: list[dict[str, str]], arm: str) -> float | None:
     seconds = [
         float(r["seconds"])
         for r in rows
-        if r["arm"] == arm
-        and r["split"] == "grouped"
-        and not json.loads((Path(r["run"]) / "train_summary.json").read_text())["resumed"]
+        if r["arm"] == arm and r["split"] == "grouped" and _trained_in_one_go(Path(r["run"]))
     ]
     return statistics.mean(seconds) / 60 if seconds else None
+
+
+def _trained_in_one_go(run: Path) -> bool:
+    summary = run / "train_summary.json"
+    return summary.is_file() and not json.loads(summary.read_text())["resumed"]
 
 
 def table(results: Path, out: Path, data: Path) -> str:

@@ -44,7 +44,11 @@ def models_list(
         if pattern not in names and pattern in list_model_names(pattern):
             names.append(pattern)
     for name in names:
-        cost = model_cost(name, num_classes, input_size)
+        try:
+            cost = model_cost(name, num_classes, input_size)
+        except (RuntimeError, ValueError, AssertionError) as exc:  # fixed-size models (ViT)
+            typer.echo(f"{name:<24} n/a at {input_size} px ({str(exc).splitlines()[0][:60]})")
+            continue
         source = model_source(name)
         if name in INSTALLABLE_WEIGHTS:
             package = INSTALLABLE_WEIGHTS[name]

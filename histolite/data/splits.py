@@ -367,60 +367,6 @@ class LeakageWarning(UserWarning):
     """An image-level split of data whose patients are known: test accuracy will be inflated."""
 
 
-def _file_size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
-
-
-def count_seen(seen: Sequence[Sample], samples: Sequence[Sample]) -> int:
-    """How many of ``samples`` are images of ``seen``, wherever the data or the run now lives.
-
-    Rows are matched by class and file stem, not by absolute path: a run copied to another
-    machine, or data moved or converted (PNG from TIFF), must not hide leakage. Where both
-    files still exist at different paths, equal sizes confirm the copy, so two datasets that
-    merely reuse names (``img_001``) do not count as each other.
-    """
-    by_key: dict[tuple[str, str], list[Path]] = {}
-    for sample in seen:
-        by_key.setdefault((sample.class_name, sample.path.stem), []).append(sample.path)
-    count = 0
-    for sample in samples:
-        candidates = by_key.get((sample.class_name, sample.path.stem), [])
-        if any(_same_image(path, sample.path) for path in candidates):
-            count += 1
-    return count
-
-
-def _same_image(seen: Path, path: Path) -> bool:
-    if seen.resolve() == path.resolve():
-        return True
-    seen_size = _file_size(seen)
-    if seen_size is None or seen.suffix.lower() != path.suffix.lower():
-        return True  # moved or converted: the name is all that is left to go by
-    return seen_size == _file_size(path)
-
-
-def training_rows_in(run_split_csv: Path, samples: Sequence[Sample]) -> int:
-    """How many of ``samples`` are training rows of the run whose split CSV this is."""
-    if not run_split_csv.is_file():
-        return 0
-    table = read_split_csv(run_split_csv)
-    return count_seen([s for s, name in table.rows if name == "train"], samples)
-
-
-def warn_training_rows(run: Path, seen: int, total: int) -> str:
-    """Evaluating on images the model trained on: say so loudly (and return the message)."""
-    message = (
-        f"{seen} of the {total} images evaluated were TRAINING images of {run}: these "
-        "accuracy figures are inflated. Evaluate on its test split (RUN/split.csv --split test) "
-        "or on images it never saw."
-    )
-    warnings.warn(message, LeakageWarning, stacklevel=2)
-    return message
-
-
 def warn_image_level_split(dataset: str) -> str:
     """Warn loudly (and return the message, for the run's split report)."""
     message = (

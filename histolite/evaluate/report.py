@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from histolite.data.folder import Sample, scan_image_folder
+from histolite.data.overlap import training_rows_in, warn_training_rows
 from histolite.data.patches import ImageLevelPrediction, aggregate_patch_predictions
-from histolite.data.splits import read_split_csv, training_rows_in, warn_training_rows
+from histolite.data.splits import read_split_csv
 from histolite.errors import DataError
 from histolite.evaluate.inference import (
     BagPrediction,
@@ -210,7 +211,7 @@ def evaluate_run(
     run = load_run(run_dir, checkpoint)
     samples = load_eval_samples(data, run.spec.classes, split)
     seen = training_rows_in(RunDir(run.run_dir).split_csv, samples)
-    leak = warn_training_rows(run.run_dir, seen, len(samples)) if seen else None
+    leak = warn_training_rows(run.run_dir, seen, len(samples)) if seen.total else None
     preds, bags = _predict_samples(run, samples, batch_size, num_workers, progress, tta)
     images = image_results(preds)
     report = build_report(run, samples, preds, images)
@@ -220,7 +221,8 @@ def evaluate_run(
         test_time_augmentation="8 dihedral views" if tta else None,
         data=str(data),
         split=split if Path(data).suffix.lower() == ".csv" else None,
-        training_images_evaluated=seen,
+        training_images_evaluated=seen.total,
+        training_images_unverified=seen.by_name,
     )
     if leak is not None:
         report["warning"] = leak

@@ -117,7 +117,7 @@ def _int8_throughput(run: Path, export_dir: Path, seconds: float, progress: bool
 def _rate(value: float | str | None) -> str:
     if isinstance(value, (int, float)):
         return f"{value:.0f}"
-    return "n/a" if value is None or not value else "refused (see compare.json)"
+    return "n/a" if value is None or not value else "failed or refused (see compare.json)"
 
 
 def _interval(row: dict[str, Any]) -> str:
@@ -171,7 +171,8 @@ def format_comparison(rows: Sequence[dict[str, Any]]) -> str:
         "",
         f"{rows[0]['level'] if rows else 'image'}-level metrics on n={n} test items"
         + (
-            ", averaged over 8 dihedral views (--tta)"
+            ", averaged over 8 dihedral views (--tta; the img/s columns are one view, so "
+            "divide them by 8)"
             if any(r.get("test_time_augmentation") for r in rows)
             else ""
         )

@@ -9,6 +9,7 @@ pure function of the epoch, so ``--resume`` mid-interval reloads the right one.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from histolite.config import DistillConfig, TrainConfig
+from histolite.data.overlap import describe_overlap, find_overlap
 from histolite.data.split_policy import Split, load_split
-from histolite.data.splits import count_seen, read_split_csv
+from histolite.data.splits import LeakageWarning, read_split_csv
 from histolite.errors import HistoliteError
 from histolite.fileio import read_json, write_json
 from histolite.models.loading import (
@@ -225,12 +227,21 @@ def teacher_mismatches(
         table = read_split_csv(teacher_split)
         teacher_train = [s for s, name in table.rows if name == "train"]
         for name in ("val", "test"):
-            seen = count_seen(teacher_train, split.parts[name])
-            if seen:
+            overlap = find_overlap(teacher_train, split.parts[name])
+            where = f"of the {len(split.parts[name])} images in the student's {name} split"
+            if overlap.confirmed:
                 problems.append(
-                    f"the teacher trained on {seen} of the {len(split.parts[name])} images in the "
-                    f"student's {name} split; use the teacher's split (the same data.split_seed "
-                    "and split settings, or data.split_csv=TEACHER/split.csv)"
+                    f"the teacher trained on {overlap.confirmed} {where}; use the teacher's "
+                    "split (the same data.split_seed and split settings, or "
+                    "data.split_csv=TEACHER/split.csv)"
+                )
+            elif overlap.by_name:  # cannot be confirmed: say so, do not refuse
+                warnings.warn(
+                    f"the teacher may have trained on {overlap.by_name} {where}"
+                    f"{describe_overlap(overlap)}; if so, the student's {name} scores are "
+                    "inflated",
+                    LeakageWarning,
+                    stacklevel=2,
                 )
     return problems
 

@@ -97,10 +97,13 @@ def resolve_config(
         return after
     # DDP workers start after rank 0 has written the run files: only rank 0 guards the folder.
     if RunDir(out).spec.exists() and is_rank_zero():
-        if not (RunDir(out).checkpoints / "last.ckpt").is_file():
+        files = RunDir(out)
+        started = files.train_summary.is_file() or any(files.checkpoints.glob("*.ckpt"))
+        if not started:
             raise HistoliteError(
-                f"{out} holds a run that stopped before its first checkpoint (nothing to "
-                "resume); delete the folder or choose another --out"
+                f"{out} holds a run with no checkpoint yet (stopped, or still in its first "
+                "epoch): nothing to resume; if it is not running, delete the folder or choose "
+                "another --out"
             )
         raise HistoliteError(
             f"{out} already holds a run; pass --resume to continue it, or choose another --out"

@@ -10,7 +10,6 @@ from PIL import Image
 from histolite.data.folder import LabelledImages, Sample, scan_image_folder
 from histolite.data.splits import (
     SplitFractions,
-    count_seen,
     grouped_split,
     make_split,
     read_split_csv,
@@ -211,28 +210,3 @@ def test_split_is_the_same_on_every_run(tmp_path: Path) -> None:
     for i in order[2:4]:
         expected[i] = "test"
     assert result == expected
-
-
-def test_count_seen_matches_images_wherever_they_now_live(tmp_path: Path) -> None:
-    def write(path: Path, value: int, size: int = 8) -> Sample:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
-        return Sample(path, 0, "tumor", path.stem)
-
-    trained = [write(tmp_path / "a" / "tumor" / f"t{i}.png", i) for i in range(3)]
-    assert count_seen(trained, trained) == 3
-    copies = []
-    for sample in trained[:2]:  # a byte-identical copy of the data elsewhere
-        copy = tmp_path / "b" / "tumor" / sample.path.name
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        copy.write_bytes(sample.path.read_bytes())
-        copies.append(Sample(copy, 0, "tumor", copy.stem))
-    assert count_seen(trained, copies) == 2
-    # a moved training folder: only the names are left to go by
-    gone = [Sample(tmp_path / "gone" / "tumor" / s.path.name, 0, "tumor", "g") for s in trained]
-    assert count_seen(gone, copies) == 2
-    # other images that merely reuse a name, or the name under another class, are not seen
-    other = [write(tmp_path / "c" / "tumor" / "t0.png", 0, size=16)]
-    assert count_seen(trained, other) == 0
-    relabelled = [Sample(copies[0].path, 1, "stroma", "x")]
-    assert count_seen(trained, relabelled) == 0

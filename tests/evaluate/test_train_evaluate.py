@@ -163,8 +163,13 @@ def test_a_model_that_cannot_be_built_leaves_no_run_behind(
     # the corrected command reuses the same --out instead of "already holds a run"
     run = _train(tmp_path, synthetic_dir, model={"name": "resnet8"})
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    (run / "checkpoints" / "last.ckpt").unlink()  # as if stopped before its first epoch ended
-    with pytest.raises(HistoliteError, match="stopped before its first checkpoint"):
+    (run / "checkpoints" / "last.ckpt").unlink()  # a finished run, pruned: still a run
+    with pytest.raises(HistoliteError, match="already holds a run"):
+        resolve_config(tmp_path / "run.yaml", [], run, resume=False)
+    for ckpt in (run / "checkpoints").glob("*.ckpt"):  # as if stopped in its first epoch
+        ckpt.unlink()
+    (run / "train_summary.json").unlink()
+    with pytest.raises(HistoliteError, match="no checkpoint yet"):
         resolve_config(tmp_path / "run.yaml", [], run, resume=False)
 
 

@@ -16,10 +16,12 @@ import torch
 from support import write_config
 
 from histolite.config import DistillConfig, PatchConfig, StainConfig
+from histolite.data.split_policy import load_split
+from histolite.data.splits import LeakageWarning
 from histolite.errors import HistoliteError
 from histolite.export.compare import compare_runs
 from histolite.models import NormalizedClassifier, create_model
-from histolite.runspec import RunDir
+from histolite.runspec import RunDir, RunSpec
 from histolite.train import resolve_config, train_run
 from histolite.train.distill import (
     DistillModule,
@@ -27,6 +29,7 @@ from histolite.train.distill import (
     describe_plan,
     distill_run,
     plan_intervals,
+    teacher_mismatches,
 )
 from histolite.train.losses import DistillationLoss, kd_divergence
 from histolite.train.schedule import AtEpochs, EveryNEpochs
@@ -324,7 +327,7 @@ def test_distill_command_prints_the_plan_and_compare_builds_one_table(
         speed_seconds=0.1,
     )
     assert with_tta[0]["test_time_augmentation"] == "8 dihedral views"
-    assert "8 dihedral views (--tta)" in (tmp_path / "cmp_tta8" / "compare.md").read_text()
+    assert "8 dihedral views (--tta;" in (tmp_path / "cmp_tta8" / "compare.md").read_text()
 
 
 def test_teacher_refuses_other_stain_geometry_or_a_leaky_split(
@@ -349,14 +352,19 @@ def test_teacher_refuses_other_stain_geometry_or_a_leaky_split(
     ):
         distill_run(leaky, teacher_run, tmp_path / "l", progress=False)
     assert not (tmp_path / "l" / "checkpoints").exists()  # refused before training
-    # the check survives a teacher run copied elsewhere and a copy of the data
-    moved = tmp_path / "elsewhere" / "deeper" / "teacher"
-    shutil.copytree(teacher_run, moved)
+    # a copy of the data does not hide it: the copies are the teacher's training images
     data_copy = tmp_path / "data_copy"
     shutil.copytree(synthetic_dir, data_copy)
     leaky.data.root = str(data_copy)
     with pytest.raises(HistoliteError, match=r"the teacher trained on \d+ of the"):
-        distill_run(leaky, moved, tmp_path / "m", progress=False)
+        distill_run(leaky, teacher_run, tmp_path / "c", progress=False)
+    # a teacher run moved away from its data: matched by name only, said but not refused
+    moved = tmp_path / "elsewhere" / "deeper" / "teacher"
+    shutil.copytree(teacher_run, moved)
+    leaky.trainer.max_epochs = 1
+    with pytest.warns(LeakageWarning, match=r"may have trained on \d+ .* by class and file name"):
+        problems = teacher_mismatches(moved, RunSpec.load(moved), leaky, load_split(leaky.data, 0))
+    assert problems == []
 
 
 def test_onnx_teacher_matches_the_torch_teacher(teacher_run: Path) -> None:
