@@ -227,6 +227,15 @@ def _mean_sd(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
+def last_val_accuracy(run: Path) -> float | None:
+    """Validation accuracy at the last epoch (the model each recipe keeps); what levers are
+    chosen on, never the test split."""
+    from histolite.evaluate.plots import read_epoch_metrics
+
+    series = read_epoch_metrics(run).get("val_acc", {})
+    return series[max(series)] if series else None
+
+
 def train_minutes(rows: list[dict[str, str]], arm: str) -> float | None:
     """Mean wall time of the arm's grouped runs that trained in one go.
 
@@ -255,15 +264,19 @@ def table(results: Path, out: Path, data: Path) -> str:
     lines = [
         "| row | "
         + " | ".join(f"accuracy % ({s})" for s in splits)
-        + " | parameters | MMACs | size MB (PyTorch / ONNX) | ONNX img/s b64 "
+        + " | val % (grouped) | parameters | MMACs | size MB (PyTorch / ONNX) | ONNX img/s b64 "
         "| train min (grouped) |",
-        "|---|" + "---:|" * len(splits) + "---:|---:|---:|---:|---:|",
+        "|---|" + "---:|" * len(splits) + "---:|---:|---:|---:|---:|---:|",
     ]
     for arm in arms:
         cells = []
         for split in splits:
             values = [v for (s, a, _), v in acc.items() if s == split and a == arm]
             cells.append(_mean_sd(values) if values else "n/a")
+        val = [
+            last_val_accuracy(run) for (s, a, _), run in runs.items() if (s, a) == ("grouped", arm)
+        ]
+        cells.append(_mean_sd([v for v in val if v is not None]) if any(val) else "n/a")
         first = next(r for r in rows if r["arm"] == arm)
         c = cost(Path(first["run"]), out)
         minutes = train_minutes(rows, arm)
