@@ -255,6 +255,11 @@ class DistillSection(_Strict):
         default="auto",
         description="where the teacher runs: auto = ONNX Runtime on CPU, PyTorch on GPU",
     )
+    teacher_tta: bool = Field(
+        default=False,
+        description="the teacher labels each view as the mean over its 8 flips/rotations "
+        "(a stronger guide where `evaluate --tta` shows one; 8x the teacher's cost)",
+    )
 
 
 class MILConfig(_Strict):

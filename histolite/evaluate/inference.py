@@ -17,6 +17,7 @@ from histolite.data.folder import Sample
 from histolite.data.patches import bag_positions, index_patches
 from histolite.data.transforms import build_eval_transform, image_tensor, preprocess
 from histolite.models.loading import LoadedRun
+from histolite.models.tta import dihedral_views
 
 
 @dataclass
@@ -27,15 +28,6 @@ class Predictions:
     labels: np.ndarray
     image_index: np.ndarray
     patch_level: bool
-
-
-def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
-    """The 8 flips/rotations of a (B, 3, H, W) batch: tissue has no preferred orientation."""
-    views = []
-    for k in range(4):
-        rotated = torch.rot90(x, k, dims=(-2, -1))
-        views += [rotated, torch.flip(rotated, dims=(-1,))]
-    return views
 
 
 def class_probabilities(model: torch.nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:

@@ -28,6 +28,7 @@ from histolite.models.loading import (
     load_run,
     require_classifier,
 )
+from histolite.models.tta import dihedral_log_probabilities
 from histolite.runspec import RunDir, RunSpec, checkpoint_path, is_rank_zero
 from histolite.train.data import ImageDataModule, PreparedData, build_stain, stain_spec
 from histolite.train.losses import DistillationLoss, Mix
@@ -124,9 +125,11 @@ class DistillModule(ClassifierModule):
         intervals: list[TeacherInterval],
         loss: DistillationLoss,
         switches_file: Path,
+        teacher_tta: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
+        self.teacher_tta = teacher_tta
         object.__setattr__(self, "teacher", teacher)
         self.teacher_run = teacher_run
         self.teacher_image_size = teacher_image_size
@@ -172,7 +175,11 @@ class DistillModule(ClassifierModule):
             teacher_x = x
             if x.shape[-1] != self.teacher_image_size or x.shape[-2] != self.teacher_image_size:
                 teacher_x = resize_batch(x, self.teacher_image_size)
-            teacher_logits = self.teacher(teacher_x)
+            teacher_logits = (
+                dihedral_log_probabilities(self.teacher, teacher_x)
+                if self.teacher_tta
+                else self.teacher(teacher_x)
+            )
         student_logits = self(x)
         shown = y if mix is None or mix.lam >= 0.5 else mix.other
         self._log_teacher_metrics(student_logits, teacher_logits, shown)
@@ -328,6 +335,7 @@ def _distill_module(
             plan.intervals,
             loss,
             switches,
+            teacher_tta=cfg.distill.teacher_tta,
             optimizer=config.optimizer,
             scheduler=config.scheduler,
             **{**module_options(config), "input_size": config.data.image_size},

@@ -243,8 +243,9 @@ def test_unreadable_files_refused_or_skipped_and_recorded(
 
 
 def test_test_time_augmentation_averages_the_eight_views() -> None:
-    from histolite.evaluate.inference import class_probabilities, dihedral_views
+    from histolite.evaluate.inference import class_probabilities
     from histolite.models import create_model
+    from histolite.models.tta import dihedral_views
 
     x = torch.rand(2, 3, 16, 16)
     views = dihedral_views(x)

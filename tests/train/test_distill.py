@@ -19,6 +19,7 @@ from histolite.config import DistillConfig, PatchConfig, StainConfig
 from histolite.data.split_policy import load_split
 from histolite.data.splits import LeakageWarning
 from histolite.errors import HistoliteError
+from histolite.evaluate.inference import class_probabilities
 from histolite.export.compare import compare_runs
 from histolite.models import NormalizedClassifier, create_model
 from histolite.runspec import RunDir, RunSpec
@@ -66,7 +67,9 @@ def test_checkpoint_schedules() -> None:
     assert AtEpochs((3, 1, 99)).epochs(6) == [1, 3, 6]
 
 
-def _module(intervals: list[TeacherInterval], teacher_run: Path, tmp_path: Path) -> DistillModule:
+def _module(
+    intervals: list[TeacherInterval], teacher_run: Path, tmp_path: Path, teacher_tta: bool = False
+) -> DistillModule:
     from histolite.config import OptimizerConfig, SchedulerConfig
 
     teacher = NormalizedClassifier(create_model("resnet8", 4), (0.5,) * 3, (0.25,) * 3)
@@ -79,10 +82,39 @@ def _module(intervals: list[TeacherInterval], teacher_run: Path, tmp_path: Path)
         intervals,
         DistillationLoss(),
         tmp_path / "sw.json",
+        teacher_tta=teacher_tta,
         optimizer=OptimizerConfig(),
         scheduler=SchedulerConfig(),
         max_epochs=2,
     )
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # no Trainer here
+def test_a_test_time_augmented_teacher_labels_every_orientation_alike(tmp_path: Path) -> None:
+    module = _module([TeacherInterval(0, 1, "x.ckpt", None)], tmp_path, tmp_path, teacher_tta=True)
+    seen: list[torch.Tensor] = []
+
+    class Recorder(torch.nn.Module):  # the loss, recording what the teacher said
+        def forward(self, student: torch.Tensor, teacher: torch.Tensor, *_: object) -> torch.Tensor:
+            seen.append(teacher)
+            return student.sum()
+
+    module.kd = Recorder()
+    x, y = torch.rand(2, 3, 24, 24), torch.tensor([0, 1])
+    module.training_loss(x, y, None)
+    module.training_loss(torch.rot90(x, 1, dims=(-2, -1)), y, None)
+    module.training_loss(torch.flip(x, dims=(-1,)), y, None)
+    assert torch.allclose(seen[0], seen[1], atol=1e-5)
+    assert torch.allclose(seen[0], seen[2], atol=1e-5)
+    teacher = module.teacher.model  # type: ignore[attr-defined]
+    with torch.no_grad():
+        expected = class_probabilities(teacher, x, tta=True)
+    assert torch.allclose(seen[0].exp(), expected, atol=1e-5)  # log of the 8-view mean
+    plain = _module([TeacherInterval(0, 1, "x.ckpt", None)], tmp_path, tmp_path)
+    plain.kd = module.kd
+    plain.training_loss(x, y, None)
+    plain.training_loss(torch.rot90(x, 1, dims=(-2, -1)), y, None)
+    assert not torch.allclose(seen[3], seen[4], atol=1e-3)  # a plain teacher is not invariant
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # no Trainer here
@@ -328,6 +360,25 @@ def test_distill_command_prints_the_plan_and_compare_builds_one_table(
     )
     assert with_tta[0]["test_time_augmentation"] == "8 dihedral views"
     assert "8 dihedral views (--tta;" in (tmp_path / "cmp_tta8" / "compare.md").read_text()
+
+
+def test_distill_with_a_test_time_augmented_teacher_runs_end_to_end(
+    tmp_path: Path, teacher_run: Path, synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from histolite.train import distill
+
+    calls: list[int] = []
+    real = distill.dihedral_log_probabilities
+    monkeypatch.setattr(
+        distill, "dihedral_log_probabilities", lambda t, x: (calls.append(len(x)), real(t, x))[1]
+    )
+    cfg = _student_config(tmp_path, synthetic_dir, "vanilla", epochs=1)
+    cfg.distill.teacher_tta = True
+    run = distill_run(cfg, teacher_run, tmp_path / "tta", progress=False)
+    assert calls and sum(calls) == len(load_split(cfg.data, cfg.seed).parts["train"])
+    saved = (run / "config.yaml").read_text()
+    assert "teacher_tta: true" in saved
+    assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_teacher_refuses_other_stain_geometry_or_a_leaky_split(
