@@ -16,10 +16,11 @@ from enum import Enum
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from histolite.data.folder import Sample
+from histolite.data.images import load_rgb
 from histolite.data.splits import LeakageWarning, read_split_csv
+from histolite.errors import HistoliteError
 
 
 class Match(Enum):
@@ -50,9 +51,8 @@ def _digest(path: Path) -> str:
 
 def _pixels(path: Path) -> np.ndarray | None:
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError):
+        return load_rgb(path)  # what training sees, TIFF layouts and alpha included
+    except HistoliteError:
         return None
 
 
