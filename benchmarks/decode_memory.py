@@ -63,7 +63,7 @@ def make_upload(fmt: str, megapixels: float) -> bytes:
 
 def child(model_dir: str, upload: str, max_batch: int) -> None:
     from histolite.data.images import decode_rgb
-    from histolite.export.runtime import OnnxClassifier
+    from histolite.runtime.classifier import OnnxClassifier
 
     model = OnnxClassifier(model_dir, threads=1, max_batch=max_batch)
     ready = _peak_mb()

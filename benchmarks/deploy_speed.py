@@ -21,9 +21,9 @@ from histolite.data.folder import scan_image_folder
 from histolite.data.images import load_rgb
 from histolite.evaluate.inference import predict
 from histolite.evaluate.speed import images_per_second
-from histolite.export.runtime import OnnxClassifier
 from histolite.models import weight_size_mb
 from histolite.models.loading import load_run
+from histolite.runtime.classifier import OnnxClassifier
 
 
 def onnx_per_second(model: OnnxClassifier, batch: int, min_seconds: float = 2.0) -> float:

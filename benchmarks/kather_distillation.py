@@ -154,9 +154,10 @@ def cost(run: Path, out: Path) -> dict[str, object]:
     PyTorch), else FP32: a model is never timed in a form that export would refuse to ship.
     """
     from histolite.export.onnx import ExportError, export_run
-    from histolite.export.runtime import OnnxClassifier, onnx_images_per_second
     from histolite.models import count_macs, count_parameters, weight_size_mb
     from histolite.models.loading import load_run
+    from histolite.runtime.classifier import OnnxClassifier
+    from histolite.runtime.speed import onnx_images_per_second
 
     loaded = load_run(run, device="cpu")
     size = {

@@ -9,4 +9,4 @@ source_dir=${2:?usage: install_serving.sh VENV_DIR SOURCE_DIR}
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --no-cache-dir --upgrade pip
 "$venv/bin/python" -m pip install --quiet --no-cache-dir "$source_dir[serve,slide]"
-"$venv/bin/python" -c "import histolite.serve.app, histolite.export.slide_inference, sys; assert 'torch' not in sys.modules"
+"$venv/bin/python" -c "import histolite.serve.app, histolite.slide.inference, histolite.slide.merge, histolite.slide.features, sys; assert 'torch' not in sys.modules"

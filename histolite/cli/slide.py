@@ -35,12 +35,9 @@ def slide_infer(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Tissue mask, tiles at a physical size, one class per tile: CSV, GeoJSON, heatmap, summary."""
-    from histolite.export.runtime import OnnxClassifier
-    from histolite.export.slide_inference import (
-        SlideSettings,
-        batch_summary_path,
-        classify_slides,
-    )
+    from histolite.runtime.classifier import OnnxClassifier
+    from histolite.slide.inference import SlideSettings, classify_slides
+    from histolite.slide.layout import BatchOutputs
     from histolite.slide.reader import expand_slide_paths
     from histolite.slide.tiles import parse_shard
 
@@ -69,7 +66,7 @@ def slide_infer(
     batch = classify_slides(paths, classifier, out, settings, progress=progress, report=report)
     typer.echo(f"{len(batch['classified'])} slide(s) classified into {out}")
     if batch["failed"]:
-        report_file = batch_summary_path(out, settings.shard)
+        report_file = BatchOutputs(out).batch_summary(settings.shard)
         typer.secho(
             f"{len(batch['failed'])} slide(s) failed; see {report_file}",
             fg="red",
@@ -106,11 +103,8 @@ def slide_merge(
 ) -> None:
     """Join the shards of `slide infer --shard I/N` into one slide's outputs."""
     from histolite.errors import HistoliteError
-    from histolite.export.slide_inference import (
-        exported_model_identity,
-        merge_batch,
-        merge_shards,
-    )
+    from histolite.runtime.card import exported_model_identity
+    from histolite.slide.merge import merge_batch, merge_shards
 
     identity = exported_model_identity(model) if model is not None else None
     if identity is None:
@@ -163,22 +157,19 @@ def slide_features_command(
 
     Put each slide's file under BAGS/<class>/ and train with data.dataset=slide_features.
     """
+    from histolite.models.embedding import tile_embedder
+    from histolite.slide.features import TileSettings, slide_features
     from histolite.slide.reader import expand_slide_paths, require_distinct_stems
-    from histolite.train.slide_features import FeatureSettings, slide_features
 
-    settings = FeatureSettings(
-        backbone=backbone,
-        pretrained=pretrained,
-        weights=str(weights) if weights else None,
-        tile_um=tile_um,
-        tile_px=tile_px,
-        min_tissue=min_tissue,
-        mpp=mpp,
-        batch_size=batch_size,
+    settings = TileSettings(
+        tile_um=tile_um, tile_px=tile_px, min_tissue=min_tissue, mpp=mpp, batch_size=batch_size
     )
     paths = expand_slide_paths(slides)
     require_distinct_stems(paths)  # one OUT/<stem>.npz per slide
-    for path in slide_features(paths, out, settings, progress=progress):
+    embed, provenance = tile_embedder(
+        backbone, pretrained=pretrained, weights=str(weights) if weights else None
+    )
+    for path in slide_features(paths, out, settings, embed, provenance, progress=progress):
         typer.echo(f"wrote {path}")
 
 
@@ -196,51 +187,24 @@ def slide_predict(
     from histolite.data.folder import Sample
     from histolite.errors import HistoliteError
     from histolite.evaluate.inference import predict_feature_bags
-    from histolite.fileio import write_json
     from histolite.models.loading import load_run
-    from histolite.slide.outputs import render_attention
-    from histolite.slide.reader import open_slide, thumbnail
+    from histolite.slide.features import write_bag_prediction
+    from histolite.slide.layout import BatchOutputs
 
     loaded = load_run(run, checkpoint, device="cpu")
     if loaded.spec.mil is None or not loaded.spec.mil.precomputed:
         raise HistoliteError(f"{run}: not an attention-MIL run on slide features")
-    classes = loaded.spec.classes
     for path in features:
         bag = load_bag(path)
         (prediction,) = predict_feature_bags(
             loaded, [Sample(path, 0, "", path.stem)], progress=False
         )
-        predicted = classes[int(prediction.probs.argmax())]
-        probabilities = {c: float(p) for c, p in zip(classes, prediction.probs, strict=True)}
-        target = out / path.stem
-        target.mkdir(parents=True, exist_ok=True)
-        result: dict[str, object] = {
-            "features": str(path),
-            "slide": bag.meta.get("slide"),
-            "class": predicted,
-            "probabilities": probabilities,
-            "tiles": len(bag.boxes),
-            "attention": [
-                {"x": int(x), "y": int(y), "width": int(w), "height": int(h), "weight": float(a)}
-                for (x, y, w, h), a in zip(bag.boxes, prediction.attention, strict=True)
-            ],
-        }
-        write_json(target / "mil_prediction.json", result)
-        slide_path = Path(str(bag.meta.get("slide", "")))
-        if slide_path.is_file():
-            slide = open_slide(slide_path, bag.meta.get("mpp"))
-            try:
-                thumb, scale = thumbnail(slide, 2048)
-            finally:
-                slide.close()
-            render_attention(
-                thumb,
-                scale,
-                [(int(x), int(y), int(w)) for x, y, w, _ in bag.boxes],
-                prediction.attention.tolist(),
-                target / "mil_heatmap.png",
-                title=f"{slide_path.name}: {predicted} ("
-                + ", ".join(f"{c} {p:.2f}" for c, p in probabilities.items())
-                + ")",
-            )
+        result = write_bag_prediction(
+            BatchOutputs(out).slide(path),
+            path,
+            bag,
+            loaded.spec.classes,
+            prediction.probs,
+            prediction.attention,
+        )
         typer.echo(json.dumps({k: result[k] for k in ("features", "class", "probabilities")}))

@@ -139,17 +139,13 @@ def stain_normalize(
 
 def _slide_tiles(slides: list[Path], tile_um: float, tile_px: int):  # type: ignore[no-untyped-def]
     """(slide, [((x, y), pixels), ...]) of each slide's tissue tiles, read lazily."""
-    from histolite.slide.reader import open_slide, read_region, thumbnail
-    from histolite.slide.tiles import tile_grid, tissue_tiles
-    from histolite.slide.tissue import tissue_mask
+    from histolite.slide.reader import open_slide, read_region
+    from histolite.slide.tiles import plan_tissue_tiles
 
     for path in slides:
         slide = open_slide(path)
         try:
-            info = slide.info
-            thumb, scale = thumbnail(slide, min(2048, max(info.width, info.height)))
-            mask = tissue_mask(thumb, info.mpp * scale, min_object_um2=min(5000.0, tile_um**2 / 4))
-            tiles = tissue_tiles(tile_grid(info, tile_um), mask, scale, 0.5)
+            tiles = plan_tissue_tiles(slide, tile_um).tiles
             yield path, [((t.x, t.y), read_region(slide, t.x, t.y, t.size, tile_px)) for t in tiles]
         finally:
             slide.close()

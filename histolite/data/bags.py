@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from histolite.data.feature_bags import load_bag
 from histolite.data.folder import Sample
 from histolite.data.images import load_rgb
 from histolite.data.patches import bag_positions
@@ -94,11 +95,30 @@ class FeatureBagDataset(Dataset[tuple[Tensor, int]]):
         return len(self.features)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        bag = self.features[index]
-        if self.max_instances is not None and len(bag) > self.max_instances:
-            keep = torch.randperm(len(bag))[: self.max_instances].sort().values
-            bag = bag[keep]
-        return bag, self.labels[index]
+        return subsample(self.features[index], self.max_instances), self.labels[index]
+
+
+class FeatureFileBags(Dataset[tuple[Tensor, int]]):
+    """Bags read from slide feature files on demand (memory holds one batch of slides)."""
+
+    def __init__(self, samples: Sequence[Sample], max_instances: int | None = None) -> None:
+        self.samples = list(samples)
+        self.max_instances = max_instances
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        bag = torch.from_numpy(load_bag(self.samples[index].path).features)
+        return subsample(bag, self.max_instances), self.samples[index].label
+
+
+def subsample(bag: Tensor, max_instances: int | None) -> Tensor:
+    """A random subset of ``max_instances`` instances, in their original order (all if fewer)."""
+    if max_instances is None or len(bag) <= max_instances:
+        return bag
+    keep = torch.randperm(len(bag))[:max_instances].sort().values
+    return bag[keep]
 
 
 def collate_bags(batch: Sequence[tuple[Tensor, int]]) -> tuple[Tensor, Tensor, Tensor]:

@@ -3,7 +3,8 @@
 A slide is too large to be a bag of pixels, so attention MIL on slides trains on cached tile
 embeddings. Each file holds ``features`` (N, F) float32, ``boxes`` (N, 4) level-0 x, y, width,
 height, ``tissue`` (N,) and ``meta``, a JSON string saying how the features were made (backbone,
-tile size in microns, slide path). Files are read with ``allow_pickle=False``.
+tile size in microns, slide path). Files are read with ``allow_pickle=False``. No torch here:
+slides are embedded by ``histolite.slide.features``; ``data.bags`` makes the torch datasets.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 
 from histolite.data.folder import Sample
 from histolite.errors import DataError
@@ -80,21 +78,3 @@ def feature_dimension(samples: Sequence[Sample]) -> tuple[int, dict[str, Any]]:
                 "extract every slide with the same backbone"
             )
     return dim, first.meta
-
-
-class FeatureFileBags(Dataset[tuple[Tensor, int]]):
-    """Bags read from feature files on demand (memory holds one batch of slides)."""
-
-    def __init__(self, samples: Sequence[Sample], max_instances: int | None = None) -> None:
-        self.samples = list(samples)
-        self.max_instances = max_instances
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        bag = torch.from_numpy(load_bag(self.samples[index].path).features)
-        if self.max_instances is not None and len(bag) > self.max_instances:
-            keep = torch.randperm(len(bag))[: self.max_instances].sort().values
-            bag = bag[keep]
-        return bag, self.samples[index].label

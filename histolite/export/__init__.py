@@ -1,5 +1,4 @@
-"""Export a trained run to ONNX (FP32 or INT8), and the torch-free runtime that serves it.
+"""Export a trained run to ONNX (FP32 or INT8) with parity checks, and compare runs.
 
-Import ``histolite.export.onnx`` (needs torch) or ``histolite.export.runtime`` (ONNX Runtime and
-NumPy only) directly: this package's ``__init__`` imports neither, so serving never loads torch.
+Needs torch. What runs the exported graphs without torch is ``histolite.runtime``.
 """

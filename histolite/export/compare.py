@@ -19,10 +19,11 @@ from histolite.errors import HistoliteError
 from histolite.evaluate.report import evaluate_run
 from histolite.evaluate.speed import images_per_second
 from histolite.export.onnx import export_run
-from histolite.export.runtime import OnnxClassifier, onnx_images_per_second
 from histolite.fileio import write_json, write_text
 from histolite.models import count_macs, count_parameters, weight_size_mb
 from histolite.models.loading import load_run, require_classifier
+from histolite.runtime.classifier import OnnxClassifier
+from histolite.runtime.speed import onnx_images_per_second
 
 
 def _run_names(runs: Sequence[Path], names: Sequence[str] | None) -> list[str]:

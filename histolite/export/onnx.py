@@ -35,22 +35,20 @@ from histolite.export.graph import (
     StainGraph,
     gradcam_head,
 )
-from histolite.export.runtime import (
-    CARD_FILE,
-    CARD_FORMAT_VERSION,
-    MODEL_FILE,
-    STAIN_FILE,
-    CropStain,
-    OnnxClassifier,
-    bag_to_batch,
-    file_sha256,
-    image_to_batch,
-)
 from histolite.fileio import read_json, write_json
 from histolite.models import count_parameters
 from histolite.models.loading import LoadedRun, load_run, require_classifier
 from histolite.models.mil import AttentionMIL
 from histolite.runspec import RunDir
+from histolite.runtime.card import (
+    CARD_FILE,
+    CARD_FORMAT_VERSION,
+    MODEL_FILE,
+    STAIN_FILE,
+    file_sha256,
+)
+from histolite.runtime.classifier import OnnxClassifier
+from histolite.runtime.preprocess import CropStain, bag_to_batch, image_to_batch
 from histolite.stain import ReinhardNormalizer
 
 OPSET = 17

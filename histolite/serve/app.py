@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from histolite.data.images import decode_rgb
 from histolite.errors import DataError
-from histolite.export.runtime import CamGrid
+from histolite.runtime.cam import CamGrid
 from histolite.serve.audit import AuditLog, AuditUnavailable, Entry
 from histolite.serve.fetch import UrlFetcher, UrlFetchError
 from histolite.serve.metrics import Metrics

@@ -20,7 +20,8 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from histolite.errors import HistoliteError
-from histolite.export.runtime import CARD_FILE, OnnxClassifier
+from histolite.runtime.card import CARD_FILE
+from histolite.runtime.classifier import OnnxClassifier
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from histolite.errors import HistoliteError
-from histolite.export.slide_inference import SlideSettings, classify_slide
 from histolite.fileio import read_json, write_json
 from histolite.serve.audit import AuditUnavailable
 from histolite.serve.repository import Repository
+from histolite.slide.inference import SlideSettings, classify_slide
+from histolite.slide.layout import BatchOutputs
 from histolite.slide.reader import SLIDE_SUFFIXES
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -215,19 +216,17 @@ class SlideJobs:
     def _work(self, job_id: str) -> None:
         job = self._update(job_id, status="running", started=_now())
         entry = self.repository.get(job["model"], job["version"])
-        out = self.settings.jobs_dir / job_id
         summary = classify_slide(
             self.root / job["slide"],
             entry.model,
-            out,
+            self.settings.jobs_dir / job_id,
             SlideSettings(),
             progress=False,
             on_progress=lambda done, total: self._progress(job_id, done, total),
+            # the slide as the client named it, not its path on this server; the served name
+            # and version (a repository's folders), not the card's own labels
+            rename={"slide": job["slide"], "model": entry.name, "model_version": entry.version},
         )
-        # the served name and version (a repository's folders), not the card's own labels,
-        # and the slide as the client named it, not its path on this server
-        summary.update(slide=job["slide"], model=entry.name, model_version=entry.version)
-        write_json(out / Path(job["slide"]).stem / "summary.json", summary)
         counts = summary["class_counts"]
         job = self._update(
             job_id,
@@ -256,13 +255,7 @@ class SlideJobs:
         job = self.get(job_id)
         if job["status"] != "done":
             raise JobError(409, f"the job is {job['status']}; outputs exist once it is done")
-        folder = self.settings.jobs_dir / job_id / Path(job["slide"]).stem
-        files = {
-            "summary.json": folder / "summary.json",
-            "geojson": folder / f"{Path(job['slide']).stem}.geojson",
-            "heatmap.png": folder / "heatmap.png",
-            "tiles.csv": folder / "tiles.csv",
-        }
+        files = BatchOutputs(self.settings.jobs_dir / job_id).slide(job["slide"]).served_files()
         if name not in files:
             raise JobError(404, f"no output {name!r}; outputs: {', '.join(files)}")
         return files[name]

@@ -37,6 +37,9 @@ class SlideInfo:
     mpp: float
     mpp_source: str
     reader: str
+    # where the scanned area starts in level-0 pixels (OpenSlide's bounds-x/y, e.g. MIRAX):
+    # QuPath's coordinates start there, so its annotations are shifted by it
+    origin: tuple[int, int] = (0, 0)
 
     def level_for(self, downsample: float) -> int:
         """The coarsest level at least as fine as ``downsample`` (so reads resize down)."""
@@ -157,6 +160,13 @@ def _check_mpp(
     return mpp, source
 
 
+def _int_property(props: Any, key: str) -> int:
+    try:
+        return int(props.get(key) or 0)
+    except ValueError:
+        return 0
+
+
 class OpenSlideSlide:
     """A slide read by OpenSlide."""
 
@@ -188,6 +198,10 @@ class OpenSlideSlide:
             mpp=value,
             mpp_source=source,
             reader=f"openslide ({props.get('openslide.vendor', 'unknown vendor')})",
+            origin=(
+                _int_property(props, "openslide.bounds-x"),
+                _int_property(props, "openslide.bounds-y"),
+            ),
         )
 
     def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:

@@ -4,6 +4,9 @@ Tiles are placed in level-0 pixels: a tile of ``tile_um`` microns is ``tile_um /
 pixels wide, whatever the scanner's magnification, so a model trained on 0.5 um/px tiles sees
 0.5 um/px tiles. Every tile of the full grid has a fixed index (row-major), so a shard is simply
 the tiles whose index falls to it: shards are disjoint, deterministic and together complete.
+
+:func:`plan_tissue_tiles` is the one place that turns a slide into its tissue tiles; inference,
+slide features, tile datasets and stain fitting all start from it, so they agree on the tiles.
 """
 
 from __future__ import annotations
@@ -12,10 +15,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from histolite.errors import DataError
-from histolite.slide.reader import SlideInfo
-from histolite.slide.tissue import box_fraction
+from histolite.slide.reader import Slide, SlideInfo, thumbnail
+from histolite.slide.tissue import box_fractions, tissue_mask
+
+MASK_MPP = 8.0  # microns per mask pixel: 1.25x for a 20x scan, as TIAToolbox masks
+OVERVIEW_SIDE = 640  # the overview kept for heatmaps: their panels are at most this wide
 
 
 @dataclass(frozen=True)
@@ -72,13 +79,15 @@ def tissue_tiles(
 ) -> list[Tile]:
     """Tiles of this shard whose tissue fraction reaches ``min_tissue``, in grid order."""
     index, count = shard
-    tiles = []
-    for i in range(index, grid.count, count):
-        x, y = grid.box(i)
-        tissue = box_fraction(mask, mask_scale, x, y, grid.size)
-        if tissue >= min_tissue and tissue > 0.0:
-            tiles.append(Tile(i, x, y, grid.size, round(tissue, 4)))
-    return tiles
+    indices = np.arange(index, grid.count, count, dtype=np.int64)
+    rows, columns = np.divmod(indices, max(grid.columns, 1))
+    xs, ys = columns * grid.stride, rows * grid.stride
+    tissue = box_fractions(mask, mask_scale, xs, ys, grid.size)
+    keep = (tissue >= min_tissue) & (tissue > 0.0)
+    return [
+        Tile(int(i), int(x), int(y), grid.size, round(float(f), 4))
+        for i, x, y, f in zip(indices[keep], xs[keep], ys[keep], tissue[keep], strict=True)
+    ]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -98,7 +107,81 @@ def mm2(pixels: float, mpp: float) -> float:
     return pixels * (mpp / 1000.0) ** 2
 
 
-def thumbnail_side(info: SlideInfo, mask_mpp: float = 8.0, max_side: int = 4096) -> int:
-    """Side of the thumbnail the tissue mask is computed on: about ``mask_mpp`` um per pixel."""
+def thumbnail_side(info: SlideInfo, mask_mpp: float = MASK_MPP, max_side: int = 4096) -> int:
+    """Side of the view the tissue mask is computed on: about ``mask_mpp`` um per pixel.
+
+    At least 256 pixels (a small excerpt keeps some detail; never more than the slide itself),
+    at most ``max_side`` (a huge slide's mask stays a few MB).
+    """
     wanted = max(info.width, info.height) * info.mpp / mask_mpp
-    return int(min(max_side, max(256, math.ceil(wanted))))
+    longest = max(info.width, info.height)
+    return int(min(max_side, longest, max(256, math.ceil(wanted))))
+
+
+@dataclass(frozen=True)
+class TissueTiles:
+    """A slide's tissue tiles and the low-resolution views they were chosen on.
+
+    ``overview`` (RGB, ``overview_scale`` level-0 pixels per pixel) is what heatmaps are drawn
+    on; ``mask`` (``mask_scale``) is the tissue mask; ``tiles`` are the grid's tissue tiles.
+    """
+
+    overview: np.ndarray
+    overview_scale: float
+    mask: np.ndarray
+    mask_scale: float
+    grid: TileGrid
+    tiles: list[Tile]
+
+
+def shrink(view: np.ndarray, scale: float, side: int) -> tuple[np.ndarray, float]:
+    """``view`` box-filtered by a whole factor to about ``side`` pixels on its longer side (not
+    below it), and its new scale.
+
+    A whole factor keeps every new pixel the mean of whole old pixels; a fractional one (a
+    320 px excerpt to 256) would smear glass into tissue at each edge and gain nothing.
+    """
+    factor = max(view.shape[:2]) // side
+    if factor <= 1:
+        return view, scale
+    size = (max(1, round(view.shape[1] / factor)), max(1, round(view.shape[0] / factor)))
+    shrunk = np.asarray(Image.fromarray(view).resize(size, Image.Resampling.BOX))
+    return shrunk, scale * view.shape[1] / size[0]
+
+
+def read_overview(slide: Slide, side: int = OVERVIEW_SIDE) -> tuple[np.ndarray, float]:
+    """The whole slide at most ``side`` pixels on its longer side (never upsampled), and its
+    downsample (level-0 pixels per overview pixel)."""
+    info = slide.info
+    return thumbnail(slide, min(side, max(info.width, info.height)))
+
+
+def plan_tissue_tiles(
+    slide: Slide,
+    tile_um: float,
+    *,
+    overlap: float = 0.0,
+    min_tissue: float = 0.5,
+    shard: tuple[int, int] = (0, 1),
+    overview_side: int = OVERVIEW_SIDE,
+) -> TissueTiles:
+    """Read one overview, mask tissue at about ``MASK_MPP``, and keep the grid's tissue tiles.
+
+    One read serves both the mask and the heatmap: the overview is read at the larger of the
+    two sides and box-filtered down for the mask. A mask finer than ~8 um/px costs time (the
+    mask is the slowest step of a small slide) without changing which tiles hold tissue.
+    """
+    info = slide.info
+    mask_side = thumbnail_side(info)
+    overview, overview_scale = read_overview(slide, max(mask_side, overview_side))
+    view, mask_scale = shrink(overview, overview_scale, mask_side)
+    # specks smaller than a quarter tile cannot fill a tile; bigger ones are kept
+    mask = tissue_mask(
+        view,
+        info.mpp * mask_scale,
+        min_object_um2=min(5000.0, tile_um**2 / 4),
+        hole_um2=min(2000.0, tile_um**2 / 8),
+    )
+    grid = tile_grid(info, tile_um, overlap)
+    tiles = tissue_tiles(grid, mask, mask_scale, min_tissue, shard)
+    return TissueTiles(overview, overview_scale, mask, mask_scale, grid, tiles)

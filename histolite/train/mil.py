@@ -24,8 +24,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from histolite.config import MILConfig, TrainConfig
-from histolite.data.bags import FeatureBagDataset, ImageBagDataset, collate_bags
-from histolite.data.feature_bags import FeatureFileBags
+from histolite.data.bags import (
+    FeatureBagDataset,
+    FeatureFileBags,
+    ImageBagDataset,
+    collate_bags,
+)
 from histolite.data.folder import Sample
 from histolite.data.transforms import build_eval_transform, build_train_transform
 from histolite.errors import ConfigError

@@ -13,8 +13,8 @@ from histolite.data.images import load_rgb
 from histolite.errors import HistoliteError
 from histolite.evaluate.inference import predict_image
 from histolite.export.onnx import ExportError, export_run
-from histolite.export.runtime import OnnxClassifier
 from histolite.models.loading import load_run
+from histolite.runtime.classifier import OnnxClassifier
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_stain_is_applied_before_the_resize_as_in_training(
     """Regression: Reinhard inside model.onnx ran on the resized image, so its statistics and
     8-bit rounding differed from training; Kather models agreed on only 97.0-98.5% of tiles."""
     from histolite.data.transforms import build_eval_transform, image_tensor, preprocess
-    from histolite.export.runtime import crops_to_batch
+    from histolite.runtime.preprocess import crops_to_batch
 
     out = tmp_path / "model"
     export_run(reinhard_run, out, progress=False, parity_samples=32)
@@ -200,7 +200,7 @@ def test_stain_graph_takes_any_patch_size_and_a_swapped_one_is_refused(
     assert served.stain.takes_uint8
     # a float-in/float-out stain graph (the first stain.onnx format) is fed and rounded
     from histolite.export.graph import StainGraph
-    from histolite.export.runtime import StainStep
+    from histolite.runtime.classifier import StainStep
 
     with torch.no_grad():
         torch.onnx.export(
@@ -289,8 +289,9 @@ def test_an_older_export_with_stain_inside_model_onnx_still_serves(
     card format 1, no cam output) keep serving exactly as they did."""
     import torch
 
-    from histolite.export.runtime import crops_to_batch, file_sha256
     from histolite.models.loading import require_classifier
+    from histolite.runtime.card import file_sha256
+    from histolite.runtime.preprocess import crops_to_batch
 
     out = tmp_path / "model"
     export_run(reinhard_run, out, progress=False, parity_samples=8)

@@ -14,8 +14,8 @@ from support import write_config
 from histolite.errors import HistoliteError
 from histolite.evaluate.inference import predict_bag_pixels
 from histolite.export.onnx import export_run
-from histolite.export.runtime import OnnxClassifier
 from histolite.models.loading import load_run
+from histolite.runtime.classifier import OnnxClassifier
 from histolite.train import resolve_config
 from histolite.train.mil import mil_run
 

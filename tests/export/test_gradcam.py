@@ -77,7 +77,7 @@ def test_heads_without_a_closed_form_are_refused_by_name(name: str, kwargs: dict
 
 def test_large_images_get_a_coarser_grid_with_the_hot_spot_in_place() -> None:
     """A 4,000 px wide image of 32 px patches with 8 x 8 maps would be 1,000 cells wide."""
-    from histolite.export.runtime import MAX_CAM_CELLS, CamCanvas
+    from histolite.runtime.cam import MAX_CAM_CELLS, CamCanvas
 
     boxes = [(y, x, 32, 32) for y in (0, 32) for x in range(0, 4000 - 31, 32)]
     cams = np.zeros((len(boxes), 2, 8, 8), np.float32)
@@ -102,7 +102,7 @@ def test_overlapping_patches_land_on_their_own_pixels() -> None:
     from PIL import Image
 
     from histolite.evaluate.explain import normalise
-    from histolite.export.runtime import CamCanvas
+    from histolite.runtime.cam import CamCanvas
 
     rng = np.random.default_rng(0)
     size, stride, side = 224, 112, 448

@@ -32,7 +32,7 @@ from PIL import Image
 
 from histolite.data.images import ImageTooLarge, UnsupportedImage, _flatten_alpha, decode_rgb
 from histolite.errors import DataError, HistoliteError
-from histolite.export.runtime import OnnxClassifier
+from histolite.runtime.classifier import OnnxClassifier
 from histolite.serve.app import ServeSettings, create_app
 from histolite.serve.audit import export_audit_csv, verify_audit
 from histolite.serve.fetch import UrlFetcher, UrlFetchError

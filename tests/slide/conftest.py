@@ -11,7 +11,8 @@ from PIL import Image
 from support import mosaic_slide, write_config
 
 from histolite.export.onnx import export_run
-from histolite.export.runtime import OnnxClassifier, file_sha256
+from histolite.runtime.card import file_sha256
+from histolite.runtime.classifier import OnnxClassifier
 from histolite.train import resolve_config, train_run
 
 COLUMNS, ROWS = 6, 4

@@ -15,16 +15,15 @@ import numpy as np
 import pytest
 
 from histolite.errors import HistoliteError
-from histolite.export.runtime import OnnxClassifier
-from histolite.export.slide_inference import (
+from histolite.runtime.classifier import OnnxClassifier
+from histolite.slide.inference import (
     SlideSettings,
     classify_slide,
     classify_slides,
-    merge_batch,
-    merge_shards,
     model_identity,
     require_tile_classifier,
 )
+from histolite.slide.merge import merge_batch, merge_shards
 from histolite.slide.outputs import read_tiles_csv, write_tiles_csv
 from histolite.slide.pyramid import write_pyramidal_tiff
 from histolite.slide.reader import OpenSlideSlide, SlideError, TiffSlide, open_slide, read_region

@@ -14,8 +14,8 @@ from pathlib import Path
 import yaml
 from support import REPO_ROOT
 
-from histolite.export.runtime import OnnxClassifier
-from histolite.export.slide_inference import SlideSettings, classify_slide
+from histolite.runtime.classifier import OnnxClassifier
+from histolite.slide.inference import SlideSettings, classify_slide
 
 MANIFEST = REPO_ROOT / "deploy" / "k8s" / "slide-job.yaml"
 

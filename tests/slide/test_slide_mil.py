@@ -12,10 +12,11 @@ from PIL import Image
 from support import mosaic_slide, write_config
 
 from histolite.data.feature_bags import load_bag
+from histolite.models.embedding import tile_embedder
 from histolite.models.pretrained import INSTALLABLE_WEIGHTS
+from histolite.slide.features import TileSettings, slide_features
 from histolite.train import resolve_config
 from histolite.train.mil import mil_run
-from histolite.train.slide_features import FeatureSettings, slide_features
 
 SLIDES_PER_CLASS, GRID = 16, 4
 
@@ -52,12 +53,15 @@ def slide_bags(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) ->
             slide = [[*row, *glass] for row in cells]
             path = mosaic_slide(root / "slides" / f"{label}_{n:02d}.tif", slide, mpp=0.5)
             truth[path.stem] = tumour
-    settings = FeatureSettings(tile_um=16.0, tile_px=64, min_tissue=0.01, batch_size=64)
+    settings = TileSettings(tile_um=16.0, tile_px=64, min_tissue=0.01, batch_size=64)
+    embed, provenance = tile_embedder("tf_efficientnet_lite0")
     for label in ("negative", "positive"):
         slide_features(
             sorted((root / "slides").glob(f"{label}_*.tif")),
             root / "bags" / label,
             settings,
+            embed,
+            provenance,
             progress=False,
         )
     (root / "truth.json").write_text(json.dumps({k: sorted(v) for k, v in truth.items()}))
