@@ -19,6 +19,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/histolite demo --out demo_output
 
 test: $(VENV)/.installed
+	$(VENV)/bin/histolite info
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed

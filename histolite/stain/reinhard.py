@@ -40,6 +40,16 @@ def _load_cv2() -> Any:
 
 _cv2: Any = _load_cv2()
 
+
+def opencv_available() -> bool:
+    """Whether uint8 CPU images take the OpenCV fast path (asked by ``histolite info``).
+
+    Answers from the import this module already made, so the report cannot disagree with what
+    ``ReinhardNormalizer.__call__`` does.
+    """
+    return _cv2 is not None
+
+
 # A flat (all-background) image has zero spread; this floor keeps the division finite.
 _MIN_STD = 1e-3
 
