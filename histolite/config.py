@@ -75,6 +75,13 @@ class DataConfig(_Strict):
     group_regex: str | None = Field(
         default=None, description="regex on file names whose first group is the group key"
     )
+    patients: str | None = Field(
+        default=None,
+        description=(
+            "CSV with columns group,patient (e.g. slide,patient) mapping each group (slide) to "
+            "its patient: grouped splits then keep a patient's slides together"
+        ),
+    )
     val_split_by: Literal["same", "group_if_possible", "stratified"] = Field(
         default="same",
         description=(

@@ -15,7 +15,9 @@ stain_app = typer.Typer(no_args_is_help=True, help="Stain normalisation.")
 models_app = typer.Typer(no_args_is_help=True, help="Model registry.")
 audit_app = typer.Typer(no_args_is_help=True, help="The service's prediction audit log.")
 slide_app = typer.Typer(
-    no_args_is_help=True, help="Whole-slide images: classify tiles, merge shards, features."
+    no_args_is_help=True,
+    help="Whole-slide images: classify tiles, merge shards, tiles from annotations, evaluate, "
+    "features.",
 )
 app.add_typer(data_app, name="data")
 app.add_typer(stain_app, name="stain")

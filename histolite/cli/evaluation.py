@@ -25,7 +25,7 @@ def evaluate(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Write report.json, classification_report.csv, confusion matrices and training curves."""
-    from histolite.evaluate import evaluate_run
+    from histolite.evaluate.report import evaluate_run
 
     report = evaluate_run(
         run,

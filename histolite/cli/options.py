@@ -36,7 +36,7 @@ def trainer_overrides(
 def evaluate_test_split(run_dir: Path, progress: bool = True) -> None:
     """After training, report on the run's own held-out test split, if it has one."""
     from histolite.data.splits import read_split_csv
-    from histolite.evaluate import evaluate_run
+    from histolite.evaluate.report import evaluate_run
     from histolite.runspec import RunDir, is_rank_zero
 
     files = RunDir(run_dir)

@@ -1,8 +1,10 @@
-"""``histolite slide ...``: classify whole-slide images tile by tile, merge shards, features."""
+"""``histolite slide ...``: classify slides tile by tile, merge shards, cut training tiles from
+annotated slides, score predictions against annotations, slide features and MIL."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -208,3 +210,135 @@ def slide_predict(
             prediction.attention,
         )
         typer.echo(json.dumps({k: result[k] for k in ("features", "class", "probabilities")}))
+
+
+@slide_app.command("tiles")
+def slide_tiles(
+    slides: list[Path] = typer.Argument(..., help="Annotated slides, or folders of them."),
+    annotations: Path = typer.Option(
+        ...,
+        "--annotations",
+        help="QuPath GeoJSON / ASAP XML: one file (one slide), or a folder of "
+        "<slide-stem>.geojson|.json|.xml files.",
+    ),
+    tile_um: float = typer.Option(..., "--tile-um", help="Tile side in microns."),
+    out: Path = typer.Option(..., "--out", help="Dataset folder: OUT/<class>/<tile>.png."),
+    tile_px: int | None = typer.Option(
+        None, "--tile-px", help="Saved tile side in pixels (default: --tile-um at 0.5 um/px)."
+    ),
+    min_coverage: float = typer.Option(
+        0.9, "--min-coverage", help="Keep a tile when this fraction lies in one class's region."
+    ),
+    min_tissue: float = typer.Option(
+        0.5, "--min-tissue", help="Least tissue fraction of a kept tile (0 keeps glass too)."
+    ),
+    classes: str | None = typer.Option(
+        None,
+        "--classes",
+        help="Keep and rename classes: 'Tumor=tumour,Stroma=stroma,Necrosis' (default: all, "
+        "as named). Classes left out still count as annotated (never background).",
+    ),
+    max_per_class: int | None = typer.Option(
+        None, "--max-per-class-per-slide", help="Keep at most this many tiles per class per slide."
+    ),
+    background: str | None = typer.Option(
+        None, "--background", help="Class for tissue tiles outside every annotation."
+    ),
+    holes: str | None = typer.Option(
+        None,
+        "--holes",
+        help="Classes whose regions are cut out of all others (CAMELYON16 XML: '_2').",
+    ),
+    mpp: float | None = typer.Option(
+        None, "--mpp", help="Microns per pixel, for slides whose files do not record it."
+    ),
+    shard: str = typer.Option("0/1", "--shard", help="I/N: cut the I-th of N shares."),
+    seed: int = typer.Option(0, help="Seed of the per-slide cap's draw."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Cut training tiles from annotated slides: OUT/<class>/<slide>_x<X>_y<Y>.png, tiles.csv.
+
+    Train on OUT with `histolite train` (data.dataset: slide_tiles, or any recipe with
+    data.root=OUT): tiles of one slide never cross splits.
+    """
+    from histolite.slide.dataset import (
+        TileCutSettings,
+        cut_tiles,
+        default_tile_px,
+        parse_class_mapping,
+        tile_counts_text,
+    )
+    from histolite.slide.reader import expand_slide_paths
+    from histolite.slide.tiles import parse_shard
+
+    settings = TileCutSettings(
+        tile_um=tile_um,
+        tile_px=tile_px or default_tile_px(tile_um),
+        min_coverage=min_coverage,
+        min_tissue=min_tissue,
+        classes=parse_class_mapping(classes) if classes else None,
+        max_per_class_per_slide=max_per_class,
+        background=background,
+        holes=tuple(h.strip() for h in holes.split(",") if h.strip()) if holes else (),
+        mpp=mpp,
+        seed=seed,
+        shard=parse_shard(shard),
+    )
+
+    def report(cut: Any, resumed: bool) -> None:
+        dropped = ", ".join(f"{n} {why}" for why, n in sorted(cut.dropped.items()) if n)
+        typer.echo(
+            f"{cut.slide}: {len(cut.rows)} tiles{' (done earlier)' if resumed else ''}"
+            + (f"; dropped {dropped}" if dropped else "")
+        )
+
+    summary = cut_tiles(
+        expand_slide_paths(slides), annotations, out, settings, progress=progress, report=report
+    )
+    typer.echo(
+        f"{summary['tiles']} tiles of {tile_um:g} um at {settings.tile_px} px "
+        f"({settings.tile_mpp:.4g} um/px) in {out}: {tile_counts_text(summary)}"
+    )
+    if summary["note"]:
+        typer.secho(summary["note"], fg="yellow", err=True)
+
+
+@slide_app.command("evaluate")
+def slide_evaluate(
+    folders: list[Path] = typer.Argument(..., help="OUT/<stem> folders of `slide infer`."),
+    annotations: Path = typer.Option(
+        ..., "--annotations", help="The slides' annotation file, or a folder of them."
+    ),
+    out: Path = typer.Option(..., "--out", help="Report folder."),
+    min_coverage: float = typer.Option(
+        0.9, "--min-coverage", help="A tile's truth: the class covering this fraction of it."
+    ),
+    classes: str | None = typer.Option(
+        None, "--classes", help="Annotation class to model class: 'Tumor=01_TUMOR,...'."
+    ),
+    holes: str | None = typer.Option(
+        None, "--holes", help="Classes cut out of all others (CAMELYON16 XML: '_2')."
+    ),
+) -> None:
+    """Score slide predictions against annotations: tile accuracy, per-class F1, Dice."""
+    from histolite.slide.dataset import parse_class_mapping
+    from histolite.slide.evaluate import evaluate_slides
+
+    report = evaluate_slides(
+        folders,
+        annotations,
+        out,
+        min_coverage=min_coverage,
+        mapping=dict(parse_class_mapping(classes)) if classes else None,
+        holes=tuple(h.strip() for h in holes.split(",") if h.strip()) if holes else (),
+    )
+    interval = report["accuracy_ci95"]
+    typer.echo(
+        f"{report['n']} tiles in {len(report['slides'])} slide(s): accuracy "
+        f"{report['accuracy']:.4f} [{interval['low']:.4f}, {interval['high']:.4f}], balanced "
+        f"{report['balanced_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}"
+    )
+    typer.echo(
+        "Dice: " + ", ".join(f"{c} {v:.3f}" for c, v in report["dice"].items() if v is not None)
+    )
+    typer.echo(f"report: {out / 'report.json'}")

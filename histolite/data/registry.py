@@ -128,6 +128,49 @@ register_dataset(
     )
 )
 
+# tiles cut by `histolite slide tiles` are named <slide-stem>_x<X>_y<Y>.png (slide.layout), and
+# listed in ROOT/tiles.csv with these columns
+SLIDE_TILE_PATTERN = r"^(.+)_x\d+_y\d+\.png$"
+SLIDE_TILE_COLUMNS = (
+    "path",
+    "slide",
+    "x",
+    "y",
+    "width",
+    "height",
+    "class",
+    "coverage",
+    "mpp",
+    "tile_mpp",
+)
+
+
+def is_slide_tile_dataset(root: str | Path) -> bool:
+    """Whether ``root`` was written by ``histolite slide tiles`` (its tiles.csv says so)."""
+    listing = Path(root) / "tiles.csv"
+    if not listing.is_file():
+        return False
+    with listing.open(encoding="utf-8") as fh:
+        return fh.readline().strip() == ",".join(SLIDE_TILE_COLUMNS)
+
+
+register_dataset(
+    DatasetSpec(
+        name="slide_tiles",
+        description=(
+            "Tiles cut from annotated whole slides by `histolite slide tiles`: "
+            "ROOT/<class>/<slide>_x<X>_y<Y>.png plus ROOT/tiles.csv; split by slide."
+        ),
+        groupings=(("slide", SLIDE_TILE_PATTERN),),
+        notes=(
+            "Tiles of one slide never cross splits. data.patients (a CSV of slide,patient) "
+            "keeps a patient's slides together instead.",
+            "A plain folder (data.dataset: folder) holding a tiles.csv written by `histolite "
+            "slide tiles` is read as this dataset.",
+        ),
+    )
+)
+
 register_dataset(
     DatasetSpec(
         name="bach2018",

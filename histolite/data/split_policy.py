@@ -8,6 +8,7 @@ and evaluation pass on; nothing downstream decides splits again.
 
 from __future__ import annotations
 
+import csv
 import re
 import warnings
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from pathlib import Path
 from histolite.config import DataConfig
 from histolite.data.folder import LabelledImages, Sample
 from histolite.data.layouts import scan_dataset
-from histolite.data.registry import get_dataset, list_datasets
+from histolite.data.registry import get_dataset, is_slide_tile_dataset, list_datasets
 from histolite.data.splits import (
     SPLIT_NAMES,
     LeakageWarning,
@@ -58,9 +59,17 @@ class SplitPolicy:
         return level
 
 
+def effective_dataset(cfg: DataConfig) -> str:
+    """The dataset entry that describes ``data.root``: a plain folder written by ``histolite
+    slide tiles`` is a ``slide_tiles`` dataset, so its tiles are split by slide unasked."""
+    if cfg.dataset == "folder" and cfg.root is not None and is_slide_tile_dataset(cfg.root):
+        return "slide_tiles"
+    return cfg.dataset
+
+
 def resolve_grouping(cfg: DataConfig) -> tuple[str, str | None]:
     """(group kind, regex or None when the layout sets groups) for this data."""
-    spec = get_dataset(cfg.dataset)
+    spec = get_dataset(effective_dataset(cfg))
     offered = dict(spec.groupings)
     if cfg.group_regex is not None:
         return "group", cfg.group_regex
@@ -92,6 +101,14 @@ def resolve_policy(cfg: DataConfig, seed: int) -> SplitPolicy:
             "data.split_by=group needs data.group_regex (a regex whose first group is the "
             "slide or patient id in each file name)"
         )
+    if cfg.patients is not None:
+        if kind == "image":
+            raise DataError(
+                f"data.patients={cfg.patients!r} maps groups (slides) to patients, but no group "
+                "is known for these images; set data.group_regex (or use a dataset that names "
+                "its slides, e.g. slide_tiles)"
+            )
+        kind = "patient"
     return SplitPolicy(
         grouped=by == "group",
         group_kind=kind,
@@ -153,6 +170,48 @@ def _report(
     return report
 
 
+def read_patient_map(path: str | Path) -> dict[str, str]:
+    """``group -> patient`` from a CSV whose columns include ``patient`` and one of ``slide`` or
+    ``group`` (the key the dataset's groups use)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data.patients file not found")
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        fields = reader.fieldnames or []
+        key = next((k for k in ("slide", "group") if k in fields), None)
+        if key is None or "patient" not in fields:
+            raise DataError(
+                f"{path}: columns {fields}; expected a 'slide' (or 'group') and a 'patient' column"
+            )
+        mapping: dict[str, str] = {}
+        for line, row in enumerate(reader, start=2):
+            group, patient = (row.get(key) or "").strip(), (row.get("patient") or "").strip()
+            if not group or not patient:
+                raise DataError(f"{path}, line {line}: empty {key} or patient")
+            if mapping.setdefault(group, patient) != patient:
+                raise DataError(
+                    f"{path}, line {line}: {key} {group!r} is mapped to patients "
+                    f"{mapping[group]!r} and {patient!r}; a {key} belongs to one patient"
+                )
+    return mapping
+
+
+def group_by_patient(images: LabelledImages, patients: dict[str, str]) -> LabelledImages:
+    """The same images grouped by patient; each image keeps its slide (group) in ``meta``."""
+    missing = sorted({s.group for s in images.samples} - set(patients))
+    if missing:
+        raise DataError(
+            f"data.patients names no patient for {len(missing)} slide(s)/group(s), e.g. "
+            f"{missing[:5]}; add a row for each"
+        )
+    samples = tuple(
+        Sample(s.path, s.label, s.class_name, patients[s.group], {**s.meta, "slide": s.group})
+        for s in images.samples
+    )
+    return LabelledImages(images.classes, samples)
+
+
 def names_that_hold_groups(samples: Sequence[Sample], dataset: str) -> list[str]:
     """Warn when a plain folder's file names say where its images came from.
 
@@ -187,18 +246,21 @@ def load_split(cfg: DataConfig, seed: int) -> Split:
     if cfg.root is None:
         raise DataError("set data.root (an image folder) or data.split_csv (a split CSV)")
     policy = resolve_policy(cfg, seed)
-    spec = get_dataset(cfg.dataset)
+    dataset = effective_dataset(cfg)
+    spec = get_dataset(dataset)
     images = scan_dataset(
-        cfg.dataset,
+        dataset,
         cfg.root,
         labels=cfg.labels,
         magnification=cfg.magnification,
         group_regex=policy.group_regex,
     )
+    if cfg.patients is not None:
+        images = group_by_patient(images, read_patient_map(cfg.patients))
     images.require_trainable(cfg.root)
     given = [] if policy.grouped or not spec.patient_level else [warn_image_level_split(spec.name)]
     if not policy.grouped and cfg.split_by == "auto":
-        given += names_that_hold_groups(images.samples, cfg.dataset)
+        given += names_that_hold_groups(images.samples, dataset)
     names = make_split(
         images,
         val=policy.val,

@@ -379,6 +379,9 @@ def warn_image_level_split(dataset: str) -> str:
     return message
 
 
+MAX_LISTED_GROUPS = 200  # split reports name each split's groups up to this many in all
+
+
 def split_report(
     classes: Sequence[str],
     samples_by_split: Mapping[str, Sequence[Sample]],
@@ -410,6 +413,17 @@ def split_report(
             group_kind + "s": len({s.group for s in part}),
             "per_class": per_class,
         }
+    for name in SPLIT_NAMES:  # which slides / patients, where there are few enough to list
+        part = samples_by_split.get(name, ())
+        entry = splits[name]
+        assert isinstance(entry, dict)
+        if len(where) <= MAX_LISTED_GROUPS:
+            entry[group_kind + "_names"] = sorted({s.group for s in part})
+        slides = {s.meta["slide"] for s in part if "slide" in s.meta}
+        if slides:  # grouped by patient, but the images came from slides
+            entry["slides"] = len(slides)
+            if len(slides) <= MAX_LISTED_GROUPS:
+                entry["slide_names"] = sorted(slides)
     shared = sorted(g for g, names in where.items() if len(names) > 1)
     return {
         "split_by": split_by,

@@ -1,7 +1,6 @@
-"""Metrics, reports and plots for trained runs."""
+"""Evaluation: metrics, reports, figures, Grad-CAM and attention maps.
 
-from histolite.evaluate.metrics import classification_metrics
-from histolite.evaluate.report import evaluate_run
-from histolite.models.loading import LoadedRun, load_run
-
-__all__ = ["LoadedRun", "classification_metrics", "evaluate_run", "load_run"]
+Import the module you need (``histolite.evaluate.report`` for ``evaluate_run``). This
+``__init__`` imports nothing, so the torch-free metrics and plots (``metrics``, ``plots``) can be
+used where torch is not installed, e.g. by ``histolite slide evaluate``.
+"""

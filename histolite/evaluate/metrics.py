@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +14,8 @@ from sklearn.metrics import (
     f1_score,
     precision_recall_fscore_support,
 )
+
+from histolite.fileio import atomic_path
 
 
 def classification_metrics(
@@ -126,3 +130,24 @@ def group_bootstrap_difference(
         "runs": a.shape[0],
         "replicates": replicates,
     }
+
+
+def write_class_report_csv(path: Path, metrics: dict[str, Any]) -> None:
+    """``classification_report.csv``: per-class P/R/F1/support, then accuracy and F1 rows."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["class", "precision", "recall", "f1", "support"])
+        for name, row in metrics["per_class"].items():
+            writer.writerow(
+                [
+                    name,
+                    f"{row['precision']:.4f}",
+                    f"{row['recall']:.4f}",
+                    f"{row['f1']:.4f}",
+                    row["support"],
+                ]
+            )
+        total = sum(r["support"] for r in metrics["per_class"].values())
+        writer.writerow(["accuracy", "", "", f"{metrics['accuracy']:.4f}", total])
+        writer.writerow(["macro_f1", "", "", f"{metrics['macro_f1']:.4f}", total])
+        writer.writerow(["weighted_f1", "", "", f"{metrics['weighted_f1']:.4f}", total])

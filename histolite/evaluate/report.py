@@ -20,7 +20,11 @@ from histolite.evaluate.inference import (
     predict,
     predict_bags,
 )
-from histolite.evaluate.metrics import classification_metrics, group_bootstrap_accuracy
+from histolite.evaluate.metrics import (
+    classification_metrics,
+    group_bootstrap_accuracy,
+    write_class_report_csv,
+)
 from histolite.evaluate.plots import plot_confusion_matrix, plot_training_curves
 from histolite.fileio import atomic_path, write_json
 from histolite.models.loading import LoadedRun, load_run
@@ -57,26 +61,6 @@ def _write_predictions_csv(
                     *[f"{v:.6f}" for v in p],
                 ]
             )
-
-
-def _write_class_report_csv(path: Path, metrics: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["class", "precision", "recall", "f1", "support"])
-        for name, row in metrics["per_class"].items():
-            writer.writerow(
-                [
-                    name,
-                    f"{row['precision']:.4f}",
-                    f"{row['recall']:.4f}",
-                    f"{row['f1']:.4f}",
-                    row["support"],
-                ]
-            )
-        total = sum(r["support"] for r in metrics["per_class"].values())
-        writer.writerow(["accuracy", "", "", f"{metrics['accuracy']:.4f}", total])
-        writer.writerow(["macro_f1", "", "", f"{metrics['macro_f1']:.4f}", total])
-        writer.writerow(["weighted_f1", "", "", f"{metrics['weighted_f1']:.4f}", total])
 
 
 def _write_attention_csv(
@@ -177,7 +161,7 @@ def _write_report_files(
     write_json(out / "report.json", report)
     if bags is not None:
         _write_attention_csv(out / "attention.csv", samples, bags, classes)
-    _write_class_report_csv(out / "classification_report.csv", report)
+    write_class_report_csv(out / "classification_report.csv", report)
     probs = np.stack([r.mean_probs for r in images]) if images is not None else preds.probs
     _write_predictions_csv(out / "predictions.csv", samples, probs, classes)
     title = f"{run.spec.model_name}: {report['level']} level"

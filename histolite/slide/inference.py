@@ -221,6 +221,7 @@ def _summary(
         "height": info.height,
         "mpp": info.mpp,
         "mpp_source": info.mpp_source,
+        "origin": list(info.origin),  # where QuPath's coordinates start (OpenSlide bounds)
         **model_identity(model),
         "device": model.device,  # cpu or cuda: timings mean little without it
         "classes": classes,

@@ -70,6 +70,29 @@ def tile_grid(info: SlideInfo, tile_um: float, overlap: float = 0.0) -> TileGrid
     return TileGrid(size, stride, columns, rows)
 
 
+@dataclass(frozen=True)
+class GridBoxes:
+    """Every box of a grid (or of one shard of it) as arrays: index, corner, tissue fraction."""
+
+    index: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    tissue: np.ndarray
+    size: int
+
+
+def grid_boxes(
+    grid: TileGrid, mask: np.ndarray, mask_scale: float, shard: tuple[int, int] = (0, 1)
+) -> GridBoxes:
+    """The boxes of this shard of the grid, in grid order, with their tissue fractions."""
+    index, count = shard
+    indices = np.arange(index, grid.count, count, dtype=np.int64)
+    rows, columns = np.divmod(indices, max(grid.columns, 1))
+    xs, ys = columns * grid.stride, rows * grid.stride
+    tissue = box_fractions(mask, mask_scale, xs, ys, grid.size)
+    return GridBoxes(indices, xs, ys, tissue, grid.size)
+
+
 def tissue_tiles(
     grid: TileGrid,
     mask: np.ndarray,
@@ -78,15 +101,13 @@ def tissue_tiles(
     shard: tuple[int, int] = (0, 1),
 ) -> list[Tile]:
     """Tiles of this shard whose tissue fraction reaches ``min_tissue``, in grid order."""
-    index, count = shard
-    indices = np.arange(index, grid.count, count, dtype=np.int64)
-    rows, columns = np.divmod(indices, max(grid.columns, 1))
-    xs, ys = columns * grid.stride, rows * grid.stride
-    tissue = box_fractions(mask, mask_scale, xs, ys, grid.size)
-    keep = (tissue >= min_tissue) & (tissue > 0.0)
+    boxes = grid_boxes(grid, mask, mask_scale, shard)
+    keep = (boxes.tissue >= min_tissue) & (boxes.tissue > 0.0)
     return [
         Tile(int(i), int(x), int(y), grid.size, round(float(f), 4))
-        for i, x, y, f in zip(indices[keep], xs[keep], ys[keep], tissue[keep], strict=True)
+        for i, x, y, f in zip(
+            boxes.index[keep], boxes.x[keep], boxes.y[keep], boxes.tissue[keep], strict=True
+        )
     ]
 
 

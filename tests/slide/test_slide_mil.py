@@ -98,7 +98,7 @@ def test_attention_mil_learns_the_slide_label_and_finds_the_tumour(
     )
     cfg = resolve_config(config, ["trainer.max_epochs=40"], tmp_path / "run", resume=False)
     run = mil_run(cfg, tmp_path / "run", progress=False)
-    from histolite.evaluate import evaluate_run
+    from histolite.evaluate.report import evaluate_run
 
     report = evaluate_run(run, run / "split.csv", tmp_path / "report", split="test", progress=False)
     assert report["level"] == "bag" and report["n"] == 8

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from support import write_config
 
-from histolite.evaluate import evaluate_run
+from histolite.evaluate.report import evaluate_run
 from histolite.train import resolve_config, train_run
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 60, 20

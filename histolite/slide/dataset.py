@@ -1,0 +1,498 @@
+"""Training tiles from annotated whole slides: QuPath / ASAP regions in, an image folder out.
+
+Each slide is laid out on the same grid ``slide infer`` uses (tiles of ``tile_um`` microns in
+level-0 pixels from the slide's corner). A tile is kept for a class when at least
+``min_coverage`` of it lies inside that class's region (holes excluded) and it holds enough
+tissue; tiles touching two classes below that, claimed by two overlapping classes, or only
+partly inside one, are dropped and counted by reason. With ``background``, tissue tiles outside
+every annotation (selected or not) become that class.
+
+Everything that can be wrong with the input (slides without microns per pixel, unreadable or
+unmatched annotation files, regions outside the slide, unknown or unsafe class names, a dataset
+folder made with other settings) is found before the first tile is written. Tiles are written
+atomically and each finished slide (or shard of it) leaves a progress file, so a rerun skips
+what is done; ``tiles.csv`` and ``summary.json`` are rewritten from the progress files at the
+end of every run. The folder layout is :class:`~histolite.slide.layout.TileDataset`.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import zlib
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from histolite.data.registry import SLIDE_TILE_COLUMNS
+from histolite.errors import DataError
+from histolite.fileio import atomic_path, read_json, write_json
+from histolite.slide.annotations import (
+    Reason,
+    SlideAnnotations,
+    annotation_file_for,
+    label_by_coverage,
+    read_annotations,
+    unmatched_annotation_files,
+)
+from histolite.slide.layout import TileDataset
+from histolite.slide.reader import SlideInfo, open_slide, read_region, require_distinct_stems
+from histolite.slide.tiles import GridBoxes, grid_boxes, plan_tissue_tiles
+
+# class names become folder names: letters, digits and a few separators only
+SAFE_CLASS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+()-]*$")
+NO_TISSUE = "no tissue"  # drop reasons besides the coverage ones (annotations.Reason)
+UNSELECTED = "unselected class"
+OVER_CAP = "over the per-slide cap"
+DEFAULT_TILE_MPP = 0.5  # a tile's pixels when --tile-px is not given: 20x
+
+
+@dataclass(frozen=True)
+class TileCutSettings:
+    """How tiles are cut; everything here but ``shard`` decides which tiles a dataset holds."""
+
+    tile_um: float
+    tile_px: int
+    min_coverage: float = 0.9
+    min_tissue: float = 0.5
+    classes: tuple[tuple[str, str], ...] | None = None  # (annotation class, dataset class)
+    max_per_class_per_slide: int | None = None
+    background: str | None = None
+    holes: tuple[str, ...] = ()
+    mpp: float | None = None
+    seed: int = 0
+    shard: tuple[int, int] = field(default=(0, 1), compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.tile_um > 0:
+            raise DataError(f"--tile-um {self.tile_um}: expected a positive size in microns")
+        if not self.tile_px >= 8:
+            raise DataError(f"--tile-px {self.tile_px}: expected at least 8 pixels")
+        if not 0.0 < self.min_coverage <= 1.0:
+            raise DataError(f"--min-coverage {self.min_coverage}: expected a fraction in (0, 1]")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise DataError(f"--min-tissue {self.min_tissue}: expected a fraction in [0, 1]")
+        cap = self.max_per_class_per_slide
+        if cap is not None and cap < 1:
+            raise DataError(f"--max-per-class-per-slide {cap}: expected at least 1")
+        names = [new for _, new in self.classes or ()]
+        for name in [*names, *([self.background] if self.background else [])]:
+            require_safe_class(name, "--classes / --background")
+
+    @property
+    def tile_mpp(self) -> float:
+        """Microns per pixel of the written tiles (what training records as data.mpp)."""
+        return self.tile_um / self.tile_px
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides the tiles: a dataset folder holds tiles of one fingerprint only."""
+        values = asdict(self)
+        values.pop("shard")
+        values["classes"] = [list(pair) for pair in self.classes] if self.classes else None
+        values["holes"] = list(self.holes)
+        return values
+
+
+def require_safe_class(name: str, where: str) -> None:
+    if not SAFE_CLASS.match(name) or name in (".", ".."):
+        raise DataError(
+            f"{where}: class name {name!r} cannot be a folder name; use letters, digits, "
+            "spaces and _ . + ( ) - (rename with --classes 'Old name=new_name')"
+        )
+
+
+def parse_class_mapping(text: str) -> tuple[tuple[str, str], ...]:
+    """``"Tumor=tumour, Stroma=stroma, Necrosis"`` -> (("Tumor", "tumour"), ...)."""
+    pairs = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        old, _, new = item.partition("=")
+        old, new = old.strip(), (new.strip() or old.strip())
+        if not old:
+            raise DataError(f"--classes {text!r}: {item!r} names no annotation class")
+        pairs.append((old, new))
+    if not pairs:
+        raise DataError(f"--classes {text!r}: no classes named")
+    olds = [old for old, _ in pairs]
+    if len(set(olds)) != len(olds):
+        raise DataError(f"--classes {text!r}: an annotation class is named twice")
+    return tuple(pairs)
+
+
+def default_tile_px(tile_um: float) -> int:
+    """Pixels of a ``tile_um`` tile at ``DEFAULT_TILE_MPP`` (20x)."""
+    return max(8, round(tile_um / DEFAULT_TILE_MPP))
+
+
+@dataclass(frozen=True)
+class AnnotatedSlide:
+    """A slide checked and ready to cut: its geometry and its class regions in dataset names."""
+
+    path: Path
+    info: SlideInfo
+    annotations: SlideAnnotations
+    names: dict[str, str | None]  # region class -> dataset class (None: annotated, not kept)
+
+
+def prepare_slides(
+    slides: Sequence[Path], annotations: Path, settings: TileCutSettings
+) -> list[AnnotatedSlide]:
+    """Open every slide and read its annotations; any problem is an error before any tile."""
+    require_distinct_stems(list(slides))
+    if not slides:
+        raise DataError("no slides given")
+    if annotations.is_file() and len(slides) > 1:
+        raise DataError(
+            f"{annotations}: one annotation file for {len(slides)} slides; give a folder of "
+            "<slide-stem>.geojson / .xml files instead"
+        )
+    stray = unmatched_annotation_files(annotations, slides)
+    if stray:
+        raise DataError(
+            f"{annotations}: annotation file(s) {', '.join(p.name for p in stray)} match no "
+            "slide given (their stem must be the slide's file stem); rename them, move them "
+            "away, or add their slides"
+        )
+    mapping = dict(settings.classes) if settings.classes else None
+    prepared = []
+    for path in slides:
+        slide = open_slide(path, settings.mpp)
+        try:
+            info = slide.info
+        finally:
+            slide.close()
+        regions = read_annotations(
+            annotation_file_for(annotations, path), offset=info.origin, holes=settings.holes
+        ).check_inside(info.width, info.height)
+        names = _dataset_names(regions, mapping)
+        prepared.append(AnnotatedSlide(path, info, regions, names))
+    if mapping is not None:
+        found = {c for p in prepared for c in p.annotations.classes}
+        absent = sorted(set(mapping) - found)
+        if absent:
+            raise DataError(
+                f"--classes: {absent} in no annotation file; the files have {sorted(found)}"
+            )
+    return prepared
+
+
+def _dataset_names(
+    annotations: SlideAnnotations, mapping: dict[str, str] | None
+) -> dict[str, str | None]:
+    """Each region class's dataset class; classes left out of ``mapping`` map to None."""
+    if mapping is None:
+        for name in annotations.classes:
+            require_safe_class(name, f"{annotations.source}")
+        return {name: name for name in annotations.classes}
+    return {name: mapping.get(name) for name in annotations.classes}
+
+
+def merged_regions(prepared: AnnotatedSlide) -> tuple[SlideAnnotations, list[str | None]]:
+    """Regions with classes that map to one dataset class merged (so a tile half "Tumor" and
+    half "Tumor: Positive" is all tumour), and each merged class's dataset name (None: an
+    annotated class that is not kept; it still is not background)."""
+    keep = {old: new for old, new in prepared.names.items() if new is not None}
+    ignored = [old for old, new in prepared.names.items() if new is None]
+    clash = sorted(set(ignored) & set(keep.values()))
+    if clash:
+        raise DataError(
+            f"{prepared.annotations.source}: {clash} are both an unselected annotation class "
+            "and a --classes target; rename the target"
+        )
+    # unselected classes keep their own (prefixed) names so they stay annotated area
+    mapping = {**keep, **{old: f"\0{old}" for old in ignored}}
+    regions = prepared.annotations.select(mapping)
+    return regions, [None if c.startswith("\0") else c for c in regions.classes]
+
+
+@dataclass
+class SlideCut:
+    """One slide's (or shard's) kept tiles and what was dropped, as its progress file holds."""
+
+    slide: str
+    shard: tuple[int, int]
+    rows: list[dict[str, Any]]
+    dropped: dict[str, int]
+    annotations: dict[str, Any]
+
+
+def choose_tiles(
+    prepared: AnnotatedSlide, settings: TileCutSettings, boxes: GridBoxes
+) -> tuple[np.ndarray, list[str | None], np.ndarray, dict[str, int]]:
+    """Which grid boxes become tiles: (kept box positions, class per kept box, coverage per
+    kept box, dropped counts by reason). Decided on the whole grid, so shards agree."""
+    regions, names = merged_regions(prepared)
+    side = np.full_like(boxes.x, boxes.size)
+    xywh = np.stack([boxes.x, boxes.y, side, side], axis=1)
+    left, top, right, bottom = regions.union().bounds
+    # only boxes near an annotation can be covered: a slide is mostly elsewhere
+    near = (boxes.x + boxes.size > left) & (boxes.x < right)
+    near &= (boxes.y + boxes.size > top) & (boxes.y < bottom)
+    coverage = np.zeros((len(xywh), len(names)))
+    coverage[near] = regions.coverage(xywh[near])
+    labels, reasons = label_by_coverage(coverage, settings.min_coverage)
+    tissue_ok = boxes.tissue >= settings.min_tissue
+    classes: list[str | None] = [names[i] if i >= 0 else None for i in labels]
+    dropped: Counter[str] = Counter()
+    kept = reasons == Reason.KEPT
+    unselected = kept & np.array([c is None for c in classes], bool)
+    dropped[UNSELECTED] += int(unselected.sum())
+    kept &= ~unselected
+    dropped[NO_TISSUE] += int((kept & ~tissue_ok).sum())
+    kept &= tissue_ok
+    # tissue outside every region (glass outside them is not counted: it is most of a slide)
+    outside = (reasons == Reason.OUTSIDE) & tissue_ok & (boxes.tissue > 0)
+    if settings.background is not None:
+        kept |= outside
+        for i in np.flatnonzero(outside):
+            classes[i] = settings.background
+    else:
+        dropped[Reason.OUTSIDE] += int(outside.sum())
+    for reason in (Reason.MIXED, Reason.PARTIAL, Reason.AMBIGUOUS):
+        dropped[reason] += int((reasons == reason).sum())
+    positions = np.flatnonzero(kept)
+    if settings.max_per_class_per_slide is not None:
+        positions = _capped(positions, classes, settings, prepared.path.stem, dropped)
+    # a kept box's coverage: of its class's region, or for background the share outside all
+    kept_coverage = np.array(
+        [coverage[i, labels[i]] if labels[i] >= 0 else 1.0 - coverage[i].sum() for i in positions]
+    )
+    return positions, [classes[i] for i in positions], kept_coverage, dict(dropped)
+
+
+def _capped(
+    positions: np.ndarray,
+    classes: list[str | None],
+    settings: TileCutSettings,
+    stem: str,
+    dropped: Counter[str],
+) -> np.ndarray:
+    """At most ``max_per_class_per_slide`` per class, drawn by a generator seeded by the run's
+    seed and the slide's name (the same tiles on every run and in every shard)."""
+    cap = settings.max_per_class_per_slide
+    assert cap is not None
+    rng = np.random.default_rng([settings.seed, zlib.crc32(stem.encode())])
+    chosen = []
+    for name in sorted({classes[i] for i in positions}, key=str):
+        members = np.array([i for i in positions if classes[i] == name])
+        if len(members) > cap:
+            dropped[OVER_CAP] += len(members) - cap
+            members = np.sort(rng.choice(members, cap, replace=False))
+        chosen.append(members)
+    return np.sort(np.concatenate(chosen)) if chosen else positions
+
+
+def cut_slide(
+    prepared: AnnotatedSlide,
+    settings: TileCutSettings,
+    dataset: TileDataset,
+    *,
+    progress: bool = True,
+) -> SlideCut:
+    """Write this shard's tiles of one slide; returns what its progress file records."""
+    stem = prepared.path.stem
+    slide = open_slide(prepared.path, settings.mpp)
+    try:
+        plan = plan_tissue_tiles(slide, settings.tile_um, min_tissue=settings.min_tissue)
+        boxes = grid_boxes(plan.grid, plan.mask, plan.mask_scale)
+        positions, classes, coverage, dropped = choose_tiles(prepared, settings, boxes)
+        index, count = settings.shard
+        mine = [k for k, p in enumerate(positions) if boxes.index[p] % count == index]
+        rows = []
+        for k in tqdm(mine, desc=prepared.path.name, unit="tile", disable=not progress):
+            position, name = positions[k], classes[k]
+            assert name is not None
+            x, y = int(boxes.x[position]), int(boxes.y[position])
+            pixels = read_region(slide, x, y, boxes.size, settings.tile_px)
+            target = dataset.tile(name, stem, x, y)
+            with atomic_path(target) as tmp:
+                Image.fromarray(pixels).save(tmp, format="PNG")
+            rows.append(
+                {
+                    "path": target.relative_to(dataset.root).as_posix(),
+                    "slide": stem,
+                    "x": x,
+                    "y": y,
+                    "width": boxes.size,
+                    "height": boxes.size,
+                    "class": name,
+                    "coverage": round(float(coverage[k]), 4),
+                    "mpp": prepared.info.mpp,
+                    "tile_mpp": round(settings.tile_mpp, 6),
+                }
+            )
+    finally:
+        slide.close()
+    counts = prepared.annotations.counts
+    return SlideCut(
+        slide=stem,
+        shard=settings.shard,
+        rows=rows,
+        dropped=dropped,
+        annotations={
+            "file": str(prepared.annotations.source),
+            "classes": prepared.annotations.classes,
+            "features": counts.features,
+            "kept": counts.kept,
+            "repaired": counts.repaired,
+            "clipped": counts.clipped,
+            "skipped": counts.skipped,
+        },
+    )
+
+
+def _finished(
+    dataset: TileDataset, stem: str, settings: TileCutSettings, shard: tuple[int, int]
+) -> SlideCut | None:
+    """Shard ``shard`` of the slide as an earlier run finished it (every tile still on disk)."""
+    path = dataset.progress(stem, shard)
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    if record.get("settings") != settings.fingerprint():
+        return None
+    cut = SlideCut(
+        slide=record["slide"],
+        shard=(int(record["shard"][0]), int(record["shard"][1])),
+        rows=record["rows"],
+        dropped=record["dropped"],
+        annotations=record["annotations"],
+    )
+    if not all((dataset.root / row["path"]).is_file() for row in cut.rows):
+        return None
+    return cut
+
+
+def require_same_settings(dataset: TileDataset, settings: TileCutSettings) -> None:
+    """A dataset folder holds tiles of one setting: refuse to mix in tiles cut otherwise."""
+    recorded = dataset.root / ".progress" / "settings.json"
+    if recorded.is_file():
+        earlier = read_json(recorded)
+        if earlier != settings.fingerprint():
+            differing = sorted(
+                k for k in settings.fingerprint() if earlier.get(k) != settings.fingerprint()[k]
+            )
+            raise DataError(
+                f"{dataset.root}: holds tiles cut with other settings ({', '.join(differing)} "
+                "differ); use a new --out folder, or delete this one to start again"
+            )
+    elif dataset.root.is_dir() and any(dataset.root.iterdir()):
+        raise DataError(
+            f"{dataset.root}: not empty and not a tile dataset written by `histolite slide "
+            "tiles`; choose a new or empty --out folder"
+        )
+
+
+def cut_tiles(
+    slides: Sequence[Path],
+    annotations: Path,
+    out: Path,
+    settings: TileCutSettings,
+    *,
+    progress: bool = True,
+    report: Callable[[SlideCut, bool], None] | None = None,
+) -> dict[str, Any]:
+    """Cut every slide's annotated tiles into ``out``; returns the dataset summary.
+
+    ``report(cut, resumed)`` is called after each slide (resumed: done by an earlier run).
+    """
+    dataset = TileDataset(out)
+    prepared = prepare_slides(slides, annotations, settings)
+    require_same_settings(dataset, settings)
+    write_json(dataset.root / ".progress" / "settings.json", settings.fingerprint())
+    for item in prepared:
+        cut = _finished(dataset, item.path.stem, settings, settings.shard)
+        resumed = cut is not None
+        if cut is None:
+            cut = cut_slide(item, settings, dataset, progress=progress)
+            record = {"settings": settings.fingerprint(), **asdict(cut)}
+            write_json(dataset.progress(item.path.stem, settings.shard), record)
+        if report is not None:
+            report(cut, resumed)
+    return write_listing(dataset, [p.path.stem for p in prepared], settings)
+
+
+_SHARD_PROGRESS = re.compile(r"\.\d+-of-(\d+)\.json$")
+
+
+def _complete_cuts(dataset: TileDataset, stem: str, settings: TileCutSettings) -> list[SlideCut]:
+    """The cuts that together cover a slide: the unsharded one, or every shard of one N."""
+    whole = _finished(dataset, stem, settings, (0, 1))
+    if whole is not None:
+        return [whole]
+    folder = dataset.root / ".progress"
+    counts = sorted(
+        {
+            int(match[1])
+            for path in folder.glob(f"{stem}.*-of-*.json")
+            if (match := _SHARD_PROGRESS.search(path.name))
+        }
+    )
+    for count in counts:
+        cuts = [_finished(dataset, stem, settings, (i, count)) for i in range(count)]
+        if all(cut is not None for cut in cuts):
+            return [cut for cut in cuts if cut is not None]
+    return []
+
+
+def write_listing(
+    dataset: TileDataset, stems: Sequence[str], settings: TileCutSettings
+) -> dict[str, Any]:
+    """``tiles.csv`` and ``summary.json`` from the progress files of the slides done so far."""
+    rows: list[dict[str, Any]] = []
+    slides: dict[str, Any] = {}
+    pending = []
+    for stem in stems:
+        cuts = _complete_cuts(dataset, stem, settings)
+        if not cuts:
+            pending.append(stem)
+            continue
+        mine = [row for cut in cuts for row in cut.rows]
+        rows += mine
+        dropped: Counter[str] = Counter()
+        for cut in cuts:
+            dropped.update(cut.dropped)
+        slides[stem] = {
+            "tiles": len(mine),
+            "per_class": dict(sorted(Counter(r["class"] for r in mine).items())),
+            "dropped": dict(sorted((k, v) for k, v in dropped.items() if v)),
+            "annotations": cuts[0].annotations,
+        }
+    rows.sort(key=lambda r: (r["slide"], r["y"], r["x"]))
+    with atomic_path(dataset.tiles_csv) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=SLIDE_TILE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    totals: Counter[str] = Counter(r["class"] for r in rows)
+    dropped_total: Counter[str] = Counter()
+    for entry in slides.values():
+        dropped_total.update(entry["dropped"])
+    summary = {
+        "settings": settings.fingerprint(),
+        "tile_mpp": settings.tile_mpp,
+        "tiles": len(rows),
+        "per_class": dict(sorted(totals.items())),
+        "dropped": dict(sorted(dropped_total.items())),
+        "slides": slides,
+        "pending_slides": pending,
+        "note": (
+            f"{len(pending)} slide(s) not finished (shards still running?); rerun the command "
+            "to finish them and complete this listing"
+            if pending
+            else None
+        ),
+    }
+    write_json(dataset.summary, summary)
+    return summary
+
+
+def tile_counts_text(summary: Mapping[str, Any]) -> str:
+    """``"tumour 120, stroma 80"``: a summary's tiles per class for one line of output."""
+    return ", ".join(f"{name} {n}" for name, n in summary["per_class"].items()) or "no tiles"
