@@ -102,6 +102,11 @@ def data_split(
         help="Regex on file names; its first group is the slide/patient key. Whole groups stay "
         "in one split (no leakage).",
     ),
+    patients: Path | None = typer.Option(
+        None,
+        "--patients",
+        help="CSV of slide,patient: a patient's slides (groups) stay in one split.",
+    ),
 ) -> None:
     """Write a reproducible train/val/test split CSV and its split report (JSON)."""
     from pydantic import ValidationError
@@ -123,6 +128,7 @@ def data_split(
             split_by=split_by,  # type: ignore[arg-type]
             group_by=group_by,
             group_regex=group_regex,
+            patients=str(patients) if patients else None,
             val_split_by=val_split_by,  # type: ignore[arg-type]
             split_seed=seed,
         )

@@ -230,7 +230,13 @@ def slide_tiles(
         0.9, "--min-coverage", help="Keep a tile when this fraction lies in one class's region."
     ),
     min_tissue: float = typer.Option(
-        0.5, "--min-tissue", help="Least tissue fraction of a kept tile (0 keeps glass too)."
+        0.0,
+        "--min-tissue",
+        help="Least tissue fraction (by the tissue mask) of an annotated tile; 0: the "
+        "annotation decides (the mask drops pale fat).",
+    ),
+    background_min_tissue: float = typer.Option(
+        0.5, "--background-min-tissue", help="Least tissue fraction of a --background tile."
     ),
     classes: str | None = typer.Option(
         None,
@@ -276,6 +282,7 @@ def slide_tiles(
         tile_px=tile_px or default_tile_px(tile_um),
         min_coverage=min_coverage,
         min_tissue=min_tissue,
+        background_min_tissue=background_min_tissue,
         classes=parse_class_mapping(classes) if classes else None,
         max_per_class_per_slide=max_per_class,
         background=background,

@@ -7,6 +7,7 @@ left behind.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import shutil
 import tarfile
@@ -143,6 +144,17 @@ SLIDE_TILE_COLUMNS = (
     "mpp",
     "tile_mpp",
 )
+
+
+def dataset_mpp(dataset: str, root: str | Path | None) -> float | None:
+    """Microns per pixel of a dataset's images: what its tiles.csv records (slide tile
+    datasets, whose tiles were cut at a chosen size), else what the publisher states."""
+    if root is not None and is_slide_tile_dataset(root):
+        with (Path(root) / "tiles.csv").open(newline="", encoding="utf-8") as fh:
+            first = next(csv.DictReader(fh), None)
+        if first is not None and first.get("tile_mpp"):
+            return float(first["tile_mpp"])
+    return get_dataset(dataset).mpp
 
 
 def is_slide_tile_dataset(root: str | Path) -> bool:

@@ -2,10 +2,12 @@
 
 Each slide is laid out on the same grid ``slide infer`` uses (tiles of ``tile_um`` microns in
 level-0 pixels from the slide's corner). A tile is kept for a class when at least
-``min_coverage`` of it lies inside that class's region (holes excluded) and it holds enough
-tissue; tiles touching two classes below that, claimed by two overlapping classes, or only
-partly inside one, are dropped and counted by reason. With ``background``, tissue tiles outside
-every annotation (selected or not) become that class.
+``min_coverage`` of it lies inside that class's region (holes excluded); tiles touching two
+classes below that, claimed by two overlapping classes, or only partly inside one, are dropped
+and counted by reason. The annotation decides what an annotated tile is (``min_tissue`` is 0 by
+default: fat and mucus are pale, and a saturation mask would drop annotated adipose); with
+``background``, tiles outside every annotation (selected or not) that the tissue mask finds
+at least ``background_min_tissue`` tissue become that class.
 
 Everything that can be wrong with the input (slides without microns per pixel, unreadable or
 unmatched annotation files, regions outside the slide, unknown or unsafe class names, a dataset
@@ -60,7 +62,8 @@ class TileCutSettings:
     tile_um: float
     tile_px: int
     min_coverage: float = 0.9
-    min_tissue: float = 0.5
+    min_tissue: float = 0.0  # annotated tiles: the annotation decides (fat, mucus are pale)
+    background_min_tissue: float = 0.5  # background tiles: tissue by the mask, as slide infer
     classes: tuple[tuple[str, str], ...] | None = None  # (annotation class, dataset class)
     max_per_class_per_slide: int | None = None
     background: str | None = None
@@ -76,8 +79,12 @@ class TileCutSettings:
             raise DataError(f"--tile-px {self.tile_px}: expected at least 8 pixels")
         if not 0.0 < self.min_coverage <= 1.0:
             raise DataError(f"--min-coverage {self.min_coverage}: expected a fraction in (0, 1]")
-        if not 0.0 <= self.min_tissue <= 1.0:
-            raise DataError(f"--min-tissue {self.min_tissue}: expected a fraction in [0, 1]")
+        for flag, value in (
+            ("--min-tissue", self.min_tissue),
+            ("--background-min-tissue", self.background_min_tissue),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise DataError(f"{flag} {value}: expected a fraction in [0, 1]")
         cap = self.max_per_class_per_slide
         if cap is not None and cap < 1:
             raise DataError(f"--max-per-class-per-slide {cap}: expected at least 1")
@@ -248,7 +255,8 @@ def choose_tiles(
     dropped[NO_TISSUE] += int((kept & ~tissue_ok).sum())
     kept &= tissue_ok
     # tissue outside every region (glass outside them is not counted: it is most of a slide)
-    outside = (reasons == Reason.OUTSIDE) & tissue_ok & (boxes.tissue > 0)
+    background_ok = (boxes.tissue >= settings.background_min_tissue) & (boxes.tissue > 0)
+    outside = (reasons == Reason.OUTSIDE) & background_ok
     if settings.background is not None:
         kept |= outside
         for i in np.flatnonzero(outside):
@@ -300,7 +308,7 @@ def cut_slide(
     stem = prepared.path.stem
     slide = open_slide(prepared.path, settings.mpp)
     try:
-        plan = plan_tissue_tiles(slide, settings.tile_um, min_tissue=settings.min_tissue)
+        plan = plan_tissue_tiles(slide, settings.tile_um)
         boxes = grid_boxes(plan.grid, plan.mask, plan.mask_scale)
         positions, classes, coverage, dropped = choose_tiles(prepared, settings, boxes)
         index, count = settings.shard

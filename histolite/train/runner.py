@@ -16,7 +16,7 @@ from torch import nn
 from histolite.config import TrainConfig, dump_config, load_config
 from histolite.data.feature_bags import feature_dimension
 from histolite.data.folder import LabelledImages
-from histolite.data.registry import get_dataset
+from histolite.data.registry import dataset_mpp
 from histolite.data.split_policy import Split
 from histolite.data.splits import SPLIT_NAMES, read_split_csv, write_split_csv
 from histolite.errors import HistoliteError
@@ -193,7 +193,7 @@ def _run_spec(cfg: TrainConfig, prepared: PreparedData, out: Path, resume: bool)
         head_dropout=cfg.model.head_dropout,
         stain=stain_spec(cfg.data),
         patches=cfg.data.patches.spec() if cfg.data.patches else None,
-        mpp=cfg.data.mpp if cfg.data.mpp is not None else get_dataset(cfg.data.dataset).mpp,
+        mpp=cfg.data.mpp or dataset_mpp(cfg.data.dataset, cfg.data.root),
         mil=_mil_spec(cfg, prepared) if cfg.mil else None,
     )
 

@@ -14,10 +14,10 @@ from support import write_config
 from histolite.config import load_config
 from histolite.data.splits import LeakageWarning
 from histolite.errors import DataError, HistoliteError
-from histolite.evaluate.report import evaluate_run
-from histolite.models.loading import load_run
 from histolite.evaluate.inference import predict_image
 from histolite.evaluate.plots import read_epoch_metrics
+from histolite.evaluate.report import evaluate_run
+from histolite.models.loading import load_run
 from histolite.runspec import PatchSpec, RunSpec
 from histolite.train import resolve_config, train_run
 

@@ -173,6 +173,26 @@ def test_background_classes_cap_and_tissue_filter(
     assert again["per_class"] == summary["per_class"]
 
 
+def test_a_tissue_threshold_drops_annotated_glass(
+    annotated: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Annotated tiles are kept as annotated unless --min-tissue asks for tissue."""
+    slide, _ = annotated
+    glass = (768, 640, 1024, 768)  # outside the tissue block: 4 x 2 tiles of bare glass
+    notes = _write(
+        tmp_path / "case_a.geojson",
+        [_feature({"type": "Polygon", "coordinates": [_ring(glass)]}, "Tumor")],
+    )
+    kept = cut_tiles(
+        [slide], notes, tmp_path / "kept", TileCutSettings(tile_um=32.0, tile_px=64), progress=False
+    )
+    assert kept["tiles"] == 8
+    strict = TileCutSettings(tile_um=32.0, tile_px=64, min_tissue=0.5)
+    dropped = cut_tiles([slide], notes, tmp_path / "strict", strict, progress=False)
+    # the 12 x 10 tiles of the tissue block lie outside every annotation (no --background)
+    assert dropped["tiles"] == 0 and dropped["dropped"] == {"no tissue": 8, "outside": 120}
+
+
 def test_shards_resume_and_settings_guard(
     annotated: tuple[Path, Path], tmp_path: Path, run_cli: Callable
 ) -> None:
@@ -280,7 +300,7 @@ def test_unmatched_files_missing_annotations_and_missing_mpp(
 
 def test_a_tile_dataset_is_split_by_slide(annotated: tuple[Path, Path], tmp_path: Path) -> None:
     """Four slides (copies of one, new stems): whole slides per split, patients optional."""
-    slide, notes = annotated
+    slide, _ = annotated
     slides, folder = [], tmp_path / "notes"
     for stem in ("s1", "s2", "s3", "s4"):
         copy = tmp_path / "slides" / f"{stem}.tif"
@@ -334,3 +354,47 @@ def test_real_svs_excerpt_with_a_polygon(tmp_path: Path) -> None:
     got = {(int(r["x"]), int(r["y"])) for r in _rows(tmp_path / "ds")}
     assert got == expected and summary["tiles"] == len(expected) > 20
     assert {r["width"] for r in _rows(tmp_path / "ds")} == {str(side)}
+
+
+def test_the_recipe_trains_on_a_tile_dataset_at_its_recorded_mpp(
+    annotated: tuple[Path, Path], tmp_path: Path, repo_root: Path
+) -> None:
+    """The shipped recipe's data section on a slide tile dataset: split by slide, data.mpp
+    from tiles.csv (so the exported card tiles new slides at the same physical size)."""
+    import yaml
+    from support import write_config
+
+    from histolite.runspec import RunSpec
+    from histolite.train import resolve_config, train_run
+
+    slide, _ = annotated
+    slides, folder = [], tmp_path / "notes"
+    for stem in ("s1", "s2", "s3"):
+        copy = tmp_path / "slides" / f"{stem}.tif"
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes(slide.read_bytes())
+        _write(folder / f"{stem}.geojson", _annotations())
+        slides.append(copy)
+    cut_tiles(
+        slides, folder, tmp_path / "ds", TileCutSettings(tile_um=32.0, tile_px=32), progress=False
+    )
+    recipe = yaml.safe_load((repo_root / "configs" / "slide_tiles_student.yaml").read_text())
+    data = {k: recipe["data"][k] for k in ("dataset", "split_by")}
+    config = write_config(
+        tmp_path / "cfg.yaml",
+        tmp_path / "ds",
+        data={**data, "val_fraction": 0.34, "val_split_by": "same"},
+    )
+    cfg = resolve_config(config, [], tmp_path / "run", resume=False)
+    run = train_run(cfg, tmp_path / "run", progress=False)
+    spec = RunSpec.load(run)
+    assert spec.mpp == pytest.approx(1.0)  # 32 um tiles saved at 32 px
+    report = json.loads((run / "split_report.json").read_text())
+    assert report["group_kind"] == "slide" and report["shared_groups"] == 0
+    assert sorted(
+        report["splits"]["train"]["slide_names"] + report["splits"]["val"]["slide_names"]
+    ) == [
+        "s1",
+        "s2",
+        "s3",
+    ]
