@@ -16,6 +16,8 @@ layout is written down once::
     RUN/distill_plan.json     distillation: teacher run and checkpoint per student epoch
     RUN/teacher_switches.json distillation: when each teacher checkpoint was loaded
     RUN/features/             MIL: cached patch features
+    RUN/calibration.json      post-hoc calibration fitted on validation (CalibrationSpec)
+    RUN/calibration/          reliability and accuracy-coverage figures of that fit
 
 Evaluation, export and serving rebuild the model and its preprocessing from ``run.json`` alone
 (:class:`RunSpec`, with typed :class:`PatchSpec`, :class:`StainSpec` and :class:`MilSpec`).
@@ -96,6 +98,14 @@ class RunDir:
     @property
     def features(self) -> Path:
         return self.root / "features"
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration.json"
+
+    @property
+    def calibration_figures(self) -> Path:
+        return self.root / "calibration"
 
     def checkpoint(self, which: str = "best") -> Path:
         """``best`` / ``last`` or an explicit checkpoint file name; must exist."""
@@ -186,6 +196,47 @@ class StainSpec:
             fallback=data.get("fallback"),
             min_tissue=float(data["min_tissue"]) if data.get("min_tissue") is not None else None,
         )
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """What ``histolite calibrate`` fitted on a run's validation split, and for which weights.
+
+    ``scale`` / ``bias`` multiply and shift the logits (temperature T: scale 1/T, bias 0).
+    ``abstain_below``: answers with a top probability under it are flagged uncertain (chosen so
+    the answered validation images reach ``abstention["target"]`` accuracy; None if none did).
+    ``ood``: the out-of-distribution score chosen on validation and the value under which an
+    image is flagged. The file records the checkpoint's SHA-256: a calibration applies only to
+    the weights it was fitted for.
+    """
+
+    method: str
+    scale: tuple[float, ...]
+    bias: tuple[float, ...]
+    checkpoint: str
+    checkpoint_sha256: str
+    temperature: float | None = None
+    abstain_below: float | None = None
+    abstention: dict[str, Any] | None = None
+    ood: dict[str, Any] | None = None
+    validation: dict[str, Any] | None = None  # metrics before and after, on validation
+
+    def save(self, run_dir: str | Path) -> Path:
+        return write_json(RunDir(Path(run_dir)).calibration, asdict(self))
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> CalibrationSpec | None:
+        """The run's calibration, or None if it has none."""
+        path = RunDir(Path(run_dir)).calibration
+        if not path.is_file():
+            return None
+        data = read_json(path)
+        try:
+            data["scale"] = tuple(float(v) for v in data["scale"])
+            data["bias"] = tuple(float(v) for v in data["bias"])
+            return cls(**data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HistoliteError(f"{path}: malformed calibration ({exc})") from exc
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
-"""``histolite evaluate``, ``explain`` and ``predict``."""
+"""``histolite evaluate``, ``explain``, ``predict`` and ``calibrate``."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import typer
 
 from histolite.cli.app import app
@@ -110,14 +111,29 @@ def predict(
     images: list[Path] = typer.Argument(..., help="Images to classify."),
     checkpoint: str = typer.Option("best", help="best, last, or a checkpoint file name."),
 ) -> None:
-    """Classify images; prints one JSON line per image (file, class, probabilities)."""
+    """Classify images; one JSON line per image: file, class, probabilities, and how sure.
+
+    With a calibrated run (`histolite calibrate`), probabilities are calibrated and each line
+    says whether the answer is ``uncertain`` (below the abstention threshold) or
+    ``out_of_distribution``; otherwise those are null.
+    """
     from histolite.data.images import load_rgb
-    from histolite.evaluate.inference import predict_image
+    from histolite.evaluate.inference import predict_image_scores
     from histolite.models.loading import load_run
+    from histolite.uncertainty import UncertaintyPolicy, score, softmax
 
     loaded = load_run(run, checkpoint)
+    if loaded.calibration_note:
+        typer.secho(f"warning: {loaded.calibration_note}", fg="yellow", err=True)
+    spec = loaded.calibration
+    policy = UncertaintyPolicy.from_card(
+        {"abstention": spec.abstention, "ood": spec.ood} if spec is not None else {}
+    )
     for path in images:
-        probs = predict_image(loaded, load_rgb(path))
+        probs, logits = predict_image_scores(loaded, load_rgb(path))
+        ood = None
+        if policy.ood_score is not None:
+            ood = float(np.mean(score(policy.ood_score, softmax(logits), logits)))
         best = int(probs.argmax())
         typer.echo(
             json.dumps(
@@ -128,6 +144,71 @@ def predict(
                         c: round(float(p), 6)
                         for c, p in zip(loaded.spec.classes, probs, strict=True)
                     },
+                    "calibrated": spec is not None,
+                    **policy.assess(probs, ood),
                 }
             )
         )
+
+
+@app.command("calibrate")
+def calibrate(
+    run: Path = typer.Argument(..., help="Run directory (with a validation split)."),
+    checkpoint: str = typer.Option("best", help="best, last, or a checkpoint file name."),
+    method: str = typer.Option(
+        "temperature",
+        help="temperature (one scalar: accuracy unchanged) or vector (a scale and bias per class).",
+    ),
+    target: float = typer.Option(
+        0.99,
+        help="Abstention: flag answers below the lowest confidence at which the answered "
+        "validation images reach this accuracy.",
+    ),
+    ood_flag_rate: float = typer.Option(
+        0.05, help="Out-of-distribution threshold: flag this fraction of validation images."
+    ),
+    batch_size: int = typer.Option(64, help="Inference batch size."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Fit calibration on the validation split (never test): RUN/calibration.json + figures.
+
+    evaluate, predict, export and serving then use calibrated probabilities; re-export a run
+    calibrated after its export (a stale export is refused when its run is on this machine).
+    """
+    from histolite.evaluate.calibration import calibrate_run
+
+    result = calibrate_run(
+        run,
+        checkpoint=checkpoint,
+        method=method,
+        target=target,
+        ood_flag_rate=ood_flag_rate,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    before, after = result["validation"]["before"], result["validation"]["after"]
+    scaling = (
+        f"temperature {result['temperature']:.4f}"
+        if result["temperature"] is not None
+        else "vector scaling"
+    )
+    typer.echo(
+        f"{scaling} on {result['validation']['images']} validation images: ECE "
+        f"{before['ece']:.4f} -> {after['ece']:.4f}, NLL {before['nll']:.4f} -> "
+        f"{after['nll']:.4f}, Brier {before['brier']:.4f} -> {after['brier']:.4f}"
+    )
+    abstention = result["abstention"]
+    if abstention.get("threshold") is not None:
+        typer.echo(
+            f"abstain below confidence {abstention['threshold']:.4f}: validation accuracy "
+            f"{abstention['accuracy']:.4f} on the {abstention['coverage']:.1%} answered"
+        )
+    else:
+        typer.secho(f"no abstention threshold: {abstention.get('reason')}", fg="yellow")
+    ood = result["ood"]
+    if ood.get("score"):
+        typer.echo(
+            f"out-of-distribution score {ood['score']} (AUROC right vs wrong "
+            f"{ood['auroc_right_vs_wrong'][ood['score']]:.3f}), flag below {ood['threshold']:.4f}"
+        )
+    typer.echo(f"wrote {result['file']}; figures in {Path(run) / 'calibration'}")

@@ -22,19 +22,33 @@ from histolite.models.tta import dihedral_views
 
 @dataclass
 class Predictions:
-    """Per item (image or patch): probabilities, true label, and source image index."""
+    """Per item (image or patch): probabilities, logits, true label, and source image index.
+
+    ``logits`` are the model's (calibrated when the run is); with test-time augmentation they
+    are the mean over the views, while ``probs`` is the mean of the views' softmax.
+    """
 
     probs: np.ndarray
     labels: np.ndarray
     image_index: np.ndarray
     patch_level: bool
+    logits: np.ndarray | None = None
+
+
+def class_scores(
+    model: torch.nn.Module, x: torch.Tensor, tta: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax probabilities, logits); with ``tta``, averaged over the 8 dihedral views."""
+    if not tta:
+        logits = model(x)
+        return torch.softmax(logits, dim=1), logits
+    views = torch.stack([model(v) for v in dihedral_views(x)])
+    return torch.softmax(views, dim=2).mean(dim=0), views.mean(dim=0)
 
 
 def class_probabilities(model: torch.nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
     """Softmax output; with ``tta``, averaged over the 8 dihedral views of each image."""
-    if not tta:
-        return torch.softmax(model(x), dim=1)
-    return torch.stack([torch.softmax(model(v), dim=1) for v in dihedral_views(x)]).mean(dim=0)
+    return class_scores(model, x, tta)[0]
 
 
 def predict(
@@ -57,26 +71,39 @@ def predict(
     )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     device = next(run.model.parameters()).device
-    chunks, labels = [], []
+    chunks, logit_chunks, labels = [], [], []
     with torch.inference_mode():
         for x, y in tqdm(loader, desc="predicting", disable=not progress, leave=False):
-            chunks.append(class_probabilities(run.model, x.to(device), tta).float().cpu().numpy())
+            probs, logits = class_scores(run.model, x.to(device), tta)
+            chunks.append(probs.float().cpu().numpy())
+            logit_chunks.append(logits.float().cpu().numpy())
             labels.append(y.numpy())
     image_index = np.array([dataset.source_index(i) for i in range(len(dataset))], dtype=np.int64)
+    empty = np.zeros((0, run.spec.num_classes))
     return Predictions(
-        probs=np.concatenate(chunks) if chunks else np.zeros((0, run.spec.num_classes)),
+        probs=np.concatenate(chunks) if chunks else empty,
         labels=np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
         image_index=image_index,
         patch_level=patches is not None,
+        logits=np.concatenate(logit_chunks) if logit_chunks else empty,
     )
 
 
 def predict_image(run: LoadedRun, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Class probabilities for one HxWx3 uint8 image (patch mean if the run used patches)."""
+    return predict_image_scores(run, pixels, batch_size)[0]
+
+
+def predict_image_scores(
+    run: LoadedRun, pixels: np.ndarray, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """(class probabilities of the image, logits of each patch or bag (N, C)), as served."""
     from histolite.data.patches import grid_positions
 
     if run.is_mil:
-        return predict_bag_pixels(run, pixels).probs
+        bag = predict_bag_pixels(run, pixels)
+        assert bag.logits is not None
+        return bag.probs, bag.logits[None]
     transform = build_eval_transform(run.spec.image_size)
     image = image_tensor(pixels)
     boxes: list[tuple[int, int, int] | None] = [None]  # smaller than a patch: the whole image
@@ -85,7 +112,7 @@ def predict_image(run: LoadedRun, pixels: np.ndarray, batch_size: int = 64) -> n
         grid = grid_positions(image.shape[1], image.shape[2], size, stride)
         boxes = [(y, x, size) for y, x in grid] or boxes
     device = next(run.model.parameters()).device
-    probs = []
+    logits = []
     with torch.inference_mode():
         for start in range(0, len(boxes), batch_size):
             batch = torch.stack(
@@ -94,8 +121,9 @@ def predict_image(run: LoadedRun, pixels: np.ndarray, batch_size: int = 64) -> n
                     for b in boxes[start : start + batch_size]
                 ]
             )
-            probs.append(torch.softmax(run.model(batch.to(device)), dim=1).float().cpu())
-    return torch.cat(probs).mean(dim=0).numpy()
+            logits.append(run.model(batch.to(device)).float().cpu())
+    patch_logits = torch.cat(logits)
+    return torch.softmax(patch_logits, dim=1).mean(dim=0).numpy(), patch_logits.numpy()
 
 
 @dataclass
@@ -106,6 +134,7 @@ class BagPrediction:
     attention: np.ndarray
     positions: list[tuple[int, int]]
     patch_size: int
+    logits: np.ndarray | None = None
 
 
 def _bag_dataset(run: LoadedRun, samples: Sequence[Sample]) -> ImageBagDataset:
@@ -129,9 +158,10 @@ def _classify_bags(
     with torch.inference_mode():
         logits, attention = run.model(x.to(device), mask.to(device))
     probs = torch.softmax(logits, dim=1).float().cpu().numpy()
+    raw = logits.float().cpu().numpy()
     weights = attention.float().cpu().numpy()
     return [
-        BagPrediction(probs[i], weights[i, : len(bags[i])], positions[i], size)
+        BagPrediction(probs[i], weights[i, : len(bags[i])], positions[i], size, raw[i])
         for i in range(len(bags))
     ]
 
@@ -187,9 +217,12 @@ def bag_level_predictions(
     run: LoadedRun, samples: Sequence[Sample], bags: Sequence[BagPrediction]
 ) -> Predictions:
     """Bag results in the shape the report code takes (one row per image)."""
+    empty = np.zeros((0, run.spec.num_classes))
+    logits = [b.logits for b in bags if b.logits is not None]
     return Predictions(
-        probs=np.stack([b.probs for b in bags]) if bags else np.zeros((0, run.spec.num_classes)),
+        probs=np.stack([b.probs for b in bags]) if bags else empty,
         labels=np.array([s.label for s in samples], dtype=np.int64),
         image_index=np.arange(len(samples), dtype=np.int64),
         patch_level=False,
+        logits=np.stack(logits) if bags and len(logits) == len(bags) else None,
     )

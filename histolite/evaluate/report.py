@@ -21,11 +21,20 @@ from histolite.evaluate.inference import (
     predict_bags,
 )
 from histolite.evaluate.metrics import (
+    accuracy_coverage,
+    calibration_metrics,
     classification_metrics,
     group_bootstrap_accuracy,
+    group_bootstrap_calibration,
+    selective_summary,
     write_class_report_csv,
 )
-from histolite.evaluate.plots import plot_confusion_matrix, plot_training_curves
+from histolite.evaluate.plots import (
+    plot_accuracy_coverage,
+    plot_confusion_matrix,
+    plot_reliability,
+    plot_training_curves,
+)
 from histolite.fileio import atomic_path, write_json
 from histolite.models.loading import LoadedRun, load_run
 from histolite.runinfo import fingerprint_files, run_metadata
@@ -116,6 +125,10 @@ def build_report(
     if interval["groups"] < 10:
         interval["warning"] = f"only {interval['groups']} groups: the interval is unreliable"
     report["accuracy_ci95"] = interval
+    report["calibration_metrics"] = calibration_metrics(preds.probs, preds.labels)
+    report["calibration_ci95"] = group_bootstrap_calibration(preds.probs, preds.labels, groups)
+    report["selective"] = selective_summary(preds.probs, preds.labels)
+    report["calibration"] = _calibration_note(run)
     if preds.patch_level:
         images = images if images is not None else image_results(preds)
         assert images is not None
@@ -129,6 +142,21 @@ def build_report(
             ),
         }
     return report
+
+
+def _calibration_note(run: LoadedRun) -> dict[str, Any]:
+    """Whether these probabilities went through the run's calibration, and which."""
+    spec = run.calibration
+    if spec is None:
+        return {"applied": False, "note": run.calibration_note or "the run is not calibrated"}
+    return {
+        "applied": True,
+        "method": spec.method,
+        "temperature": spec.temperature,
+        "fitted_on": "validation",
+        "file": str(RunDir(run.run_dir).calibration),
+        "abstain_below": spec.abstain_below,
+    }
 
 
 def _predict_samples(
@@ -166,6 +194,13 @@ def _write_report_files(
     _write_predictions_csv(out / "predictions.csv", samples, probs, classes)
     title = f"{run.spec.model_name}: {report['level']} level"
     plot_confusion_matrix(report["confusion_matrix"], classes, out / "confusion_matrix.png", title)
+    state = "calibrated" if report["calibration"]["applied"] else "uncalibrated"
+    plot_reliability([(state, report["calibration_metrics"])], out / "reliability.png", title=title)
+    plot_accuracy_coverage(
+        [(state, accuracy_coverage(preds.probs, preds.labels))],
+        out / "accuracy_coverage.png",
+        title=title,
+    )
     if images is not None:
         plot_confusion_matrix(
             report["image_level"]["mean_probability"]["confusion_matrix"],

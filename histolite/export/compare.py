@@ -1,7 +1,8 @@
 """``histolite compare``: several runs on the same test data in one table (Markdown + JSON).
 
 One command gives the papers' comparison tables, with what "small" costs next to every accuracy:
-accuracy, balanced accuracy, macro F1, per-class precision/recall/F1, parameters, weight size,
+accuracy, balanced accuracy, macro F1, per-class precision/recall/F1, calibration (ECE, NLL,
+Brier) and accuracy at 90% coverage, parameters, weight size,
 multiply-accumulates at the served input size, PyTorch CPU throughput at batch 1 and 64, and the
 throughput of the deployable ONNX INT8 export at batch 64. It lives in ``export`` because that
 last column exports each run.
@@ -78,6 +79,12 @@ def compare_runs(
             "macro_f1": report["macro_f1"],
             "weighted_f1": report["weighted_f1"],
             "per_class": report["per_class"],
+            "calibrated": report["calibration"]["applied"],
+            "ece": report["calibration_metrics"]["ece"],
+            "ece_ci95": report["calibration_ci95"]["ece"],
+            "nll": report["calibration_metrics"]["nll"],
+            "brier": report["calibration_metrics"]["brier"],
+            "accuracy_at_90_coverage": report["selective"]["accuracy_at_coverage"]["0.9"],
             "parameters": count_parameters(classifier),
             "size_mb": weight_size_mb(classifier),
             "image_size": size,
@@ -139,6 +146,20 @@ def format_comparison(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['macro_f1']:.4f} | {r['parameters']:,} | {r['size_mb']:.2f} | "
             f"{r['macs'] / 1e6:.1f} | {r['cpu_images_per_s_b1']:.0f} | "
             f"{r['cpu_images_per_s_b64']:.0f} | {_rate(r.get('onnx_int8_images_per_s_b64'))} |"
+        )
+    lines += [
+        "",
+        "Calibration (top-label ECE, 15 bins; NLL; Brier) and selective accuracy:",
+        "",
+        "| run | calibrated | ECE [95% CI over groups] | NLL | Brier | accuracy at 90% coverage |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ci = r["ece_ci95"]
+        lines.append(
+            f"| {r['name']} | {'yes' if r['calibrated'] else 'no'} | {r['ece']:.4f} "
+            f"[{ci['low']:.4f}, {ci['high']:.4f}] | {r['nll']:.4f} | {r['brier']:.4f} | "
+            f"{r['accuracy_at_90_coverage']:.4f} |"
         )
     if any("image_level_accuracy" in r for r in rows):
         lines += [

@@ -5,7 +5,8 @@ at its own resolution *before* resizing it to the model's input (``data.transfor
 
 - ``StainGraph`` (``stain.onnx``): Reinhard on a batch of same-size patches of any height and
   width, uint8 RGB in and out, as the training path's normaliser; the runtime then resizes;
-- ``ServingGraph`` / ``MilServingGraph`` (``model.onnx``): model + softmax on resized input;
+- ``ServingGraph`` / ``MilServingGraph`` (``model.onnx``): model + softmax on resized input
+  (the logits, calibrated when the run is, are an output too: out-of-distribution scores);
   ``CamServingGraph`` adds Grad-CAM maps for networks that end in global average pooling and
   one linear layer (``gradcam_head``), so the service can explain without torch or gradients.
 
@@ -40,8 +41,9 @@ class ServingGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: Tensor) -> Tensor:
-        return torch.softmax(self.model(images), dim=1)
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.model(images)  # calibrated, when the run is
+        return torch.softmax(logits, dim=1), logits
 
 
 def gradcam_head(model: NormalizedClassifier, input_size: int) -> tuple[str, str]:
@@ -119,7 +121,7 @@ class CamServingGraph(nn.Module):
         self.model = model
         self.layer, self.classifier = layer, classifier
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         maps: list[Tensor] = []
         hook = self.model.get_submodule(self.layer).register_forward_hook(
             lambda m, i, out: maps.append(out)
@@ -130,7 +132,7 @@ class CamServingGraph(nn.Module):
             hook.remove()
         weight = self.model.get_submodule(self.classifier).weight  # (C, K)
         cam = torch.relu(torch.einsum("ck,nkhw->nchw", weight, maps[-1]))
-        return torch.softmax(logits, dim=1), cam
+        return torch.softmax(logits, dim=1), cam, logits
 
 
 class MilServingGraph(nn.Module):
@@ -146,9 +148,10 @@ class MilServingGraph(nn.Module):
             raise ValueError("a MIL model on precomputed features has no image encoder to export")
         self.model = model
 
-    def forward(self, patches: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, patches: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         assert self.model.encoder is not None
         h = self.model.embed(self.model.encoder(patches)).unsqueeze(0)  # (1, N, D)
         mask = torch.ones_like(h[..., 0], dtype=torch.bool)
         pooled, attention = self.model.pool(h, mask)
-        return torch.softmax(self.model.classifier(pooled), dim=1), attention[0]
+        logits = self.model.classify(pooled)
+        return torch.softmax(logits, dim=1), attention[0], logits

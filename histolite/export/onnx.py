@@ -35,18 +35,12 @@ from histolite.export.graph import (
     StainGraph,
     gradcam_head,
 )
-from histolite.fileio import read_json, write_json
+from histolite.fileio import file_sha256, read_json, write_json
 from histolite.models import count_parameters
 from histolite.models.loading import LoadedRun, load_run, require_classifier
 from histolite.models.mil import AttentionMIL
 from histolite.runspec import RunDir
-from histolite.runtime.card import (
-    CARD_FILE,
-    CARD_FORMAT_VERSION,
-    MODEL_FILE,
-    STAIN_FILE,
-    file_sha256,
-)
+from histolite.runtime.card import CARD_FILE, CARD_FORMAT_VERSION, MODEL_FILE, STAIN_FILE
 from histolite.runtime.classifier import OnnxClassifier
 from histolite.runtime.preprocess import CropStain, bag_to_batch, image_to_batch
 from histolite.stain import ReinhardNormalizer
@@ -232,7 +226,7 @@ def _export_graph(run: LoadedRun, path: Path) -> dict[str, Any]:
             torch.rand(3, 3, size, size),
             path,
             input_names=["patches"],
-            output_names=["probabilities", "attention"],
+            output_names=["probabilities", "attention", "logits"],
             dynamic_axes={"patches": {0: "instances"}, "attention": {0: "instances"}},
         )
         return {"method": "attention", "output": "attention"}
@@ -245,8 +239,12 @@ def _export_graph(run: LoadedRun, path: Path) -> dict[str, Any]:
             torch.rand(1, 3, size, size),
             path,
             input_names=["image"],
-            output_names=["probabilities"],
-            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            output_names=["probabilities", "logits"],
+            dynamic_axes={
+                "image": {0: "batch"},
+                "probabilities": {0: "batch"},
+                "logits": {0: "batch"},
+            },
         )
         return {"method": None, "reason": f"no Grad-CAM in the graph: {exc}"}
     _export(
@@ -254,8 +252,13 @@ def _export_graph(run: LoadedRun, path: Path) -> dict[str, Any]:
         torch.rand(1, 3, size, size),
         path,
         input_names=["image"],
-        output_names=["probabilities", "cam"],
-        dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}, "cam": {0: "batch"}},
+        output_names=["probabilities", "cam", "logits"],
+        dynamic_axes={
+            "image": {0: "batch"},
+            "probabilities": {0: "batch"},
+            "cam": {0: "batch"},
+            "logits": {0: "batch"},
+        },
     )
     return {
         "method": "gradcam",
@@ -377,9 +380,37 @@ def _model_card(
         else None,
         "source_run": str(run.run_dir.resolve()),
         "checkpoint": checkpoint,
+        "checkpoint_sha256": file_sha256(run.checkpoint) if run.checkpoint else None,
+        **_uncertainty_sections(run),
         "intended_use": INTENDED_USE,
         "histolite_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _uncertainty_sections(run: LoadedRun) -> dict[str, Any]:
+    """The card's ``calibration``, ``abstention`` and ``ood``: what the graph's logits were
+    scaled by, and the thresholds the runtime flags answers with (None when uncalibrated)."""
+    spec = run.calibration
+    if spec is None:
+        return {
+            "calibration": {"method": None, "note": run.calibration_note or "not calibrated"},
+            "abstention": None,
+            "ood": None,
+        }
+    validation = spec.validation or {}
+    abstention = dict(spec.abstention or {})
+    return {
+        "calibration": {
+            "method": spec.method,
+            "temperature": spec.temperature,
+            "fitted_on": "validation",
+            "validation_ece_before": (validation.get("before") or {}).get("ece"),
+            "validation_ece_after": (validation.get("after") or {}).get("ece"),
+            "file_sha256": file_sha256(RunDir(run.run_dir).calibration),
+        },
+        "abstention": abstention if abstention.get("threshold") is not None else None,
+        "ood": spec.ood,
     }
 
 
@@ -432,7 +463,7 @@ def _gradcam_agreement(
     return lowest
 
 
-def _calibration_batch(
+def _quantization_batch(
     run: LoadedRun, pixels: np.ndarray, geometry: tuple[int, int, str], stain: CropStain | None
 ) -> np.ndarray:
     """What the model graph sees for one training image: its patch grid, or its bag, stain
@@ -465,7 +496,7 @@ def export_run(
     name: str | None = None,
     version: str = "1",
     parity_samples: int = 200,
-    calibration_samples: int = 64,
+    quantization_samples: int = 64,
     min_agreement: float = 0.99,
     progress: bool = True,
 ) -> ExportResult:
@@ -495,8 +526,8 @@ def export_run(
             _export_stain_graph(stain, staging / STAIN_FILE)
         if int8:
             batches = [
-                _calibration_batch(run, load_rgb(s.path), geometry, torch_crop_stain(stain))
-                for s in _spread(train, calibration_samples)
+                _quantization_batch(run, load_rgb(s.path), geometry, torch_crop_stain(stain))
+                for s in _spread(train, quantization_samples)
             ]
             _quantize(fp32, staging / MODEL_FILE, batches, "patches" if run.is_mil else "image")
             for leftover in staging.glob("model_*.onnx"):

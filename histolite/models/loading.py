@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from histolite.errors import HistoliteError
+from histolite.fileio import file_sha256
 from histolite.models import NormalizedClassifier, create_model
+from histolite.models.calibration import logit_scaling_of
 from histolite.models.mil import build_attention_mil
-from histolite.runspec import RunSpec, checkpoint_path
+from histolite.runspec import CalibrationSpec, RunDir, RunSpec, checkpoint_path
 from histolite.stain import ReinhardNormalizer, ReinhardStats
 from histolite.stain.macenko import MacenkoNormalizer, MacenkoStats
 
@@ -28,6 +30,9 @@ class LoadedRun:
     spec: RunSpec
     model: nn.Module
     stain: ReinhardNormalizer | MacenkoNormalizer | None
+    checkpoint: Path | None = None
+    calibration: CalibrationSpec | None = None  # applied to ``model``
+    calibration_note: str | None = None  # why a run's calibration was not applied
 
     @property
     def is_mil(self) -> bool:
@@ -68,8 +73,18 @@ def stain_from_spec(spec: RunSpec) -> ReinhardNormalizer | MacenkoNormalizer | N
     return ReinhardNormalizer(stats, ignore_background=stain.ignore_background)
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None = None) -> LoadedRun:
-    """Model (eval mode) + preprocessing of a run; ``checkpoint`` is best, last or a file name."""
+def load_run(
+    run_dir: str | Path,
+    checkpoint: str = "best",
+    device: str | None = None,
+    *,
+    calibrated: bool = True,
+) -> LoadedRun:
+    """Model (eval mode) + preprocessing of a run; ``checkpoint`` is best, last or a file name.
+
+    With ``calibrated``, the run's ``calibration.json`` is applied when it was fitted for these
+    very weights (its checkpoint SHA-256); otherwise ``calibration_note`` says why not.
+    """
     run_dir = Path(run_dir)
     spec = RunSpec.load(run_dir)
     model: nn.Module
@@ -91,8 +106,27 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None =
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise HistoliteError(f"{path}: weights do not fit {spec.model_name} ({exc})") from exc
+    loaded = LoadedRun(run_dir, spec, model, stain_from_spec(spec), checkpoint=path)
+    if calibrated:
+        apply_calibration(loaded)
     model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return LoadedRun(run_dir, spec, model, stain_from_spec(spec))
+    return loaded
+
+
+def apply_calibration(run: LoadedRun) -> None:
+    """Put the run's calibration into its model, if it was fitted for the loaded weights."""
+    calibration = CalibrationSpec.load(run.run_dir)
+    if calibration is None or run.checkpoint is None:
+        return
+    if calibration.checkpoint_sha256 != file_sha256(run.checkpoint):
+        run.calibration_note = (
+            f"{RunDir(run.run_dir).calibration} was fitted for {calibration.checkpoint}, not "
+            f"{run.checkpoint.name}: probabilities are uncalibrated (run `histolite calibrate "
+            f"{run.run_dir} --checkpoint {run.checkpoint.stem}`)"
+        )
+        return
+    logit_scaling_of(run.model).set(calibration.scale, calibration.bias)
+    run.calibration = calibration
 
 
 def require_classifier(run: LoadedRun, purpose: str) -> NormalizedClassifier:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from histolite.models.calibration import LogitScaling
 from histolite.models.registry import create_feature_extractor
 from histolite.models.wrapper import NormalizedClassifier
 from histolite.runspec import MilSpec
@@ -70,6 +71,11 @@ class AttentionMIL(nn.Module):
         )
         self.pool = AttentionPooling(embed_dim, attention_dim, gated)
         self.classifier = nn.Linear(embed_dim, num_classes)
+        self.calibration = LogitScaling()  # bag logits; attention is left as it is
+
+    def classify(self, pooled: Tensor) -> Tensor:
+        """Bag logits of pooled embeddings (B, D), calibrated once the run is."""
+        return self.calibration(self.classifier(pooled))
 
     def encode(self, instances: Tensor, mask: Tensor) -> Tensor:
         """Features (B, N, F) of the real (unmasked) instances; padded slots stay zero."""
@@ -85,7 +91,7 @@ class AttentionMIL(nn.Module):
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         h = x if x.dim() == 3 else self.encode(x, mask)
         pooled, attention = self.pool(self.embed(h), mask)
-        return self.classifier(pooled), attention
+        return self.classify(pooled), attention
 
 
 def build_attention_mil(

@@ -4,7 +4,7 @@ Everything a serving-only install (``histolite[serve]``) runs lives here and in 
 nothing in this package imports torch, and a test guards it.
 """
 
-from histolite.runtime.card import CARD_FILE, file_sha256, load_card
+from histolite.runtime.card import CARD_FILE, load_card
 from histolite.runtime.classifier import OnnxClassifier, Prediction
 
-__all__ = ["CARD_FILE", "OnnxClassifier", "Prediction", "file_sha256", "load_card"]
+__all__ = ["CARD_FILE", "OnnxClassifier", "Prediction", "load_card"]

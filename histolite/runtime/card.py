@@ -4,26 +4,18 @@ ones the card describes. The card is the contract between export and everything 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from histolite.errors import HistoliteError
+from histolite.fileio import file_sha256
 
 MODEL_FILE = "model.onnx"
 STAIN_FILE = "stain.onnx"
 CARD_FILE = "model.json"
 # 2: Reinhard lives in stain.onnx, applied before the resize (1: inside model.onnx, or none)
 CARD_FORMAT_VERSION = 2
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_card(model_dir: str | Path) -> dict[str, Any]:
@@ -97,3 +89,34 @@ def describe_identity(identity: dict[str, Any] | tuple[Any, ...]) -> str:
     if not any(values):
         return "no recorded model (an older histolite)"
     return f"{name} {version} (model.onnx sha256 {str(sha256)[:12] if sha256 else 'unknown'})"
+
+
+def require_current_calibration(model_dir: Path, card: dict[str, Any]) -> None:
+    """Refuse an export whose run was calibrated after it was exported.
+
+    The card records which weights it holds (``checkpoint_sha256``) and which calibration it
+    carries (``calibration.file_sha256``). If the run folder is on this machine and its
+    ``calibration.json`` now fits those very weights but is not the one exported, the export
+    would serve uncalibrated (or stale) probabilities: re-export instead. Runs elsewhere (a
+    container with only the export) cannot be checked; the card's own calibration stands.
+    """
+    run = card.get("source_run")
+    weights = card.get("checkpoint_sha256")
+    if not run or not weights:
+        return
+    path = Path(run) / "calibration.json"
+    if not path.is_file():
+        return
+    exported = (card.get("calibration") or {}).get("file_sha256")
+    if file_sha256(path) == exported:
+        return
+    try:
+        fitted_for = json.loads(path.read_text(encoding="utf-8")).get("checkpoint_sha256")
+    except (OSError, json.JSONDecodeError):
+        return  # not this folder's problem: the run's own commands report a broken file
+    if fitted_for == weights:
+        raise HistoliteError(
+            f"{model_dir}: its run {run} was calibrated after this export ({path} is not the "
+            "calibration the card carries), so it would serve uncalibrated probabilities; "
+            f"re-export it: histolite export {run} --out NEW_FOLDER"
+        )

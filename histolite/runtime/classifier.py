@@ -12,7 +12,7 @@ probabilities are averaged, which also gives a per-patch heatmap. Graphs with a 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,15 @@ import numpy as np
 from histolite.data.patches import grid_positions
 from histolite.errors import HistoliteError
 from histolite.runtime.cam import CamCanvas, CamGrid
-from histolite.runtime.card import MODEL_FILE, STAIN_FILE, load_card, verify_graphs
+from histolite.runtime.card import (
+    MODEL_FILE,
+    STAIN_FILE,
+    load_card,
+    require_current_calibration,
+    verify_graphs,
+)
 from histolite.runtime.preprocess import bag_to_batch, crops_to_batch, grid_crops
+from histolite.uncertainty import UncertaintyPolicy, score
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,8 @@ class Prediction:
     stride: int
     attention: list[tuple[int, int, float]] | None = None  # bag models: (y, x, weight) per patch
     explanation: CamGrid | None = None  # classifiers whose graph has a ``cam`` output
+    # confidence, entropy, uncertain, ood_score, out_of_distribution (UncertaintyPolicy.assess)
+    uncertainty: dict[str, Any] = field(default_factory=dict)
 
     def top_class(self) -> int:
         return int(self.probabilities.argmax())
@@ -116,6 +125,8 @@ class OnnxClassifier:
         path = self.model_dir / MODEL_FILE
         # a card handed in is export's staging copy: its hashes are written after parity
         verify_graphs(self.model_dir, self.card, hashes=card is None)
+        if card is None:
+            require_current_calibration(self.model_dir, self.card)
         stain_graph = self.card.get("stain_graph")
         stain_path = self.model_dir / STAIN_FILE
         options = ort.SessionOptions()
@@ -142,6 +153,9 @@ class OnnxClassifier:
         # older exports and non-GAP heads have no ``cam`` output: they answer without one
         self.has_cam = "cam" in outputs
         self._probabilities = outputs[:1]
+        self.policy = UncertaintyPolicy.from_card(self.card)
+        # graphs exported before the logits output cannot give a logit-based score
+        self._logits = "logits" in outputs and self.policy.needs_logits
         self.classes: list[str] = list(self.card["classes"])
         self.input_size = int(self.card["input_size"])
         self.patch_size = int(self.card["patch_size"])
@@ -158,6 +172,11 @@ class OnnxClassifier:
             self.stain([np.full((self.patch_size, self.patch_size, 3), 200, dtype=np.uint8)])
         self.session.run(None, {self.input_name: dummy})
         self._ready.set()
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the graph's logits were calibrated (``histolite calibrate`` before export)."""
+        return bool((self.card.get("calibration") or {}).get("method"))
 
     def to_batch(self, crops: list[np.ndarray]) -> np.ndarray:
         """uint8 crops at their own size -> the model graph's input (stain, then resize)."""
@@ -176,10 +195,24 @@ class OnnxClassifier:
         ]
         return np.concatenate(chunks).astype(np.float64)
 
-    def predict_bag(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A bag model on one bag (N, 3, S, S): class probabilities (C,) and attention (N,)."""
-        probabilities, attention = self.session.run(None, {self.input_name: batch})
-        return probabilities[0].astype(np.float64), attention.astype(np.float64)
+    def _ood_values(self, probabilities: np.ndarray, logits: np.ndarray | None) -> np.ndarray:
+        """The card's out-of-distribution score of each row (NaN when it cannot be computed)."""
+        name = self.policy.ood_score
+        if name is None or (self.policy.needs_logits and logits is None):
+            return np.full(len(probabilities), np.nan)
+        return score(name, probabilities, logits)
+
+    def _assess(self, probabilities: np.ndarray, ood_values: np.ndarray) -> dict[str, Any]:
+        value = float(np.mean(ood_values)) if len(ood_values) else float("nan")
+        return self.policy.assess(probabilities, None if np.isnan(value) else value)
+
+    def predict_bag(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """A bag model on one bag (N, 3, S, S): class probabilities (C,), attention (N,) and,
+        when the policy needs them, the bag's logits (C,)."""
+        names = ["probabilities", "attention", *(["logits"] if self._logits else [])]
+        outputs = self.session.run(names, {self.input_name: batch})
+        logits = outputs[2][0].astype(np.float64) if self._logits else None
+        return outputs[0][0].astype(np.float64), outputs[1].astype(np.float64), logits
 
     def predict(self, pixels: np.ndarray) -> Prediction:
         """Probabilities for one HxWx3 uint8 image (a bag of its patches for bag models)."""
@@ -187,7 +220,8 @@ class OnnxClassifier:
             batch, positions = bag_to_batch(
                 pixels, self.input_size, self.patch_size, self.stride, self.min_tissue, self.stain
             )
-            probabilities, attention = self.predict_bag(batch)
+            probabilities, attention, logits = self.predict_bag(batch)
+            ood = self._ood_values(probabilities[None], None if logits is None else logits[None])
             return Prediction(
                 probabilities=probabilities,
                 patch_probabilities=np.zeros((0, 0, len(self.classes))),
@@ -196,43 +230,53 @@ class OnnxClassifier:
                 attention=[
                     (y, x, float(w)) for (y, x), w in zip(positions, attention, strict=True)
                 ],
+                uncertainty=self._assess(probabilities, ood),
             )
         # one batch of patches at a time: memory stays flat in image size (a 60 Mpx upload
         # would otherwise hold ~2,700 float patches, 400 MB, at once)
         crops, (rows, cols) = grid_crops(pixels, self.patch_size, self.stride)
-        if not self.has_cam:
-            step = self.max_batch
-            probs = np.concatenate(
-                [
-                    self.predict_batch(self.to_batch(crops[i : i + step]))
-                    for i in range(0, len(crops), step)
-                ]
-            )
-            explanation = None
-        else:
-            probs, explanation = self._predict_with_cam(pixels, crops)
+        probs, ood, explanation = self._predict_patches(pixels, crops)
+        mean = probs.mean(axis=0)
         return Prediction(
-            probabilities=probs.mean(axis=0),
+            probabilities=mean,
             patch_probabilities=probs.reshape(rows, cols, -1),
             patch_size=self.patch_size,
             stride=self.stride,
             explanation=explanation,
+            uncertainty=self._assess(mean, ood),
         )
 
-    def _predict_with_cam(
+    def _predict_patches(
         self, pixels: np.ndarray, crops: list[np.ndarray]
-    ) -> tuple[np.ndarray, CamGrid]:
-        """Patch probabilities and the Grad-CAM grid of the image-level class (the class the
-        answer names, as ``explain.py`` explains it), one batch of patches at a time."""
+    ) -> tuple[np.ndarray, np.ndarray, CamGrid | None]:
+        """Patch probabilities, their out-of-distribution scores and (graphs with ``cam``) the
+        Grad-CAM grid of the image-level class (the class the answer names, as ``explain.py``
+        explains it), one batch of patches at a time."""
+        names = [
+            "probabilities",
+            *(["cam"] if self.has_cam else []),
+            *(["logits"] if self._logits else []),
+        ]
+        canvas = self._cam_canvas(pixels) if self.has_cam else None
+        probs, scores = [], []
+        for i in range(0, len(crops), self.max_batch):
+            batch = self.to_batch(crops[i : i + self.max_batch])
+            run = self.session.run(names, {self.input_name: batch})
+            outputs = dict(zip(names, run, strict=True))
+            chunk = outputs["probabilities"].astype(np.float64)
+            probs.append(chunk)
+            scores.append(self._ood_values(chunk, outputs.get("logits")))
+            if canvas is not None:
+                canvas.add(outputs["cam"])
+        patch_probs = np.concatenate(probs)
+        explanation = None
+        if canvas is not None:
+            explanation = canvas.grid(int(patch_probs.mean(axis=0).argmax()))
+        return patch_probs, np.concatenate(scores), explanation
+
+    def _cam_canvas(self, pixels: np.ndarray) -> CamCanvas:
         height, width = pixels.shape[:2]
         size = self.patch_size
         positions = grid_positions(height, width, size, self.stride)
         boxes = [(y, x, size, size) for y, x in positions] or [(0, 0, height, width)]
-        canvas, chunks = CamCanvas(boxes, self.stride if positions else None), []
-        for i in range(0, len(crops), self.max_batch):
-            batch = self.to_batch(crops[i : i + self.max_batch])
-            probabilities, cams = self.session.run(None, {self.input_name: batch})
-            chunks.append(probabilities.astype(np.float64))
-            canvas.add(cams)
-        probs = np.concatenate(chunks)
-        return probs, canvas.grid(int(probs.mean(axis=0).argmax()))
+        return CamCanvas(boxes, self.stride if positions else None)

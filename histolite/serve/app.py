@@ -254,6 +254,10 @@ class PredictionService:
             "class": predicted,
             "probability": probs[predicted],
             "probabilities": probs,
+            "calibrated": entry.model.calibrated,
+            # confidence, entropy, and the card's flags: uncertain (below the abstention
+            # threshold) and out_of_distribution (null when the card sets no threshold)
+            **_rounded(prediction.uncertainty),
             "image_size": {"height": int(pixels.shape[0]), "width": int(pixels.shape[1])},
             "model": entry.name,
             "model_version": entry.version,
@@ -500,6 +504,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return FileResponse(STATIC_DIR / "index.html")
 
     return app
+
+
+def _rounded(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}
 
 
 def _gradcam_view(grid: CamGrid | None, predicted: str) -> dict[str, Any] | None:

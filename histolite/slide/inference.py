@@ -27,13 +27,14 @@ import numpy as np
 from tqdm import tqdm
 
 from histolite.errors import DataError, HistoliteError
-from histolite.fileio import atomic_path, read_json, write_json
-from histolite.runtime.card import card_identity, file_sha256
+from histolite.fileio import atomic_path, file_sha256, read_json, write_json
+from histolite.runtime.card import card_identity
 from histolite.runtime.classifier import OnnxClassifier
 from histolite.slide.layout import HASHED_OUTPUTS, BatchOutputs, SlideOutputs
 from histolite.slide.outputs import (
     TileRow,
     render_heatmap,
+    render_uncertainty,
     tile_header,
     tile_line,
     write_geojson,
@@ -234,17 +235,24 @@ def _summary(
         "grid_tiles": plan.grid.count,
         "tiles": len(rows),
         "tissue_area_mm2": round(tissue_mm2, 4),
-        **class_counts(rows, classes),
+        **class_counts(rows, classes, model.policy.abstain_below),
     }
 
 
-def class_counts(rows: Sequence[TileRow], classes: Sequence[str]) -> dict[str, Any]:
-    """The summary's counts: tiles per predicted class, their fractions, and a note if none."""
+def class_counts(
+    rows: Sequence[TileRow], classes: Sequence[str], abstain_below: float | None = None
+) -> dict[str, Any]:
+    """The summary's counts: tiles per predicted class, their fractions, a note if none, and
+    the tiles under the model card's abstention threshold (None when it has none)."""
     labels = [r.label(classes) for r in rows]
     counts = {c: labels.count(c) for c in classes}
     return {
         "class_counts": counts,
         "class_fractions": {c: (n / len(rows) if rows else 0.0) for c, n in counts.items()},
+        "abstain_below": abstain_below,
+        "uncertain_tiles": (
+            None if abstain_below is None else sum(r.confidence < abstain_below for r in rows)
+        ),
         "note": None if rows else "no tissue found: the slide looks blank at this tile size",
     }
 
@@ -271,6 +279,16 @@ def write_slide_outputs(
         classes,
         outputs.heatmap,
         title=f"{slide_name}: {len(rows)} tiles of {summary['tile_um']:.1f} um ({counts})",
+    )
+    uncertain = summary.get("uncertain_tiles")
+    render_uncertainty(
+        *overview,
+        rows,
+        classes,
+        outputs.uncertainty,
+        abstain_below=summary.get("abstain_below"),
+        title=f"{slide_name}: {len(rows)} tiles"
+        + (f", {uncertain} uncertain" if uncertain is not None else ""),
     )
 
 

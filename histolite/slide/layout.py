@@ -7,6 +7,8 @@
                                     tissue fraction, label, confidence, entropy, probabilities
     OUT/<stem>/<stem>.geojson       the tiles as QuPath objects (File > Import objects)
     OUT/<stem>/heatmap.png          thumbnail, class map, one probability map per class
+    OUT/<stem>/uncertainty.png      entropy and confidence per tile, tiles below the card's
+                                    abstention threshold
     OUT/<stem>/summary.json         written last: settings, model, counts, timings, and the
                                     SHA-256 of tiles.csv and the mask (``HASHED_OUTPUTS``)
     OUT/<stem>/shards/I-of-N/       shard I of N of that slide, the same files
@@ -51,6 +53,10 @@ class SlideOutputs:
         return self.root / "heatmap.png"
 
     @property
+    def uncertainty(self) -> Path:
+        return self.root / "uncertainty.png"
+
+    @property
     def summary(self) -> Path:
         return self.root / "summary.json"
 
@@ -93,6 +99,7 @@ class SlideOutputs:
             "summary.json": self.summary,
             "geojson": self.geojson,
             "heatmap.png": self.heatmap,
+            "uncertainty.png": self.uncertainty,
             "tiles.csv": self.tiles_csv,
         }
 
@@ -150,6 +157,10 @@ class TileDataset:
     @property
     def tiles_csv(self) -> Path:
         return self.root / "tiles.csv"
+
+    @property
+    def uncertainty(self) -> Path:
+        return self.root / "uncertainty.png"
 
     @property
     def summary(self) -> Path:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from histolite.errors import DataError, HistoliteError
-from histolite.fileio import atomic_path, read_json, write_json
-from histolite.runtime.card import IDENTITY_KEYS, describe_identity, file_sha256
+from histolite.fileio import atomic_path, file_sha256, read_json, write_json
+from histolite.runtime.card import IDENTITY_KEYS, describe_identity
 from histolite.slide.inference import class_counts, write_slide_outputs
 from histolite.slide.layout import HASHED_OUTPUTS, BatchOutputs, SlideOutputs
 from histolite.slide.outputs import TileRow, parse_tiles_csv, write_tiles_csv
@@ -140,7 +140,7 @@ def merge_shards(
         **first,
         "shard": {"index": None, "count": count, "merged_from": [str(s.root) for s in shards]},
         "tiles": len(rows),
-        **class_counts(rows, classes),
+        **class_counts(rows, classes, first.get("abstain_below")),
         "device": "+".join(sorted({str(s.get("device")) for s in summaries})),
         "outputs_sha256": {name: file_sha256(outputs.hashed(name)) for name in HASHED_OUTPUTS},
         "timings_s": timings,

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from histolite.fileio import atomic_path
+from histolite.uncertainty import entropy
 
 # Distinct, colour-blind-friendly colours (Okabe-Ito, then Tableau) for up to 16 classes.
 PALETTE = (
@@ -39,7 +40,17 @@ PALETTE = (
     (188, 189, 34),
 )
 PANEL_SIDE = 640
-TILE_COLUMNS = ("index", "x", "y", "width", "height", "tissue_fraction", "label")
+TILE_COLUMNS = (
+    "index",
+    "x",
+    "y",
+    "width",
+    "height",
+    "tissue_fraction",
+    "label",
+    "confidence",
+    "entropy",
+)
 
 
 def class_colour(index: int) -> tuple[int, int, int]:
@@ -60,6 +71,14 @@ class TileRow:
     def label(self, classes: Sequence[str]) -> str:
         return classes[int(np.argmax(self.probabilities))]
 
+    @property
+    def confidence(self) -> float:
+        return float(max(self.probabilities))
+
+    @property
+    def entropy(self) -> float:
+        return float(entropy(np.asarray(self.probabilities)))
+
 
 def tile_header(classes: Sequence[str]) -> list[str]:
     return [*TILE_COLUMNS, *(f"prob_{c}" for c in classes)]
@@ -74,6 +93,8 @@ def tile_line(row: TileRow, classes: Sequence[str]) -> list[object]:
         row.size,
         f"{row.tissue:.4f}",
         row.label(classes),
+        f"{row.confidence:.6f}",
+        f"{row.entropy:.6f}",
         *(f"{p:.6f}" for p in row.probabilities),
     ]
 
@@ -129,6 +150,8 @@ def geojson(rows: Sequence[TileRow], classes: Sequence[str]) -> dict[str, Any]:
                     "classification": {"name": classes[best], "color": list(class_colour(best))},
                     "measurements": {
                         "tissue_fraction": row.tissue,
+                        "confidence": row.confidence,
+                        "entropy": row.entropy,
                         **{
                             f"prob_{c}": float(p)
                             for c, p in zip(classes, row.probabilities, strict=True)
@@ -210,6 +233,47 @@ def render_heatmap(
         panel[covered] = _probability_colours(attention[covered])
         panels.append(("attention (max = 1)", panel))
     _save_panels(panels, classes, path, title)
+
+
+def render_uncertainty(
+    thumb: np.ndarray,
+    scale: float,
+    rows: Sequence[TileRow],
+    classes: Sequence[str],
+    path: Path,
+    *,
+    abstain_below: float | None = None,
+    title: str = "",
+) -> None:
+    """Where the model is unsure: entropy (0 to log C) and confidence per tile, and the tiles
+    under the model card's abstention threshold (when it has one) in red over the slide."""
+    thumb, scale = _fit_panel(thumb, scale)
+    height, width = thumb.shape[:2]
+    spread = np.zeros((height, width), np.float32)
+    sure = np.zeros((height, width), np.float32)
+    covered = np.zeros((height, width), bool)
+    flagged = np.zeros((height, width), bool)
+    top = float(np.log(len(classes))) if len(classes) > 1 else 1.0
+    for row in rows:
+        x0, y0 = int(row.x / scale), int(row.y / scale)
+        x1 = max(x0 + 1, round((row.x + row.size) / scale))
+        y1 = max(y0 + 1, round((row.y + row.size) / scale))
+        spread[y0:y1, x0:x1] = row.entropy / top
+        sure[y0:y1, x0:x1] = row.confidence
+        covered[y0:y1, x0:x1] = True
+        if abstain_below is not None and row.confidence < abstain_below:
+            flagged[y0:y1, x0:x1] = True
+    faded = (0.35 * thumb + 0.65 * 255).astype(np.uint8)
+    panels = [("slide", thumb)]
+    for name, values in (("entropy / log C", spread), ("confidence", sure)):
+        panel = faded.copy()
+        panel[covered] = _probability_colours(values[covered])
+        panels.append((name, panel))
+    if abstain_below is not None:
+        panel = thumb.copy()
+        panel[flagged] = (0.4 * thumb[flagged] + 0.6 * np.array([220, 30, 30])).astype(np.uint8)
+        panels.append((f"uncertain (confidence < {abstain_below:.3f})", panel))
+    _save_panels(panels, [], path, title)
 
 
 def render_attention(

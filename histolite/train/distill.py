@@ -313,8 +313,10 @@ class DistillPlan:
 def _distill_module(
     plan: DistillPlan, cfg: DistillConfig, switches: Path
 ) -> Callable[[nn.Module, TrainConfig, RunSpec], DistillModule]:
+    # the teacher as trained: its temperature is the KD loss's, and later checkpoints are
+    # loaded into this model, which must not keep a calibration fitted for the first
     teacher = require_classifier(
-        load_run(plan.teacher_dir, plan.intervals[0].checkpoint, device="cpu"),
+        load_run(plan.teacher_dir, plan.intervals[0].checkpoint, device="cpu", calibrated=False),
         "a distillation teacher",
     )
     size = plan.teacher_spec.image_size

@@ -239,7 +239,7 @@ def test_patch_models_serve_the_gradcam_of_explain_py(workdir: Path, synthetic_d
     tiles = [load_rgb(p) for p in sorted(synthetic_dir.glob("*/*.png"))[::16]]
     # per patch, every class: the graph output is the gradient Grad-CAM
     batch = served.to_batch(tiles)
-    _, cams = served.session.run(None, {served.input_name: batch})
+    (cams,) = served.session.run(["cam"], {served.input_name: batch})
     for i, target in ((0, 0), (1, 3), (2, 1)):
         reference, _ = grad_cam(run.model, torch.from_numpy(batch[i : i + 1]), target, "net.stages")
         np.testing.assert_allclose(cams[i, target] / cams[i, target].max(), reference, atol=1e-4)
@@ -289,8 +289,8 @@ def test_an_older_export_with_stain_inside_model_onnx_still_serves(
     card format 1, no cam output) keep serving exactly as they did."""
     import torch
 
+    from histolite.fileio import file_sha256
     from histolite.models.loading import require_classifier
-    from histolite.runtime.card import file_sha256
     from histolite.runtime.preprocess import crops_to_batch
 
     out = tmp_path / "model"

@@ -53,7 +53,7 @@ def test_graph_cam_is_explain_gradcam_for_every_class(name: str, tmp_path: Path)
         )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
-    probabilities, cams = session.run(None, {"image": images.numpy()})
+    probabilities, cams = session.run(["probabilities", "cam"], {"image": images.numpy()})
     assert cams.shape[:2] == (1, 4) and cams.shape[2] * cams.shape[3] > 1
     for i in range(1):
         for target in range(4):

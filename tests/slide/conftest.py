@@ -11,7 +11,7 @@ from PIL import Image
 from support import mosaic_slide, write_config
 
 from histolite.export.onnx import export_run
-from histolite.runtime.card import file_sha256
+from histolite.fileio import file_sha256
 from histolite.runtime.classifier import OnnxClassifier
 from histolite.train import resolve_config, train_run
 
