@@ -340,10 +340,15 @@ def slide_evaluate(
         holes=tuple(h.strip() for h in holes.split(",") if h.strip()) if holes else (),
     )
     interval = report["accuracy_ci95"]
+    slides = len(report["slides"])
+    spread = (
+        f" [{interval['low']:.4f}, {interval['high']:.4f} over slides]"
+        if slides > 1
+        else " (one slide: no interval over slides)"
+    )
     typer.echo(
-        f"{report['n']} tiles in {len(report['slides'])} slide(s): accuracy "
-        f"{report['accuracy']:.4f} [{interval['low']:.4f}, {interval['high']:.4f}], balanced "
-        f"{report['balanced_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}"
+        f"{report['n']} tiles in {slides} slide(s): accuracy {report['accuracy']:.4f}{spread}, "
+        f"balanced {report['balanced_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}"
     )
     typer.echo(
         "Dice: " + ", ".join(f"{c} {v:.3f}" for c, v in report["dice"].items() if v is not None)
