@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from histolite.cli.app import app, audit_app
 from histolite.errors import HistoliteError
+from histolite.serve.settings import ServeSettings
 
 
 @app.command("export")
@@ -58,40 +60,25 @@ def export(
         typer.secho(str(result.explanation), fg="yellow", err=True)
 
 
+H = ServeSettings.help  # one description and default per option, from the settings class
+
+
 @app.command("serve")
 def serve(
-    model_dir: Path = typer.Argument(
-        ...,
-        help="An exported model folder, or a repository of them: DIR/<name>/<version>/.",
-    ),
+    model_dir: Path = typer.Argument(..., help=H("model_dir")),
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 in a container)."),
     port: int = typer.Option(8000, help="Port."),
     workers: int = typer.Option(1, help="Worker processes (each loads its own ONNX sessions)."),
-    api_key: str | None = typer.Option(
-        None, envvar="HISTOLITE_API_KEY", help="Require this key (X-API-Key) for predictions."
-    ),
-    audit_db: Path = typer.Option(
-        Path("histolite_audit.sqlite"), envvar="HISTOLITE_AUDIT_DB", help="SQLite audit log."
-    ),
-    threads: int | None = typer.Option(
-        None, envvar="HISTOLITE_THREADS", help="ONNX Runtime threads per model."
-    ),
-    slide_root: Path | None = typer.Option(
-        None,
-        envvar="HISTOLITE_SLIDE_ROOT",
-        help="Allow slide jobs (POST /v1/slides) for slides under this folder only.",
-    ),
-    jobs_dir: Path | None = typer.Option(
-        None, envvar="HISTOLITE_JOBS_DIR", help="Slide job state and results (kept on restart)."
-    ),
-    docs: bool = typer.Option(
-        False, "--docs", help="Serve Swagger UI at /docs (it loads its script from a CDN)."
-    ),
-    open_metadata: bool = typer.Option(
-        False,
-        "--open-metadata",
-        help="With --api-key: leave /v1/models, /metrics and /docs open (default: key for all "
-        "but /healthz, /readyz and the page).",
+    api_key: str | None = typer.Option(None, help=H("api_key")),
+    audit_db: Path | None = typer.Option(None, help=H("audit_db")),
+    threads: int | None = typer.Option(None, help=H("threads")),
+    slide_root: Path | None = typer.Option(None, help=H("slide_root")),
+    jobs_dir: Path | None = typer.Option(None, help=H("jobs_dir")),
+    docs: bool | None = typer.Option(None, "--docs", help=H("docs")),
+    open_metadata: bool | None = typer.Option(None, "--open-metadata", help=H("open_metadata")),
+    max_pixels: int | None = typer.Option(None, "--max-pixels", help=H("max_pixels")),
+    max_concurrent_predictions: int | None = typer.Option(
+        None, "--max-concurrent-predictions", help=H("max_concurrent_predictions")
     ),
     forwarded_allow_ips: str | None = typer.Option(
         None,
@@ -102,34 +89,43 @@ def serve(
     shutdown_timeout: int = typer.Option(
         10, "--shutdown-timeout", help="Seconds to finish requests after SIGTERM."
     ),
-    max_pixels: int | None = typer.Option(
-        None,
-        "--max-pixels",
-        envvar="HISTOLITE_MAX_PIXELS",
-        help="Largest image accepted (width x height), else 413 [default: 60000000].",
-    ),
-    max_concurrent_predictions: int | None = typer.Option(
-        None,
-        "--max-concurrent-predictions",
-        envvar="HISTOLITE_MAX_CONCURRENT_PREDICTIONS",
-        min=1,
-        help="Images decoded and classified at once per worker; others wait. Peak memory is "
-        "about 75 MB + this x 8 bytes x --max-pixels [default: 2].",
-    ),
 ) -> None:
-    """Serve exported models: prediction API, upload page, slide jobs, metrics (no torch)."""
+    """Serve exported models: prediction API, upload page, slide jobs, metrics (no torch).
+
+    Every setting also reads its HISTOLITE_* variable (HISTOLITE_MAX_PIXELS, ...) when the
+    option is not given; see docs/deploy.md for all of them.
+    """
     import os
 
     import uvicorn
+    from pydantic import ValidationError
 
+    from histolite.config import format_validation_error
+    from histolite.errors import ConfigError
     from histolite.serve.repository import load_repository
 
-    if slide_root is not None and workers > 1:
+    given: dict[str, Any] = {
+        "model_dir": model_dir,
+        "api_key": api_key,
+        "audit_db": audit_db,
+        "threads": threads,
+        "slide_root": slide_root,
+        "jobs_dir": jobs_dir,
+        "docs": docs,
+        "open_metadata": open_metadata,
+        "max_pixels": max_pixels,
+        "max_concurrent_predictions": max_concurrent_predictions,
+    }
+    try:  # the options given, then HISTOLITE_* variables, then the defaults
+        settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "histolite serve options")) from exc
+    if settings.slide_root is not None and workers > 1:
         raise HistoliteError(
             "slide jobs keep their queue in one process: use --workers 1 with --slide-root "
             "(or run a second service for slides)"
         )
-    repo = load_repository(model_dir, threads)  # fail fast with a clear message
+    repo = load_repository(settings.model_dir, settings.threads)  # fail fast, clearly
     for folder, error in sorted(repo.broken.items()):
         typer.secho(f"skipped {folder}: {error}", fg="yellow", err=True)
     typer.echo(
@@ -137,20 +133,7 @@ def serve(
         + ", ".join(f"{n} v{repo.default_version(n)}" for n in repo.names())
         + f"; default {repo.names()[0]}"
     )
-    os.environ["HISTOLITE_MODEL_DIR"] = str(model_dir.resolve())
-    os.environ["HISTOLITE_AUDIT_DB"] = str(audit_db.resolve())
-    for name, value in (
-        ("HISTOLITE_API_KEY", api_key),
-        ("HISTOLITE_THREADS", threads),
-        ("HISTOLITE_SLIDE_ROOT", slide_root.resolve() if slide_root else None),
-        ("HISTOLITE_JOBS_DIR", jobs_dir.resolve() if jobs_dir else None),
-        ("HISTOLITE_DOCS", "1" if docs else None),
-        ("HISTOLITE_OPEN_METADATA", "1" if open_metadata else None),
-        ("HISTOLITE_MAX_PIXELS", max_pixels),
-        ("HISTOLITE_MAX_CONCURRENT_PREDICTIONS", max_concurrent_predictions),
-    ):
-        if value:
-            os.environ[name] = str(value)
+    os.environ.update(settings.to_env())  # how uvicorn's worker processes get the settings
     uvicorn.run(
         "histolite.serve.app:create_app_from_env",
         factory=True,

@@ -46,7 +46,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> 
 
 
 def _client(model_dir: Path, tmp_path: Path, **kw: object) -> TestClient:
-    return TestClient(create_app(ServeSettings(model_dir, audit_db=tmp_path / "audit.db", **kw)))  # type: ignore[arg-type]
+    return TestClient(
+        create_app(ServeSettings(model_dir=model_dir, audit_db=tmp_path / "audit.db", **kw))
+    )  # type: ignore[arg-type]
 
 
 def _start_posts(
@@ -219,7 +221,7 @@ def test_slow_fetches_cannot_starve_health_or_uploads(
 
     app = create_app(
         ServeSettings(
-            model_dir,
+            model_dir=model_dir,
             audit_db=tmp_path / "audit.db",
             allow_private_urls=True,
             url_timeout=30,
@@ -548,7 +550,7 @@ def test_decoded_images_in_memory_are_bounded_by_prediction_slots(
 ) -> None:
     """Each request decodes its image (about 8 bytes per pixel at the peak): without a bound,
     40 worker threads could hold 40 near-limit images at once, far past the pod's memory."""
-    import histolite.serve.app as app_module
+    import histolite.serve.service as app_module
 
     lock, active, most = threading.Lock(), [0], [0]
     original = app_module.decode_rgb

@@ -47,7 +47,9 @@ def test_models_listing_and_versioned_prediction(
     repository: Path, tmp_path: Path, synthetic_dir: Path
 ) -> None:
     tile = sorted((synthetic_dir / "tumor").iterdir())[0]
-    with TestClient(create_app(ServeSettings(repository, audit_db=tmp_path / "a.db"))) as c:
+    with TestClient(
+        create_app(ServeSettings(model_dir=repository, audit_db=tmp_path / "a.db"))
+    ) as c:
         listing = c.get("/v1/models").json()
         assert [m["name"] for m in listing["models"]] == ["bags", "tiles"]
         tiles = listing["models"][1]
@@ -82,7 +84,9 @@ def test_bag_model_returns_attention_per_patch(
     repository: Path, tmp_path: Path, mosaic_bags: Path
 ) -> None:
     image = sorted((mosaic_bags / "positive").glob("*.png"))[0]
-    with TestClient(create_app(ServeSettings(repository, audit_db=tmp_path / "a.db"))) as c:
+    with TestClient(
+        create_app(ServeSettings(model_dir=repository, audit_db=tmp_path / "a.db"))
+    ) as c:
         body = c.post("/v1/models/bags/predict", files={"files": (image.name, _png(image))}).json()
     (result,) = body["predictions"]
     assert result["patches"] is None and len(result["attention"]) == 4  # a 2 x 2 mosaic
@@ -110,11 +114,11 @@ def test_slide_jobs_run_in_the_background_and_survive_a_restart(
     tiles = [[np.asarray(Image.open(p)) for p in sorted((synthetic_dir / "tumor").iterdir())[:4]]]
     mosaic_slide(slides / "case" / "s1.tif", [[*row, None] for row in tiles], mpp=0.5)
     settings = ServeSettings(
-        repository,
+        model_dir=repository,
         audit_db=tmp_path / "audit.db",
         slide_root=slides,
         jobs_dir=tmp_path / "jobs",
-        max_slide_jobs_queued=2,
+        slide_jobs_queued=2,
     )
     with TestClient(create_app(settings)) as c:
         for body, status in (
@@ -169,11 +173,11 @@ def test_a_full_queue_answers_429(repository: Path, tmp_path: Path, synthetic_di
     tiles = [[np.asarray(Image.open(p)) for p in sorted((synthetic_dir / "tumor").iterdir())[:4]]]
     mosaic_slide(slides / "s1.tif", tiles, mpp=0.5)
     settings = ServeSettings(
-        repository,
+        model_dir=repository,
         audit_db=tmp_path / "audit.db",
         slide_root=slides,
         jobs_dir=tmp_path / "jobs",
-        max_slide_jobs_queued=1,
+        slide_jobs_queued=1,
     )
     with TestClient(create_app(settings)) as c:
         service = c.app.state.service  # type: ignore[attr-defined]
@@ -194,7 +198,9 @@ def test_attention_boxes_stay_inside_an_image_smaller_than_a_patch(
     """Regression: a 20 x 24 upload to a 32 px bag model got a 32 x 32 box."""
     small = tmp_path / "small.png"
     Image.fromarray(np.full((20, 24, 3), 180, np.uint8)).save(small)
-    with TestClient(create_app(ServeSettings(repository, audit_db=tmp_path / "a.db"))) as c:
+    with TestClient(
+        create_app(ServeSettings(model_dir=repository, audit_db=tmp_path / "a.db"))
+    ) as c:
         body = c.post("/v1/models/bags/predict", files={"files": (small.name, _png(small))})
     (result,) = body.json()["predictions"]
     (box,) = result["attention"]

@@ -30,7 +30,10 @@ def settings(repository: Path, tmp_path: Path, synthetic_dir: Path) -> ServeSett
     mosaic_slide(slides / "case" / "s1.tif", tiles, mpp=0.5)
     (slides / "case" / "bad.tif").write_bytes(b"not a slide at all")
     return ServeSettings(
-        repository, audit_db=tmp_path / "audit.db", slide_root=slides, jobs_dir=tmp_path / "jobs"
+        model_dir=repository,
+        audit_db=tmp_path / "audit.db",
+        slide_root=slides,
+        jobs_dir=tmp_path / "jobs",
     )
 
 
