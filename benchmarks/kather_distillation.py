@@ -1,4 +1,4 @@
-"""Kather 2016 distillation benchmark: teacher, student alone, vanilla KD, multi-part KD, ResNet-8.
+"""Kather 2016 distillation benchmark: teachers (single, cross-fitted), student alone, KD arms.
 
 Every row is trained through the CLI exactly as a user would, for several seeds, on two splits:
 ``grouped`` (whole source images per split, the recipes' default) and ``tile`` (the literature's
@@ -8,6 +8,12 @@ share initialisation and batch order across arms, so the paired differences are 
 
     python benchmarks/kather_distillation.py --data ../shared/data/kather2016 --out runs/kd \\
         --seeds 1 2 3 --splits grouped tile
+    # issue 27: cross-fitted teachers (out-of-fold and ensemble KD) and an early-stopped teacher
+    python benchmarks/kather_distillation.py --data ../shared/data/kather2016 --out runs/kd \\
+        --seeds 1 2 3 --splits grouped --arms student vanilla_kd early_kd oof_kd ensemble_kd
+
+Every row is also evaluated on the grouped test split re-coloured by the two synthetic stain
+shifts of ``benchmarks/stain_robustness.py`` (another lab's stain, simulated).
 
 Finished runs are skipped and a run stopped part-way resumes from its last checkpoint (its
 train time then counts the last session only), so an interrupted benchmark continues. Results go to
@@ -43,6 +49,7 @@ class Arm:
     command: str  # train | distill
     config: str
     extra: tuple[str, ...] = ()
+    teacher: str = "teacher"  # the arm (seed 0) whose run teaches a distilling arm
 
     @property
     def distils(self) -> bool:
@@ -58,6 +65,31 @@ ARMS = {
     "tta_kd": Arm(
         "tta_kd", "distill", "configs/kather2016_student_kd.yaml", ("distill.teacher_tta=true",)
     ),
+    # Issue 27: teachers that have not seen the images they label (K = 5 folds by source image)
+    "teacher_crossfit": Arm(
+        "teacher_crossfit", "train", "configs/kather2016_teacher_crossfit.yaml"
+    ),
+    "oof_kd": Arm(
+        "oof_kd",
+        "distill",
+        "configs/kather2016_student_kd_crossfit.yaml",
+        teacher="teacher_crossfit",
+    ),
+    "ensemble_kd": Arm(
+        "ensemble_kd",
+        "distill",
+        "configs/kather2016_student_kd_crossfit.yaml",
+        ("distill.crossfit_targets=ensemble",),
+        teacher="teacher_crossfit",
+    ),
+    # an early-stopped teacher (Cho & Hariharan 2019): the single teacher's earliest checkpoint
+    # within a point of its best validation accuracy
+    "early_kd": Arm(
+        "early_kd",
+        "distill",
+        "configs/kather2016_student_kd.yaml",
+        ("distill.teacher_checkpoint=early",),
+    ),
     # The old default student (15 epochs, as in its KD recipes), on the same split as the others.
     "resnet8": Arm(
         "resnet8",
@@ -72,6 +104,8 @@ ARMS = {
         ),
     ),
 }
+TEACHERS = ("teacher", "teacher_crossfit")  # trained once (seed 0), teach every seed
+SHIFTS = ("hed_amounts", "stain_colours")  # benchmarks/stain_robustness.py's two re-colourings
 FIELDS = ("split", "arm", "seed", "accuracy", "balanced_accuracy", "macro_f1", "seconds", "run")
 
 
@@ -82,7 +116,7 @@ def run_dir(out: Path, split: str, arm: str, seed: int) -> Path:
 def command(arm: Arm, data: Path, out: Path, split: str, seed: int) -> list[str]:
     args = ["histolite", arm.command, arm.config, "--out", str(run_dir(out, split, arm.name, seed))]
     if arm.distils:
-        args += ["--teacher", str(run_dir(out, split, "teacher", 0))]
+        args += ["--teacher", str(run_dir(out, split, arm.teacher, 0))]
     sets = [f"data.root={data}", f"seed={seed}", *arm.extra, *SPLITS[split]]
     for item in sets:
         args += ["--set", item]
@@ -104,11 +138,11 @@ def train(arm: Arm, data: Path, out: Path, split: str, seed: int, results: Path)
     run = run_dir(out, split, arm.name, seed)
     if finished(run):
         if not recorded(results, split, arm.name, seed):  # finished after its driver was stopped
-            summary = json.loads((run / "train_summary.json").read_text())
-            record(results, split, arm.name, seed, run, summary["train_seconds_this_session"])
+            record(results, split, arm.name, seed, run, _train_seconds(run))
         return
     args = command(arm, data, out, split, seed)
-    if (run / "checkpoints" / "last.ckpt").is_file():  # stopped part-way: continue it
+    # stopped part-way: continue it (cross-fitted teachers keep their finished folds)
+    if (run / "checkpoints" / "last.ckpt").is_file() or (run / "crossfit.json").is_file():
         args = ["histolite", arm.command, "--out", str(run), "--resume", "--no-progress"]
     elif run.exists():  # stopped before its first epoch ended: nothing worth keeping
         shutil.rmtree(run)
@@ -124,6 +158,14 @@ def train(arm: Arm, data: Path, out: Path, split: str, seed: int, results: Path)
     if code != 0:
         raise SystemExit(f"{arm.name} seed {seed} ({split}) failed; see {log}")
     record(results, split, arm.name, seed, run, seconds)
+
+
+def _train_seconds(run: Path) -> float:
+    """Training time as the run recorded it (a cross-fitted teacher: all K folds)."""
+    crossfit = run / "crossfit.json"
+    if crossfit.is_file():
+        return float(json.loads(crossfit.read_text()).get("total_train_seconds", 0.0))
+    return float(json.loads((run / "train_summary.json").read_text())["train_seconds_this_session"])
 
 
 def record(results: Path, split: str, arm: str, seed: int, run: Path, seconds: float) -> None:
@@ -158,7 +200,16 @@ def cost(run: Path, out: Path) -> dict[str, object]:
     from histolite.models.loading import load_run
     from histolite.runtime.classifier import OnnxClassifier
     from histolite.runtime.speed import onnx_images_per_second
+    from histolite.train.crossfit import Crossfit
 
+    crossfit = Crossfit.load(run)
+    if crossfit is not None:  # K teachers: K times one fold's size and compute
+        one = cost(crossfit.fold_dir(0), out)
+        k = crossfit.folds
+        scaled = {key: one[key] * k for key in ("parameters", "macs", "size_mb")}  # type: ignore[operator]
+        onnx_mb = one["onnx_mb"] * k if one["onnx_mb"] is not None else None  # type: ignore[operator]
+        rate = one["images_per_s"] / k if one["images_per_s"] else None  # type: ignore[operator]
+        return {**one, **scaled, "onnx_mb": onnx_mb, "images_per_s": rate}
     loaded = load_run(run, device="cpu")
     size = {
         "parameters": count_parameters(loaded.model),
@@ -234,11 +285,34 @@ def _mean_sd(values: list[float]) -> str:
 
 def last_val_accuracy(run: Path) -> float | None:
     """Validation accuracy at the last epoch (the model each recipe keeps); what levers are
-    chosen on, never the test split."""
+    chosen on, never the test split. A cross-fitted teacher's is its ensemble's, evaluated on
+    the same validation split."""
     from histolite.evaluate.plots import read_epoch_metrics
+    from histolite.train.crossfit import Crossfit
 
+    if Crossfit.load(run) is not None:
+        return float(_report(run, run / "split.csv", "val", run / "reports" / "val")["accuracy"])
     series = read_epoch_metrics(run).get("val_acc", {})
     return series[max(series)] if series else None
+
+
+def _report(run: Path, data: Path, split: str, out: Path) -> dict[str, Any]:
+    """``evaluate`` of a run on ``data`` (kept in ``out``: computed once)."""
+    from histolite.evaluate.report import evaluate_run
+
+    if not (out / "report.json").is_file():
+        evaluate_run(run, data, out, split=split, progress=False)
+    return json.loads((out / "report.json").read_text())
+
+
+def shifted_accuracy(run: Path, out: Path, shift: str) -> float:
+    """Accuracy on the grouped test split re-coloured by one of stain_robustness.py's shifts
+    (another lab's stain, simulated; the same shifted images for every arm)."""
+    from stain_robustness import recoloured_test_split
+
+    shifted = recoloured_test_split(run / "split.csv", out / "shifted", shift)
+    report = _report(run, shifted, "test", run / "reports" / f"test_{shift}")
+    return float(report["accuracy"])
 
 
 def train_minutes(rows: list[dict[str, str]], arm: str) -> float | None:
@@ -256,8 +330,9 @@ def train_minutes(rows: list[dict[str, str]], arm: str) -> float | None:
 
 
 def _trained_in_one_go(run: Path) -> bool:
-    summary = run / "train_summary.json"
-    return summary.is_file() and not json.loads(summary.read_text())["resumed"]
+    folds = sorted(run.glob("fold_*")) if (run / "crossfit.json").is_file() else [run]
+    summaries = [folder / "train_summary.json" for folder in folds]
+    return all(s.is_file() and not json.loads(s.read_text())["resumed"] for s in summaries)
 
 
 def table(results: Path, out: Path, data: Path) -> str:
@@ -269,9 +344,9 @@ def table(results: Path, out: Path, data: Path) -> str:
     lines = [
         "| row | "
         + " | ".join(f"accuracy % ({s})" for s in splits)
-        + " | val % (grouped) | parameters | MMACs | size MB (PyTorch / ONNX) | ONNX img/s b64 "
-        "| train min (grouped) |",
-        "|---|" + "---:|" * len(splits) + "---:|---:|---:|---:|---:|---:|",
+        + " | val % (grouped) | HED amounts % (grouped) | stain colours % (grouped) "
+        "| parameters | MMACs | size MB (PyTorch / ONNX) | ONNX img/s b64 | train min (grouped) |",
+        "|---|" + "---:|" * len(splits) + "---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for arm in arms:
         cells = []
@@ -282,6 +357,10 @@ def table(results: Path, out: Path, data: Path) -> str:
             last_val_accuracy(run) for (s, a, _), run in runs.items() if (s, a) == ("grouped", arm)
         ]
         cells.append(_mean_sd([v for v in val if v is not None]) if any(val) else "n/a")
+        grouped = [run for (s, a, _), run in runs.items() if (s, a) == ("grouped", arm)]
+        for shift in SHIFTS:
+            shifted = [shifted_accuracy(run, out, shift) for run in grouped]
+            cells.append(_mean_sd(shifted) if shifted else "n/a")
         first = next(r for r in rows if r["arm"] == arm)
         c = cost(Path(first["run"]), out)
         minutes = train_minutes(rows, arm)
@@ -299,6 +378,11 @@ def table(results: Path, out: Path, data: Path) -> str:
             ("multipart_kd", "vanilla_kd"),
             ("tta_kd", "student"),
             ("tta_kd", "vanilla_kd"),
+            ("early_kd", "student"),
+            ("oof_kd", "student"),
+            ("ensemble_kd", "student"),
+            ("oof_kd", "ensemble_kd"),
+            ("oof_kd", "vanilla_kd"),
         ):
             seeds = sorted(
                 seed
@@ -321,9 +405,10 @@ def table(results: Path, out: Path, data: Path) -> str:
         "Commands (seed S, split grouped; the tile rows add --set data.split_by=stratified):",
     ]
     for arm in arms:
-        example = command(ARMS[arm], data, out, "grouped", 1 if arm != "teacher" else 0)
+        teacher = arm in TEACHERS
+        example = command(ARMS[arm], data, out, "grouped", 0 if teacher else 1)
         shown = shlex.join(example)
-        if arm != "teacher":
+        if not teacher:
             shown = shown.replace("_s1", "_sS").replace("seed=1", "seed=S")
         lines.append(f"- {arm}: `{shown}`")
     return "\n".join(lines) + "\n"
@@ -338,20 +423,23 @@ def main() -> None:
     parser.add_argument(
         "--arms",
         nargs="+",
-        default=[a for a in ARMS if a != "tta_kd"],
+        default=["teacher", "student", "vanilla_kd", "multipart_kd", "resnet8"],
         choices=ARMS,
-        help="default: all but tta_kd (a lever that costs ~3x a vanilla KD run on CPU)",
+        help="default: the issue-11 table; tta_kd costs ~3x a vanilla KD run on CPU; the "
+        "issue-27 arms are teacher_crossfit, oof_kd, ensemble_kd and early_kd",
     )
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table")
     args = parser.parse_args()
     results = args.out / "results.csv"
     if not args.table_only:
+        teachers = [a for a in TEACHERS if a in args.arms]
+        teachers += [ARMS[a].teacher for a in args.arms if ARMS[a].distils]
         for split in args.splits:
-            if "teacher" in args.arms or any(ARMS[a].distils for a in args.arms):
-                train(ARMS["teacher"], args.data, args.out, split, 0, results)
+            for name in dict.fromkeys(teachers):  # each teacher once (seed 0), first
+                train(ARMS[name], args.data, args.out, split, 0, results)
             for seed in args.seeds:
                 for name in args.arms:
-                    if name != "teacher":
+                    if name not in TEACHERS:
                         train(ARMS[name], args.data, args.out, split, seed, results)
     text = table(results, args.out, args.data)
     (args.out / "table.md").write_text(text)

@@ -256,7 +256,9 @@ class DistillSection(_Strict):
     ce_weight: float = Field(default=1.0, ge=0.0)
     teacher_checkpoint: str = Field(
         default="last",
-        description="vanilla: which teacher checkpoint (last = the final teacher, best, file name)",
+        description="vanilla: which teacher checkpoint (last = the final teacher, best, a file "
+        "name, or early = the earliest scheduled checkpoint within 1 point of the best "
+        "validation accuracy: an early-stopped teacher, chosen on validation)",
     )
     teacher_runtime: Literal["auto", "torch", "onnx"] = Field(
         default="auto",
@@ -266,6 +268,20 @@ class DistillSection(_Strict):
         default=False,
         description="the teacher labels each view as the mean over its 8 flips/rotations "
         "(a stronger guide where `evaluate --tta` shows one; 8x the teacher's cost)",
+    )
+    crossfit_targets: Literal["out_of_fold", "ensemble"] = Field(
+        default="out_of_fold",
+        description="a cross-fitted teacher run (crossfit: in its recipe): each image labelled "
+        "by the fold teacher that never trained on its group, or by the mean of all K",
+    )
+
+
+class CrossfitConfig(_Strict):
+    """Train K teachers, each without one fold of the training groups (``histolite train``)."""
+
+    folds: int = Field(default=5, ge=2, description="teachers, one left-out fold each")
+    seed: int | None = Field(
+        default=None, description="seed of the fold assignment (default: the run's seed)"
     )
 
 
@@ -317,6 +333,10 @@ class TrainConfig(_Strict):
     mil: MILConfig | None = Field(
         default=None, description="train an attention-MIL bag classifier instead of a CNN"
     )
+    crossfit: CrossfitConfig | None = Field(
+        default=None,
+        description="train K cross-fitted teachers (folds of the training groups) in one run",
+    )
 
     @model_validator(mode="after")
     def _check_data_source(self) -> TrainConfig:
@@ -334,6 +354,8 @@ class TrainConfig(_Strict):
             raise ValueError("mil.patch is required: the patches that make each image a bag")
         if features and self.mil is None:
             raise ValueError("data.dataset=slide_features trains attention MIL: add a mil section")
+        if self.crossfit is not None and self.mil is not None:
+            raise ValueError("crossfit trains image classifiers (teachers): remove the mil section")
         return self
 
 

@@ -53,6 +53,10 @@ def train(
         from histolite.train.mil import mil_run
 
         mil_run(cfg, out, resume=resume, progress=progress)
+    elif cfg.crossfit is not None:
+        from histolite.train.crossfit import crossfit_run
+
+        crossfit_run(cfg, out, resume=resume, progress=progress)
     else:
         train_run(cfg, out, resume=resume, progress=progress)
     evaluate_test_split(out, progress)

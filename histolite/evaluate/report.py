@@ -39,6 +39,7 @@ from histolite.fileio import atomic_path, write_json
 from histolite.models.loading import LoadedRun, load_run
 from histolite.runinfo import fingerprint_files, run_metadata
 from histolite.runspec import RunDir
+from histolite.train.crossfit import Crossfit
 
 
 def load_eval_samples(
@@ -226,7 +227,14 @@ def evaluate_run(
     """Predict ``data`` with the run's model and write the report bundle into ``out``.
 
     Evaluating images the run trained on is allowed but warned about, and counted in the report.
+    A cross-fitted teacher run is reported as its ensemble, with each fold model beside it.
     """
+    crossfit = Crossfit.load(run_dir)
+    if crossfit is not None:
+        return evaluate_crossfit(
+            crossfit, data, out, split=split, checkpoint=checkpoint, batch_size=batch_size,
+            num_workers=num_workers, progress=progress, tta=tta,
+        )  # fmt: skip
     run = load_run(run_dir, checkpoint)
     samples = load_eval_samples(data, run.spec.classes, split)
     seen = training_rows_in(RunDir(run.run_dir).split_csv, samples)
@@ -256,4 +264,62 @@ def evaluate_run(
             checkpoint=checkpoint,
         ),
     )
+    return report
+
+
+def evaluate_crossfit(
+    crossfit: Crossfit,
+    data: str | Path,
+    out: str | Path,
+    *,
+    split: str = "test",
+    checkpoint: str = "best",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = True,
+    tta: bool = False,
+) -> dict[str, Any]:
+    """Every fold model of a cross-fitted run on ``data``, and their ensemble (the mean of the
+    K models' probabilities), whose metrics are the report's own."""
+    runs = [load_run(folder, checkpoint) for folder in crossfit.fold_dirs]
+    first = runs[0]
+    samples = load_eval_samples(data, first.spec.classes, split)
+    per_fold, probs = [], []
+    for fold, run in enumerate(runs):
+        preds, _ = _predict_samples(run, samples, batch_size, num_workers, progress, tta)
+        metrics = build_report(run, samples, preds)
+        per_fold.append(
+            {
+                "fold": fold,
+                "run": str(run.run_dir),
+                **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
+                "ece": metrics["calibration_metrics"]["ece"],
+            }
+        )
+        probs.append(preds.probs)
+    ensemble = Predictions(
+        probs=np.mean(probs, axis=0),
+        labels=preds.labels,
+        image_index=preds.image_index,
+        patch_level=preds.patch_level,
+    )
+    report = build_report(first, samples, ensemble)
+    accuracies = [f["accuracy"] for f in per_fold]
+    report.update(
+        run=str(crossfit.root),
+        checkpoint=checkpoint,
+        test_time_augmentation="8 dihedral views" if tta else None,
+        data=str(data),
+        split=split if Path(data).suffix.lower() == ".csv" else None,
+        crossfit={
+            "folds": crossfit.folds,
+            "ensemble": "mean of the fold models' probabilities",
+            "per_fold": per_fold,
+            "fold_accuracy_mean": float(np.mean(accuracies)),
+            "fold_accuracy_sd": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
+        },
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_report_files(out, first, samples, report, ensemble, image_results(ensemble), None)
     return report

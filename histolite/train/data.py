@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from histolite.config import AugmentConfig, DataConfig
 from histolite.data.check import check_images
@@ -142,21 +143,24 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg = cfg
         train_transform = build_train_transform(train_image_size or cfg.image_size, augment)
-        self.train_set = make_dataset(prepared.splits["train"], cfg, train_transform, stain)
+        # a Dataset: distillation from cross-fitted teachers wraps it to tag each item's fold
+        self.train_set: Dataset[Any] = make_dataset(
+            prepared.splits["train"], cfg, train_transform, stain
+        )
         self.val_set = (
             make_dataset(prepared.splits["val"], cfg, build_eval_transform(cfg.image_size), stain)
             if prepared.splits["val"]
             else None
         )
 
-    def _loader(self, dataset: ImageDataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset[Any], shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
             shuffle=shuffle,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
-            drop_last=shuffle and len(dataset) > self.cfg.batch_size,
+            drop_last=shuffle and len(cast(Sized, dataset)) > self.cfg.batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:

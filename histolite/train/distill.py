@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from histolite.config import DistillConfig, TrainConfig
+from histolite.data.datasets import ImageDataset
 from histolite.data.overlap import describe_overlap, find_overlap
 from histolite.data.split_policy import Split, load_split
 from histolite.data.splits import LeakageWarning, read_split_csv
@@ -30,12 +31,13 @@ from histolite.models.loading import (
 )
 from histolite.models.tta import dihedral_log_probabilities
 from histolite.runspec import RunDir, RunSpec, checkpoint_path, is_rank_zero
+from histolite.train.crossfit import Crossfit, FoldTagged
 from histolite.train.data import ImageDataModule, PreparedData, build_stain, stain_spec
 from histolite.train.losses import DistillationLoss, Mix
 from histolite.train.module import ClassifierModule, module_options, resize_batch
 from histolite.train.runner import run_split, train_run
-from histolite.train.schedule import read_schedule
-from histolite.train.teacher import Teacher, create_teacher
+from histolite.train.schedule import ScheduledCheckpoint, read_schedule
+from histolite.train.teacher import CrossfitTeacher, Teacher, create_teacher
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,13 @@ def plan_intervals(
 ) -> list[TeacherInterval]:
     """Which teacher checkpoint the student follows in each of its epochs."""
     if mode == "vanilla":
+        if teacher_checkpoint == "early":
+            kept = early_checkpoint(teacher_run)
+            return [
+                TeacherInterval(
+                    0, student_epochs - 1, kept.path.name, kept.epochs_done, kept.val_acc
+                )
+            ]
         path = checkpoint_path(teacher_run, teacher_checkpoint)
         return [TeacherInterval(0, student_epochs - 1, path.name, None)]
     schedule = read_schedule(RunDir(teacher_run).checkpoints)
@@ -78,6 +87,23 @@ def plan_intervals(
         )
         start = end
     return intervals
+
+
+EARLY_WITHIN = 0.01  # an early teacher: within this much validation accuracy of the best
+
+
+def early_checkpoint(teacher_run: Path) -> ScheduledCheckpoint:
+    """The earliest scheduled checkpoint whose validation accuracy is within ``EARLY_WITHIN``
+    of the best one's: an early-stopped teacher (Cho & Hariharan 2019), chosen on validation."""
+    schedule = [kept for kept in read_schedule(RunDir(teacher_run).checkpoints) if kept.val_acc]
+    if not schedule:
+        raise HistoliteError(
+            f"{teacher_run}: distill.teacher_checkpoint=early needs scheduled checkpoints with "
+            "validation accuracy (train the teacher with trainer.checkpoint_every=N and a "
+            "validation split)"
+        )
+    best = max(kept.val_acc or 0.0 for kept in schedule)
+    return next(kept for kept in schedule if (kept.val_acc or 0.0) >= best - EARLY_WITHIN)
 
 
 def describe_plan(intervals: list[TeacherInterval]) -> list[str]:
@@ -141,10 +167,10 @@ class DistillModule(ClassifierModule):
     def _ensure_teacher(self, epoch: int) -> TeacherInterval:
         interval = interval_for_epoch(self.intervals, epoch)
         if interval.checkpoint != self.loaded_checkpoint:
-            path = RunDir(self.teacher_run).checkpoints / interval.checkpoint
-            if not path.is_file():
-                raise HistoliteError(f"{path}: teacher checkpoint missing (was it deleted?)")
-            self.teacher.load(path)
+            for path in teacher_checkpoint_files(self.teacher_run, interval.checkpoint):
+                if not path.is_file():
+                    raise HistoliteError(f"{path}: teacher checkpoint missing (was it deleted?)")
+            self.teacher.load(RunDir(self.teacher_run).checkpoints / interval.checkpoint)
             self.loaded_checkpoint = interval.checkpoint
             if is_rank_zero():
                 history = read_json(self.switches_file) if self.switches_file.is_file() else []
@@ -170,16 +196,19 @@ class DistillModule(ClassifierModule):
                 sync_dist=True,
             )
 
-    def training_loss(self, x: Tensor, y: Tensor, mix: Mix | None) -> tuple[Tensor, Tensor]:
+    def training_loss(
+        self, x: Tensor, y: Tensor, mix: Mix | None, folds: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             teacher_x = x
             if x.shape[-1] != self.teacher_image_size or x.shape[-2] != self.teacher_image_size:
                 teacher_x = resize_batch(x, self.teacher_image_size)
-            teacher_logits = (
-                dihedral_log_probabilities(self.teacher, teacher_x)
-                if self.teacher_tta
-                else self.teacher(teacher_x)
-            )
+            if isinstance(self.teacher, CrossfitTeacher):
+                teacher_logits = self.teacher(teacher_x, folds)
+            elif self.teacher_tta:
+                teacher_logits = dihedral_log_probabilities(self.teacher, teacher_x)
+            else:
+                teacher_logits = self.teacher(teacher_x)
         student_logits = self(x)
         shown = y if mix is None or mix.lam >= 0.5 else mix.other
         self._log_teacher_metrics(student_logits, teacher_logits, shown)
@@ -197,6 +226,13 @@ class DistillModule(ClassifierModule):
         self.log_epoch_mean("teacher_train_acc", (teacher_pred == y).float().mean(), len(y))
         agreement = (student_logits.detach().argmax(dim=1) == teacher_pred).float().mean()
         self.log_epoch_mean("teacher_agreement", agreement, len(y))
+
+
+def teacher_checkpoint_files(teacher_run: Path, name: str) -> list[Path]:
+    """The files a teacher checkpoint name stands for: one, or one per cross-fitted fold."""
+    crossfit = Crossfit.load(teacher_run)
+    runs = crossfit.fold_dirs if crossfit is not None else [teacher_run]
+    return [RunDir(run).checkpoints / name for run in runs]
 
 
 def teacher_mismatches(
@@ -229,6 +265,17 @@ def teacher_mismatches(
             f"input geometry differs: the teacher's patches are {teacher_patches}, "
             f"the student's {student_patches or 'whole images'}"
         )
+    crossfit = Crossfit.load(teacher_dir)
+    if crossfit is not None:  # every fold must pass the checks a single teacher does
+        for folder in crossfit.fold_dirs:
+            problems += [f"{folder.name}: {p}" for p in _split_leaks(folder, split)]
+        return problems
+    return problems + _split_leaks(teacher_dir, split)
+
+
+def _split_leaks(teacher_dir: Path, split: Split) -> list[str]:
+    """Images of the student's validation or test split that the teacher trained on."""
+    problems = []
     teacher_split = RunDir(teacher_dir).split_csv
     if teacher_split.is_file():
         table = read_split_csv(teacher_split)
@@ -285,18 +332,27 @@ class DistillPlan:
     ) -> DistillPlan:
         """A new plan, or on resume the stored one (kept even when epochs are added)."""
         teacher_dir = Path(teacher_run) if teacher_run is not None else _teacher_dir_for_resume(out)
-        teacher_spec = RunSpec.load(teacher_dir)
+        crossfit = Crossfit.load(teacher_dir)
+        if crossfit is not None:
+            _require_crossfit_settings(cfg, teacher_dir)
+        # fold teachers share their recipe: the first one speaks for all
+        reference = crossfit.fold_dir(0) if crossfit is not None else teacher_dir
+        teacher_spec = RunSpec.load(reference)
         stored = RunDir(out).distill_plan
         if resume and stored.is_file():
             intervals = [TeacherInterval(**item) for item in read_json(stored)["intervals"]]
         else:
             intervals = plan_intervals(
-                teacher_dir,
+                reference,
                 cfg.distill.mode,
                 cfg.trainer.max_epochs,
                 cfg.distill.teacher_checkpoint,
             )
         return cls(teacher_dir, teacher_spec, cfg.distill.mode, intervals)
+
+    @property
+    def crossfit(self) -> Crossfit | None:
+        return Crossfit.load(self.teacher_dir)
 
     def save(self, path: Path) -> None:
         write_json(
@@ -310,15 +366,56 @@ class DistillPlan:
         )
 
 
+def _require_crossfit_settings(cfg: DistillConfig, teacher_dir: Path) -> None:
+    """What cross-fitted teachers cannot do, refused before anything is written."""
+    section = cfg.distill
+    problems = []
+    if section.mode != "vanilla":
+        problems.append("multi-part KD walks one teacher's checkpoints: use distill.mode=vanilla")
+    if section.teacher_tta:
+        problems.append("distill.teacher_tta is for a single teacher: set it to false")
+    if section.teacher_checkpoint == "early":
+        problems.append("distill.teacher_checkpoint=early would pick a different epoch per fold")
+    if section.crossfit_targets == "out_of_fold" and cfg.augment.mixup_alpha > 0:
+        problems.append(
+            "a mixed image comes from two groups, so it has no out-of-fold teacher: set "
+            "augment.mixup_alpha=0 or distill.crossfit_targets=ensemble"
+        )
+    if problems:
+        raise HistoliteError(
+            f"{teacher_dir} holds cross-fitted teachers:\n  " + "\n  ".join(problems)
+        )
+
+
+def _build_teacher(
+    plan: DistillPlan, cfg: DistillConfig, runtime: str, channels_last: bool
+) -> Teacher:
+    """The teacher as trained (its temperature is the KD loss's, and later checkpoints are
+    loaded into this model, which must not keep a calibration fitted for the first); for a
+    cross-fitted run, one per fold behind a :class:`CrossfitTeacher`."""
+    size = plan.teacher_spec.image_size
+    crossfit = plan.crossfit
+    runs = crossfit.fold_dirs if crossfit is not None else [plan.teacher_dir]
+    teachers = [
+        create_teacher(
+            require_classifier(
+                load_run(run, plan.intervals[0].checkpoint, device="cpu", calibrated=False),
+                "a distillation teacher",
+            ),
+            runtime,
+            size,
+            channels_last,
+        )
+        for run in runs
+    ]
+    if crossfit is None:
+        return teachers[0]
+    return CrossfitTeacher(teachers, runs, cfg.distill.crossfit_targets)
+
+
 def _distill_module(
     plan: DistillPlan, cfg: DistillConfig, switches: Path
 ) -> Callable[[nn.Module, TrainConfig, RunSpec], DistillModule]:
-    # the teacher as trained: its temperature is the KD loss's, and later checkpoints are
-    # loaded into this model, which must not keep a calibration fitted for the first
-    teacher = require_classifier(
-        load_run(plan.teacher_dir, plan.intervals[0].checkpoint, device="cpu", calibrated=False),
-        "a distillation teacher",
-    )
     size = plan.teacher_spec.image_size
 
     def build(model: nn.Module, config: TrainConfig, spec: RunSpec) -> DistillModule:
@@ -331,7 +428,7 @@ def _distill_module(
         runtime = resolve_teacher_runtime(cfg)
         return DistillModule(
             model,
-            create_teacher(teacher, runtime, size, config.trainer.channels_last),
+            _build_teacher(plan, cfg, runtime, config.trainer.channels_last),
             plan.teacher_dir,
             size,
             plan.intervals,
@@ -361,7 +458,15 @@ def _shared_view_datamodule(
     ) -> ImageDataModule:
         size = max(plan.teacher_spec.image_size, config.data.image_size)
         stain = build_stain(config.data)
-        return ImageDataModule(prepared, config.data, config.augment, stain, train_image_size=size)
+        module = ImageDataModule(
+            prepared, config.data, config.augment, stain, train_image_size=size
+        )
+        crossfit = plan.crossfit
+        if crossfit is not None:  # each training image carries the fold that left it out
+            folds = [crossfit.fold_of(s) for s in prepared.splits["train"]]
+            assert isinstance(module.train_set, ImageDataset)
+            module.train_set = FoldTagged(module.train_set, folds)
+        return module
 
     return datamodule
 
@@ -408,5 +513,6 @@ def distill_run(
             "teacher_run": str(plan.teacher_dir.resolve()),
             "teacher_model": plan.teacher_spec.model_name,
             "distill_mode": cfg.distill.mode,
+            "crossfit_targets": cfg.distill.crossfit_targets if plan.crossfit else None,
         },
     )

@@ -75,8 +75,11 @@ class ClassifierModule(L.LightningModule):
         self.log_epoch_mean(f"{stage}_loss", loss, len(y), prog_bar=stage == "val")
         self.log_epoch_mean(f"{stage}_acc", acc, len(y), prog_bar=True)
 
-    def training_loss(self, x: Tensor, y: Tensor, mix: Mix | None) -> tuple[Tensor, Tensor]:
-        """(loss, student logits) for one batch."""
+    def training_loss(
+        self, x: Tensor, y: Tensor, mix: Mix | None, folds: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(loss, student logits) for one batch; ``folds`` (cross-fitted distillation) says
+        which teacher fold left each image out."""
         logits = self(x)
         return mixed_cross_entropy(logits, y, mix, self.label_smoothing), logits
 
@@ -88,12 +91,12 @@ class ClassifierModule(L.LightningModule):
         order = torch.randperm(len(y), device=y.device)
         return lam * x + (1.0 - lam) * x[order], Mix(y[order], lam)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x, y, *tags = batch
         if self.batch_augment is not None:
             x = self.batch_augment(x)
         x, mix = self.mix_batch(x, y)
-        loss, logits = self.training_loss(x, y, mix)
+        loss, logits = self.training_loss(x, y, mix, tags[0] if tags else None)
         shown = y if mix is None or mix.lam >= 0.5 else mix.other  # the dominant image's label
         self._log_metrics("train", loss, logits, shown)
         return loss

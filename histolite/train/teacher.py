@@ -107,3 +107,40 @@ def create_teacher(
     if runtime == "onnx":
         return OnnxTeacher(model, image_size)
     return TorchTeacher(model, channels_last)
+
+
+class CrossfitTeacher:
+    """K fold teachers (``train.crossfit``): each image is labelled out of fold, by the teacher
+    that never trained on its group, or by the mean of all K (``ensemble``).
+
+    Ensemble targets are the log of the K teachers' mean probabilities, which work as logits
+    (softmax(log p / T) is the tempered mean prediction), as the TTA teacher's do.
+    """
+
+    def __init__(self, teachers: list[Teacher], fold_dirs: list[Path], targets: str) -> None:
+        if targets not in ("out_of_fold", "ensemble"):
+            raise ValueError(f"unknown cross-fitted targets {targets!r}")
+        self.teachers = teachers
+        self.fold_dirs = fold_dirs
+        self.targets = targets
+
+    def load(self, checkpoint: Path) -> None:
+        """The same checkpoint (by name: last, best, epoch_NNN) of every fold teacher."""
+        for teacher, folder in zip(self.teachers, self.fold_dirs, strict=True):
+            teacher.load(folder / "checkpoints" / checkpoint.name)
+
+    def __call__(self, x: Tensor, folds: Tensor | None = None) -> Tensor:
+        if self.targets == "ensemble":
+            probs = torch.stack([torch.softmax(t(x).float(), dim=1) for t in self.teachers])
+            return torch.log(probs.mean(dim=0).clamp_min(1e-12))
+        if folds is None:
+            raise ValueError("out-of-fold targets need each image's fold")
+        logits: Tensor | None = None
+        for fold in torch.unique(folds).tolist():
+            rows = folds == fold
+            out = self.teachers[int(fold)](x[rows])
+            if logits is None:
+                logits = out.new_zeros((len(x), out.shape[1]))
+            logits[rows] = out
+        assert logits is not None
+        return logits

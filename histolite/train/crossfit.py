@@ -1,0 +1,209 @@
+"""Cross-fitted teachers: K models, each trained without one fold of the training groups.
+
+A teacher labels the student's training images, the only images distillation shows it; a
+teacher trained on them answers almost exactly as their labels do (Kather: 98% right, as
+confident as its smoothed labels), so its soft targets add little. K teachers trained on folds
+drawn by *group* (source image, patient, slide) give every training image a teacher that never
+saw it, or any image of its group: out-of-fold targets (Dao et al., ICLR 2021). Averaging all K
+gives an ensemble teacher (Hinton et al. 2015) for comparison.
+
+The run directory holds the K fold runs and what ties them together::
+
+    RUN/crossfit.json        folds, the group -> fold assignment, each fold's run and time
+    RUN/split.csv            the student's split (train / val / test) the folds were cut from
+    RUN/fold_0 ... fold_K-1  ordinary runs: fold k trained on training groups not in fold k,
+                             validated on the shared validation split; test is untouched
+
+Validation and test images are in no teacher's training data, so the checks distillation runs
+against a single teacher hold for every fold.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from histolite.config import TrainConfig, dump_config
+from histolite.data.datasets import ImageDataset
+from histolite.data.folder import Sample
+from histolite.data.split_policy import Split, load_split
+from histolite.data.splits import SPLIT_NAMES, write_split_csv
+from histolite.errors import HistoliteError
+from histolite.fileio import read_json, write_json, write_text
+from histolite.runspec import RunDir, is_rank_zero
+
+CROSSFIT_FILE = "crossfit.json"
+
+
+@dataclass(frozen=True)
+class Crossfit:
+    """A cross-fitted teacher run: its folds and which fold each training group belongs to."""
+
+    root: Path
+    folds: int
+    groups: dict[str, int]  # training group -> the fold that left it out
+    seed: int
+
+    def fold_dir(self, fold: int) -> Path:
+        return self.root / f"fold_{fold}"
+
+    @property
+    def fold_dirs(self) -> list[Path]:
+        return [self.fold_dir(k) for k in range(self.folds)]
+
+    def fold_of(self, sample: Sample) -> int:
+        """The fold whose model never trained on ``sample``'s group."""
+        try:
+            return self.groups[sample.group]
+        except KeyError:
+            raise HistoliteError(
+                f"{sample.path}: its group {sample.group!r} is in no fold of {self.root}; the "
+                "student's training split must be the one the teachers were cross-fitted on "
+                "(the same data, split settings and data.split_seed)"
+            ) from None
+
+    @classmethod
+    def load(cls, root: str | Path) -> Crossfit | None:
+        """The cross-fitted run at ``root``, or None if it is an ordinary run."""
+        path = Path(root) / CROSSFIT_FILE
+        if not path.is_file():
+            return None
+        data = read_json(path)
+        return cls(Path(root), int(data["folds"]), dict(data["groups"]), int(data["seed"]))
+
+
+def assign_folds(samples: list[Sample], folds: int, seed: int) -> dict[str, int]:
+    """Each group of ``samples`` to one of ``folds`` folds, classes spread evenly.
+
+    Groups are ordered by their majority class, shuffled within it (seeded), and dealt to the
+    fold with the fewest images of that class so far, so every fold leaves out some of each
+    class and about a K-th of the images.
+    """
+    if folds < 2:
+        raise HistoliteError(f"crossfit.folds {folds}: need at least 2 folds")
+    members: dict[str, list[Sample]] = {}
+    for sample in samples:
+        members.setdefault(sample.group, []).append(sample)
+    if len(members) < folds:
+        raise HistoliteError(
+            f"{len(members)} training groups cannot make {folds} folds; use fewer folds"
+        )
+    rng = np.random.default_rng(seed)
+    majority = {g: Counter(s.label for s in m).most_common(1)[0][0] for g, m in members.items()}
+    order = sorted(members, key=lambda g: (majority[g], rng.random()))
+    load = np.zeros((folds, max(majority.values()) + 1))
+    assignment: dict[str, int] = {}
+    for group in order:
+        label = majority[group]
+        fold = int(np.argmin(load[:, label] + 1e-6 * load.sum(axis=1)))
+        assignment[group] = fold
+        load[fold, label] += len(members[group])
+    return assignment
+
+
+def fold_split(split: Split, assignment: dict[str, int], fold: int) -> Split:
+    """The split fold ``fold`` trains on: the training groups of every other fold, the same
+    validation and test images; fold ``fold``'s training images are in none of its parts."""
+    parts = {name: list(split.parts[name]) for name in SPLIT_NAMES}
+    parts["train"] = [s for s in split.parts["train"] if assignment[s.group] != fold]
+    report = dict(split.report)
+    report["crossfit"] = {
+        "fold": fold,
+        "left_out_groups": sorted(g for g, k in assignment.items() if k == fold),
+        "left_out_images": len(split.parts["train"]) - len(parts["train"]),
+    }
+    return Split(split.classes, parts, report, split.source)
+
+
+def crossfit_run(
+    cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True
+) -> Path:
+    """Train ``cfg.crossfit.folds`` teachers into ``out/fold_*``; finished folds are kept.
+
+    The split is made once from ``cfg`` (or read back on resume), the folds are drawn from its
+    training groups, and each fold is an ordinary run on its :func:`fold_split`.
+    """
+    from histolite.train.runner import train_run
+
+    assert cfg.crossfit is not None
+    out = Path(out)
+    existing = Crossfit.load(out)
+    if existing is not None and not resume:
+        raise HistoliteError(
+            f"{out} already holds cross-fitted teachers; pass --resume to finish them, or "
+            "choose another --out"
+        )
+    split = load_split(cfg.data, cfg.seed)  # deterministic: a resume makes the same split
+    seed = cfg.crossfit.seed if cfg.crossfit.seed is not None else cfg.seed
+    folds = cfg.crossfit.folds
+    assignment = existing.groups if existing else assign_folds(split.parts["train"], folds, seed)
+    record: dict[str, Any] = (
+        read_json(out / CROSSFIT_FILE)
+        if existing
+        else {
+            "folds": folds,
+            "seed": seed,
+            "group_kind": split.report.get("group_kind"),
+            "groups": assignment,
+            "runs": [f"fold_{k}" for k in range(folds)],
+            "train_seconds": {},
+        }
+    )
+    if is_rank_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(RunDir(out).config, dump_config(cfg))  # what --resume reads back
+        write_split_csv(RunDir(out).split_csv, split.as_images(), split.split_names())
+        write_json(out / CROSSFIT_FILE, record)
+    for fold in range(folds):
+        fold_out = out / f"fold_{fold}"
+        if RunDir(fold_out).train_summary.is_file():
+            continue  # finished earlier
+        started = time.perf_counter()
+        fold_resume = RunDir(fold_out).spec.is_file()
+        train_run(
+            cfg,
+            fold_out,
+            resume=fold_resume,
+            progress=progress,
+            split=None if fold_resume else fold_split(split, assignment, fold),
+            extra_metadata={"crossfit_fold": fold, "crossfit_folds": folds},
+        )
+        record["train_seconds"][str(fold)] = round(time.perf_counter() - started, 1)
+        if is_rank_zero():
+            write_json(out / CROSSFIT_FILE, record)
+    record["total_train_seconds"] = round(sum(record["train_seconds"].values()), 1)
+    if is_rank_zero():
+        write_json(out / CROSSFIT_FILE, record)
+    return out
+
+
+def describe_folds(crossfit: Crossfit, samples: list[Sample]) -> str:
+    """``"fold 0: 560 images (12 groups), ..."``: how the training split was cut."""
+    images = Counter(crossfit.groups.get(s.group, -1) for s in samples)
+    groups = Counter(crossfit.groups.values())
+    return ", ".join(
+        f"fold {k}: {images[k]} images ({groups[k]} groups)" for k in range(crossfit.folds)
+    )
+
+
+class FoldTagged(Dataset[tuple[Tensor, int, int]]):
+    """A training dataset whose items also say which fold left their image out, so that
+    out-of-fold teachers can label each image of a batch with the right model."""
+
+    def __init__(self, dataset: ImageDataset, folds: list[int]) -> None:
+        self.dataset = dataset
+        self.folds = folds
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: int) -> tuple[Tensor, int, int]:
+        x, y = self.dataset[item]
+        return x, y, self.folds[self.dataset.source_index(item)]

@@ -1,0 +1,207 @@
+"""Cross-fitted teachers: folds by group, out-of-fold and ensemble targets, the early teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from support import write_config
+
+from histolite.config import DistillConfig
+from histolite.data.folder import Sample
+from histolite.data.split_policy import load_split
+from histolite.data.splits import read_split_csv
+from histolite.errors import HistoliteError
+from histolite.evaluate.report import evaluate_run
+from histolite.fileio import write_json
+from histolite.train import resolve_config
+from histolite.train.crossfit import Crossfit, assign_folds, crossfit_run
+from histolite.train.distill import distill_run, early_checkpoint
+from histolite.train.teacher import CrossfitTeacher
+
+SLIDE = r"^(slide\d+)_"  # the synthetic tiles' source slide
+
+
+def _samples(groups: dict[str, tuple[int, int]]) -> list[Sample]:
+    """``count`` samples of ``label`` per group name."""
+    return [
+        Sample(Path(f"{g}_{i}.png"), label, str(label), g)
+        for g, (label, count) in groups.items()
+        for i in range(count)
+    ]
+
+
+def test_folds_hold_whole_groups_and_spread_each_class() -> None:
+    groups = {f"g{i:02d}": (i % 3, 5 + i % 4) for i in range(30)}
+    assignment = assign_folds(_samples(groups), folds=5, seed=0)
+    assert set(assignment) == set(groups) and set(assignment.values()) == set(range(5))
+    for label in range(3):  # every fold leaves out groups of every class (10 per class)
+        assert {assignment[g] for g, (c, _) in groups.items() if c == label} == set(range(5))
+    assert assign_folds(_samples(groups), folds=5, seed=0) == assignment  # seeded
+    with pytest.raises(HistoliteError, match="3 training groups cannot make 5 folds"):
+        assign_folds(_samples({"a": (0, 2), "b": (1, 2), "c": (0, 2)}), folds=5, seed=0)
+
+
+class _Constant:
+    """A stand-in teacher whose logits say which teacher it is."""
+
+    def __init__(self, index: int, classes: int = 3) -> None:
+        self.index = index
+        self.classes = classes
+        self.loaded: list[str] = []
+
+    def load(self, checkpoint: Path) -> None:
+        self.loaded.append(str(checkpoint))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(len(x), self.classes)
+        logits[:, self.index] = 5.0
+        return logits
+
+
+def test_out_of_fold_rows_are_labelled_by_the_teacher_that_left_them_out(tmp_path: Path) -> None:
+    teachers = [_Constant(k) for k in range(3)]
+    folders = [tmp_path / f"fold_{k}" for k in range(3)]
+    oof = CrossfitTeacher(teachers, folders, "out_of_fold")  # type: ignore[arg-type]
+    folds = torch.tensor([2, 0, 1, 2, 0])
+    logits = oof(torch.rand(5, 3, 8, 8), folds)
+    assert logits.argmax(dim=1).tolist() == folds.tolist()
+    oof.load(tmp_path / "checkpoints" / "last.ckpt")
+    assert [t.loaded for t in teachers] == [[str(f / "checkpoints" / "last.ckpt")] for f in folders]
+    ensemble = CrossfitTeacher(teachers, folders, "ensemble")  # type: ignore[arg-type]
+    targets = torch.softmax(ensemble(torch.rand(2, 3, 8, 8)), dim=1)
+    one = torch.softmax(torch.tensor([5.0, 0.0, 0.0]), dim=0)
+    expected = torch.stack([one.roll(k) for k in range(3)]).mean(dim=0)  # the mean of the three
+    assert torch.allclose(targets, expected.expand(2, -1), atol=1e-6)
+    with pytest.raises(ValueError, match="need each image's fold"):
+        oof(torch.rand(2, 3, 8, 8))
+
+
+def test_the_early_teacher_is_chosen_on_validation(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    entries = []
+    for epoch, acc in ((2, 0.80), (4, 0.865), (6, 0.87), (8, 0.86)):
+        (folder / f"epoch_{epoch:03d}.ckpt").write_bytes(b"x")
+        entries.append({"file": f"epoch_{epoch:03d}.ckpt", "epochs_done": epoch, "val_acc": acc})
+    write_json(folder / "schedule.json", {"saved": entries})
+    assert early_checkpoint(tmp_path).path.name == "epoch_004.ckpt"  # within 1 point of 0.87
+
+
+@pytest.fixture(scope="module")
+def crossfit_teachers(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Path:
+    """3 cross-fitted ResNet-8 teachers on the 3 training slides of the synthetic tiles."""
+    root = tmp_path_factory.mktemp("crossfit")
+    config = write_config(
+        root / "teacher.yaml",
+        synthetic_dir,
+        data={"group_regex": SLIDE, "split_by": "group", "val_fraction": 0.25},
+        crossfit={"folds": 3},
+    )
+    cfg = resolve_config(config, [], root / "teachers", resume=False)
+    return crossfit_run(cfg, root / "teachers", progress=False)
+
+
+def test_each_fold_trains_without_its_groups(crossfit_teachers: Path, tmp_path: Path) -> None:
+    crossfit = Crossfit.load(crossfit_teachers)
+    assert crossfit is not None and crossfit.folds == 3
+    parent = read_split_csv(crossfit_teachers / "split.csv")
+    parent_train = [s for s, name in parent.rows if name == "train"]
+    for fold, folder in enumerate(crossfit.fold_dirs):
+        table = read_split_csv(folder / "split.csv")
+        train = [s for s, name in table.rows if name == "train"]
+        assert train and all(crossfit.groups[s.group] != fold for s in train)
+        left_out = [s for s in parent_train if crossfit.groups[s.group] == fold]
+        assert len(train) + len(left_out) == len(parent_train)
+        for name in ("val", "test"):  # the shared splits, untouched
+            ours = sorted(str(s.path.resolve()) for s, n in table.rows if n == name)
+            assert ours == sorted(str(s.path.resolve()) for s, n in parent.rows if n == name)
+    record = json.loads((crossfit_teachers / "crossfit.json").read_text())
+    assert set(record["train_seconds"]) == {"0", "1", "2"} and record["total_train_seconds"] > 0
+    report = evaluate_run(
+        crossfit_teachers, crossfit_teachers / "split.csv", tmp_path / "eval", split="val",
+        progress=False,
+    )  # fmt: skip
+    per_fold = report["crossfit"]["per_fold"]
+    assert [f["fold"] for f in per_fold] == [0, 1, 2] and report["n"] > 0
+    assert report["crossfit"]["ensemble"].startswith("mean")
+
+
+def _student(tmp_path: Path, data: Path, **distill: object) -> DistillConfig:
+    config = write_config(
+        tmp_path / "student.yaml",
+        data,
+        data={"group_regex": SLIDE, "split_by": "group", "val_fraction": 0.25, "image_size": 24},
+        distill={"temperature": 2.0, **distill},
+    )
+    cfg = resolve_config(config, [], tmp_path / "student", resume=False, model=DistillConfig)
+    assert isinstance(cfg, DistillConfig)
+    return cfg
+
+
+@pytest.mark.parametrize("targets", ["out_of_fold", "ensemble"])
+def test_distillation_from_cross_fitted_teachers(
+    crossfit_teachers: Path,
+    synthetic_dir: Path,
+    tmp_path: Path,
+    targets: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every training image reaches the student labelled by the right teacher(s)."""
+    seen: list[tuple[int, list[int] | None]] = []
+    real = CrossfitTeacher.__call__
+
+    def spy(self: CrossfitTeacher, x: torch.Tensor, folds: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
+        seen.append((len(x), None if folds is None else folds.tolist()))
+        return real(self, x, folds)
+
+    monkeypatch.setattr(CrossfitTeacher, "__call__", spy)
+    cfg = _student(tmp_path, synthetic_dir, crossfit_targets=targets)
+    run = distill_run(cfg, crossfit_teachers, tmp_path / "run", progress=False)
+    crossfit = Crossfit.load(crossfit_teachers)
+    assert crossfit is not None
+    train = load_split(cfg.data, cfg.seed).parts["train"]
+    assert sum(n for n, _ in seen) == len(train)  # one epoch: each image once
+    if targets == "out_of_fold":
+        folds = [f for _, batch in seen for f in batch or []]
+        expected = sorted(crossfit.fold_of(s) for s in train)
+        assert sorted(folds) == expected and len(set(folds)) == 3
+    meta = json.loads((run / "metadata.json").read_text())
+    assert meta["crossfit_targets"] == targets
+
+
+def test_what_cross_fitted_teachers_cannot_do_is_refused(
+    crossfit_teachers: Path, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    cfg = _student(tmp_path, synthetic_dir, mode="multipart")
+    cfg.augment.mixup_alpha = 0.4
+    with pytest.raises(HistoliteError, match=r"(?s)multi-part.*mixed image"):
+        distill_run(cfg, crossfit_teachers, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_ensemble_probabilities_are_the_mean_of_the_folds(
+    crossfit_teachers: Path, tmp_path: Path
+) -> None:
+    from histolite.evaluate.inference import predict
+    from histolite.models.loading import load_run
+
+    crossfit = Crossfit.load(crossfit_teachers)
+    assert crossfit is not None
+    samples = list(read_split_csv(crossfit_teachers / "split.csv").subset("val").samples)
+    mean = np.mean(
+        [predict(load_run(f), samples, progress=False).probs for f in crossfit.fold_dirs], axis=0
+    )
+    evaluate_run(
+        crossfit_teachers, crossfit_teachers / "split.csv", tmp_path / "eval", split="val",
+        progress=False,
+    )  # fmt: skip
+    import csv
+
+    with (tmp_path / "eval" / "predictions.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    served = np.array([[float(r[k]) for k in r if k.startswith("p_")] for r in rows])
+    assert np.allclose(served, mean, atol=1e-5)
