@@ -71,6 +71,7 @@ def serve(
     workers: int = typer.Option(1, help="Worker processes (each loads its own ONNX sessions)."),
     api_key: str | None = typer.Option(None, help=H("api_key")),
     audit_db: Path | None = typer.Option(None, help=H("audit_db")),
+    audit_key_file: Path | None = typer.Option(None, help=H("audit_key_file")),
     threads: int | None = typer.Option(None, help=H("threads")),
     slide_root: Path | None = typer.Option(None, help=H("slide_root")),
     jobs_dir: Path | None = typer.Option(None, help=H("jobs_dir")),
@@ -102,12 +103,14 @@ def serve(
 
     from histolite.config import format_validation_error
     from histolite.errors import ConfigError
+    from histolite.serve.protocol import BoundedH11Protocol
     from histolite.serve.repository import load_repository
 
     given: dict[str, Any] = {
         "model_dir": model_dir,
         "api_key": api_key,
         "audit_db": audit_db,
+        "audit_key_file": audit_key_file,
         "threads": threads,
         "slide_root": slide_root,
         "jobs_dir": jobs_dir,
@@ -125,6 +128,10 @@ def serve(
             "slide jobs keep their queue in one process: use --workers 1 with --slide-root "
             "(or run a second service for slides)"
         )
+    if settings.audit_key_file is not None:  # a bad key fails here, not in every worker
+        from histolite.serve.audit import load_audit_key
+
+        load_audit_key(settings.audit_key_file)
     repo = load_repository(settings.model_dir, settings.threads)  # fail fast, clearly
     for folder, error in sorted(repo.broken.items()):
         typer.secho(f"skipped {folder}: {error}", fg="yellow", err=True)
@@ -137,6 +144,7 @@ def serve(
     uvicorn.run(
         "histolite.serve.app:create_app_from_env",
         factory=True,
+        http=BoundedH11Protocol,  # closes connections that dribble a request head
         host=host,
         port=port,
         workers=workers,
@@ -145,6 +153,19 @@ def serve(
         forwarded_allow_ips=forwarded_allow_ips,
         timeout_graceful_shutdown=shutdown_timeout,
     )
+
+
+_KEY_FILE_HELP = (
+    "File holding the audit log's key (as for `serve`: HISTOLITE_AUDIT_KEY_FILE). A keyed log "
+    "needs it to check row contents and sign heads; an unkeyed log refuses it."
+)
+
+
+def _audit_key(key_file: Path | None) -> bytes | None:
+    """The key in ``key_file``, held to the service's rules so a weak key fails here too."""
+    from histolite.serve.audit import load_audit_key
+
+    return None if key_file is None else load_audit_key(key_file)
 
 
 @audit_app.command("export")
@@ -156,22 +177,97 @@ def audit_export(
         help="Audit database of `serve`.",
     ),
 ) -> None:
-    """Export the audit log to CSV (cells that a spreadsheet would run are quoted)."""
-    from histolite.serve.audit import export_audit_csv
+    """Export the audit log to CSV (cells that a spreadsheet would run are quoted).
+
+    The export checks nothing and needs no key: run `histolite audit verify` for that.
+    """
+    from histolite.serve.audit import audit_scheme, export_audit_csv
 
     rows = export_audit_csv(db, out)
-    typer.echo(f"wrote {rows} audit rows to {out}")
+    typer.echo(
+        f"wrote {rows} audit rows to {out} (chain {audit_scheme(db).describe()}; not verified: "
+        "histolite audit verify)"
+    )
 
 
 @audit_app.command("verify")
 def audit_verify(
     db: Path = typer.Argument(..., help="Audit database of `serve`."),
+    key_file: Path | None = typer.Option(
+        None, "--key-file", envvar="HISTOLITE_AUDIT_KEY_FILE", help=_KEY_FILE_HELP
+    ),
+    expect_head: str | None = typer.Option(
+        None,
+        "--expect-head",
+        help="HASH[@ROW], or the line `histolite audit head` printed earlier and kept "
+        "elsewhere: the chain must still hold that hash (at that row). Finds truncation and "
+        "rebuilt chains, even by a key holder, up to that row; works without the key.",
+    ),
 ) -> None:
-    """Check the audit log's hash chain; exit 1 and name the first broken row if it is broken."""
-    from histolite.serve.audit import verify_audit
+    """Check the audit log's chain; exit 1 and name the first broken row if it is broken.
 
-    rows, problem = verify_audit(db)
-    if problem is not None:
-        typer.secho(f"{db}: BROKEN after {rows} good row(s): {problem}", fg="red", err=True)
+    Exit 2 when it cannot be checked (a keyed log without --key-file or --expect-head).
+    What the check could not detect is printed on stderr.
+    """
+    from histolite.serve.audit import check_audit
+
+    check = check_audit(db, key=_audit_key(key_file), expect_head=expect_head)
+    if check.refused:
+        typer.secho(f"{db}: NOT VERIFIED: {check.problem}", fg="red", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{db}: {rows} row(s), hash chain intact")
+    if check.problem is not None:
+        typer.secho(
+            f"{db}: BROKEN after {check.rows} good row(s): {check.problem}", fg="red", err=True
+        )
+        raise typer.Exit(1)
+    scheme = check.scheme.describe()
+    if check.content_checked:
+        typer.echo(f"{db}: {check.rows} row(s), hash chain intact ({scheme})")
+    else:
+        typer.echo(
+            f"{db}: {check.rows} row(s) in order and linked ({scheme}); row contents NOT "
+            "checked: no key"
+        )
+    if expect_head is not None:
+        typer.echo(f"{db}: the expected head is in the chain")
+    for note in check.notes:
+        typer.secho(f"note: {note}", fg="yellow", err=True)
+
+
+@audit_app.command("head")
+def audit_head(
+    db: Path = typer.Argument(..., help="Audit database of `serve`."),
+    key_file: Path | None = typer.Option(
+        None, "--key-file", envvar="HISTOLITE_AUDIT_KEY_FILE", help=_KEY_FILE_HELP
+    ),
+) -> None:
+    """Print the log's head, HASH@ROW (signed with the key), to keep somewhere else.
+
+    Keep the line outside the database's reach (a SIEM, a ticket, WORM storage), e.g. from a
+    cron job: `histolite audit verify DB --expect-head LINE` later shows whether the log was
+    truncated or rewritten up to that row. The chain is checked first (exit 1 if broken), so a
+    head is never exported for a log that is already broken.
+    """
+    from histolite.serve.audit import check_audit
+
+    check = check_audit(db, key=_audit_key(key_file), allow_without_key=True)
+    if check.problem is not None:
+        word = "NOT VERIFIED" if check.refused else f"BROKEN after {check.rows} good row(s)"
+        typer.secho(f"{db}: {word}: {check.problem}; no head exported", fg="red", err=True)
+        raise typer.Exit(1)
+    if check.head is None:
+        raise HistoliteError(f"{db}: the audit log has no rows yet: there is no head to export")
+    typer.echo(str(check.head))
+    signed = "signed with its key" if check.head.signature else "unsigned"
+    typer.secho(
+        f"{db}: head at row {check.head.row} ({check.scheme.describe()}; {signed}). Keep this "
+        f"line elsewhere and check it later with: histolite audit verify {db} --expect-head "
+        "'LINE'",
+        err=True,
+    )
+    if not check.content_checked:
+        typer.secho(
+            "note: keyed log without its key: only the rows' order and links were checked",
+            fg="yellow",
+            err=True,
+        )

@@ -5,8 +5,11 @@ at its own resolution *before* resizing it to the model's input (``data.transfor
 
 - ``StainGraph`` (``stain.onnx``): Reinhard on a batch of same-size patches of any height and
   width, uint8 RGB in and out, as the training path's normaliser; the runtime then resizes;
-- ``ServingGraph`` / ``MilServingGraph`` (``model.onnx``): model + softmax on resized input
-  (the logits, calibrated when the run is, are an output too: out-of-distribution scores);
+- ``ServingGraph`` (``model.onnx``): model + softmax on resized input (the logits, calibrated
+  when the run is, are an output too: out-of-distribution scores);
+- bag models: ``MilInstanceGraph`` (``model.onnx``: patches -> embeddings and attention scores,
+  run in chunks) and ``MilHeadGraph`` (``mil_head.onnx``: the bag's pooling and classifier);
+  ``MilServingGraph`` is the earlier single graph, kept for comparison (benchmarks/mil_export.py);
   ``CamServingGraph`` adds Grad-CAM maps for networks that end in global average pooling and
   one linear layer (``gradcam_head``), so the service can explain without torch or gradients.
 
@@ -153,5 +156,38 @@ class MilServingGraph(nn.Module):
         h = self.model.embed(self.model.encoder(patches)).unsqueeze(0)  # (1, N, D)
         mask = torch.ones_like(h[..., 0], dtype=torch.bool)
         pooled, attention = self.model.pool(h, mask)
+        logits = self.model.classify(pooled)
+        return torch.softmax(logits, dim=1), attention[0], logits
+
+
+class MilInstanceGraph(nn.Module):
+    """A bag's patches in any number and chunk: patches (N, 3, S, S) in [0, 1] -> embeddings
+    (N, D) and attention scores (N,). The costly part of a bag model, run chunk by chunk, so a
+    large image's memory stays that of one chunk (``MilHeadGraph`` then pools the bag)."""
+
+    def __init__(self, model: AttentionMIL) -> None:
+        super().__init__()
+        if model.encoder is None:
+            raise ValueError("a MIL model on precomputed features has no image encoder to export")
+        self.model = model
+
+    def forward(self, patches: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.model.encoder is not None
+        h = self.model.embed(self.model.encoder(patches))
+        return h, self.model.pool.scores(h)
+
+
+class MilHeadGraph(nn.Module):
+    """A whole bag's embeddings (N, D) and scores (N,) -> probabilities (1, C), attention (N,)
+    and logits (1, C): the softmax over the bag, the pooling and the classifier (calibrated
+    when the run is)."""
+
+    def __init__(self, model: AttentionMIL) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, embeddings: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h, s = embeddings.unsqueeze(0), scores.unsqueeze(0)
+        pooled, attention = self.model.pool.pool(h, s, torch.ones_like(s, dtype=torch.bool))
         logits = self.model.classify(pooled)
         return torch.softmax(logits, dim=1), attention[0], logits

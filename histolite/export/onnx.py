@@ -30,7 +30,8 @@ from histolite.evaluate.inference import predict, predict_bag_pixels, predict_im
 from histolite.evaluate.report import build_report
 from histolite.export.graph import (
     CamServingGraph,
-    MilServingGraph,
+    MilHeadGraph,
+    MilInstanceGraph,
     ServingGraph,
     StainGraph,
     gradcam_head,
@@ -40,7 +41,13 @@ from histolite.models import count_parameters
 from histolite.models.loading import LoadedRun, load_run, require_classifier
 from histolite.models.mil import AttentionMIL
 from histolite.runspec import RunDir
-from histolite.runtime.card import CARD_FILE, CARD_FORMAT_VERSION, MODEL_FILE, STAIN_FILE
+from histolite.runtime.card import (
+    CARD_FILE,
+    CARD_FORMAT_VERSION,
+    MIL_HEAD_FILE,
+    MODEL_FILE,
+    STAIN_FILE,
+)
 from histolite.runtime.classifier import OnnxClassifier
 from histolite.runtime.preprocess import CropStain, bag_to_batch, image_to_batch
 from histolite.stain import ReinhardNormalizer
@@ -222,13 +229,28 @@ def _export_graph(run: LoadedRun, path: Path) -> dict[str, Any]:
     size = run.spec.image_size
     if isinstance(run.model, AttentionMIL):
         _export(
-            MilServingGraph(run.model),
+            MilInstanceGraph(run.model),
             torch.rand(3, 3, size, size),
             path,
             input_names=["patches"],
-            output_names=["probabilities", "attention", "logits"],
-            dynamic_axes={"patches": {0: "instances"}, "attention": {0: "instances"}},
-        )
+            output_names=["embeddings", "scores"],
+            dynamic_axes={"patches": {0: "instances"}, "embeddings": {0: "instances"},
+                          "scores": {0: "instances"}},
+        )  # fmt: skip
+        dim = run.model.embed_dim
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                MilHeadGraph(run.model).eval(),
+                (torch.rand(3, dim), torch.rand(3)),
+                str(path.with_name(MIL_HEAD_FILE)),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["embeddings", "scores"],
+                output_names=["probabilities", "attention", "logits"],
+                dynamic_axes={"embeddings": {0: "instances"}, "scores": {0: "instances"},
+                              "attention": {0: "instances"}},
+            )  # fmt: skip
         return {"method": "attention", "output": "attention"}
     model = require_classifier(run, "ONNX export")
     try:
@@ -308,6 +330,9 @@ def torch_crop_stain(stain: ReinhardNormalizer | None) -> CropStain | None:
     return normalise
 
 
+MAX_BAG_INSTANCES = 4096  # patches a served bag may have (its image: this many strides squared)
+
+
 def _model_card(
     run: LoadedRun,
     *,
@@ -330,6 +355,9 @@ def _model_card(
                 "patch_size": patch_size,
                 "patch_stride": stride,
                 "min_tissue": mil.patch.min_tissue if mil.patch else 0.0,
+                # bounds one request's work: more patches than this is a 413
+                "max_instances": MAX_BAG_INSTANCES,
+                "max_image_pixels": MAX_BAG_INSTANCES * stride * stride,
             },
             "output": {"name": "probabilities", "softmax": True, "attention": "attention"},
         }
@@ -541,6 +569,12 @@ def export_run(
             geometry=geometry,
         )
         card["explanation"] = explanation
+        if run.is_mil:
+            card["mil_head"] = {
+                "file": MIL_HEAD_FILE,
+                "sha256": file_sha256(staging / MIL_HEAD_FILE),
+                "order": "model.onnx on the bag's patches in chunks, then this on the whole bag",
+            }
         if stain is not None:
             card["stain_graph"] = {
                 "file": STAIN_FILE,

@@ -35,14 +35,24 @@ class AttentionPooling(nn.Module):
         self.U = nn.Linear(dim, attention_dim) if gated else None
         self.w = nn.Linear(attention_dim, 1)
 
-    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """``h`` (B, N, D), ``mask`` (B, N) bool -> pooled (B, D) and weights (B, N)."""
+    def scores(self, h: Tensor) -> Tensor:
+        """Each instance's attention score before the softmax: (..., N, D) -> (..., N).
+
+        Per instance, so a served bag can be scored in chunks and pooled afterwards."""
         a = torch.tanh(self.V(h))
         if self.U is not None:
             a = a * torch.sigmoid(self.U(h))
-        scores = self.w(a).squeeze(-1).masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(scores, dim=1)
+        return self.w(a).squeeze(-1)
+
+    @staticmethod
+    def pool(h: Tensor, scores: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Softmax over each bag's scores, then the weighted mean of its instances."""
+        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
         return torch.bmm(weights.unsqueeze(1), h).squeeze(1), weights
+
+    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``h`` (B, N, D), ``mask`` (B, N) bool -> pooled (B, D) and weights (B, N)."""
+        return self.pool(h, self.scores(h), mask)
 
 
 class AttentionMIL(nn.Module):
@@ -66,6 +76,7 @@ class AttentionMIL(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.feature_dim = feature_dim
+        self.embed_dim = embed_dim
         self.embed = nn.Sequential(
             nn.Linear(feature_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout)
         )

@@ -13,9 +13,11 @@ from histolite.fileio import file_sha256
 
 MODEL_FILE = "model.onnx"
 STAIN_FILE = "stain.onnx"
+MIL_HEAD_FILE = "mil_head.onnx"  # bag models: pooling + classifier over the whole bag
 CARD_FILE = "model.json"
+# 3: bag models are two graphs, patches -> (embeddings, scores) in chunks, then mil_head.onnx
 # 2: Reinhard lives in stain.onnx, applied before the resize (1: inside model.onnx, or none)
-CARD_FORMAT_VERSION = 2
+CARD_FORMAT_VERSION = 3
 
 
 def load_card(model_dir: str | Path) -> dict[str, Any]:
@@ -48,6 +50,8 @@ def verify_graphs(model_dir: Path, card: dict[str, Any], *, hashes: bool = True)
     graphs = [(MODEL_FILE, card.get("sha256"))]
     if card.get("stain_graph") is not None:  # a fixed name: the card names no paths
         graphs.append((STAIN_FILE, card["stain_graph"].get("sha256")))
+    if card.get("mil_head") is not None:
+        graphs.append((MIL_HEAD_FILE, card["mil_head"].get("sha256")))
     for name, expected in graphs:
         path = model_dir / name
         if not path.is_file():

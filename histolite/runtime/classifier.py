@@ -18,18 +18,22 @@ from typing import Any
 
 import numpy as np
 
-from histolite.data.patches import grid_positions
+from histolite.data.images import ImageTooLarge
+from histolite.data.patches import bag_positions, grid_positions
 from histolite.errors import HistoliteError
 from histolite.runtime.cam import CamCanvas, CamGrid
 from histolite.runtime.card import (
+    MIL_HEAD_FILE,
     MODEL_FILE,
     STAIN_FILE,
     load_card,
     require_current_calibration,
     verify_graphs,
 )
-from histolite.runtime.preprocess import bag_to_batch, crops_to_batch, grid_crops
+from histolite.runtime.preprocess import crops_to_batch, grid_crops
 from histolite.uncertainty import UncertaintyPolicy, score
+
+DEFAULT_MAX_INSTANCES = 4096  # patches per bag when a card sets no bound (exports before 3)
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,12 @@ class OnnxClassifier:
             if stain_graph is not None
             else None
         )
+        # bag models since card format 3: patches in chunks through model.onnx, then this
+        self.mil_head = (
+            _open_session(self.model_dir / MIL_HEAD_FILE, options, providers)
+            if self.card.get("mil_head") is not None
+            else None
+        )
         self.device = "cuda" if use_cuda else "cpu"
         self.input_name = self.session.get_inputs()[0].name
         outputs = [o.name for o in self.session.get_outputs()]
@@ -161,12 +171,22 @@ class OnnxClassifier:
         self.patch_size = int(self.card["patch_size"])
         self.stride = int(self.card["patch_stride"])
         self.is_bag_model = self.card.get("kind") == "mil"
-        self.min_tissue = float((self.card.get("mil") or {}).get("min_tissue", 0.0))
+        mil = self.card.get("mil") or {}
+        self.min_tissue = float(mil.get("min_tissue", 0.0))
+        # a bag's work per request: older cards set no bound, so the default one applies
+        self.max_instances = int(mil.get("max_instances", DEFAULT_MAX_INSTANCES))
+        self.max_image_pixels = int(
+            mil.get("max_image_pixels", self.max_instances * self.stride * self.stride)
+        )
         self.max_batch = max_batch
         self._ready = threading.Event()
         self.warm_up()
 
     def warm_up(self) -> None:
+        if self.is_bag_model:
+            self.predict(np.full((self.patch_size, self.patch_size, 3), 200, dtype=np.uint8))
+            self._ready.set()
+            return
         dummy = np.full((1, 3, self.input_size, self.input_size), 0.8, dtype=np.float32)
         if self.stain is not None:
             self.stain([np.full((self.patch_size, self.patch_size, 3), 200, dtype=np.uint8)])
@@ -206,21 +226,53 @@ class OnnxClassifier:
         value = float(np.mean(ood_values)) if len(ood_values) else float("nan")
         return self.policy.assess(probabilities, None if np.isnan(value) else value)
 
-    def predict_bag(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """A bag model on one bag (N, 3, S, S): class probabilities (C,), attention (N,) and,
-        when the policy needs them, the bag's logits (C,)."""
-        names = ["probabilities", "attention", *(["logits"] if self._logits else [])]
-        outputs = self.session.run(names, {self.input_name: batch})
-        logits = outputs[2][0].astype(np.float64) if self._logits else None
+    def _bag_outputs(
+        self, pixels: np.ndarray, positions: list[tuple[int, int]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(probabilities (C,), attention (N,), logits (C,) or None) of one bag.
+
+        Card format 3: the patches go through ``model.onnx`` ``max_batch`` at a time and only
+        their embeddings and scores are kept, so memory stays that of one chunk whatever the
+        image; ``mil_head.onnx`` then pools the whole bag. Older exports are one graph.
+        """
+        size = self.patch_size
+        crops = [pixels[y : y + size, x : x + size] for y, x in positions]
+        if self.mil_head is None:  # an older single-graph export: the whole bag at once
+            names = ["probabilities", "attention", *(["logits"] if self._logits else [])]
+            outputs = self.session.run(names, {self.input_name: self.to_batch(crops)})
+        else:
+            embeddings, scores = [], []
+            for start in range(0, len(crops), self.max_batch):
+                batch = self.to_batch(crops[start : start + self.max_batch])
+                h, s = self.session.run(["embeddings", "scores"], {self.input_name: batch})
+                embeddings.append(h)
+                scores.append(s)
+            feed = {"embeddings": np.concatenate(embeddings), "scores": np.concatenate(scores)}
+            outputs = self.mil_head.run(["probabilities", "attention", "logits"], feed)
+        logits = outputs[2][0].astype(np.float64) if len(outputs) > 2 else None
         return outputs[0][0].astype(np.float64), outputs[1].astype(np.float64), logits
+
+    def _require_bag_size(self, pixels: np.ndarray, count: int | None = None) -> None:
+        """A bag's work is bounded per model: its card's pixels per image and patches per bag."""
+        height, width = pixels.shape[:2]
+        if height * width > self.max_image_pixels:
+            raise ImageTooLarge(
+                f"image of {width} x {height} pixels: this bag model takes at most "
+                f"{self.max_image_pixels} pixels ({self.max_instances} patches of its grid)"
+            )
+        if count is not None and count > self.max_instances:
+            raise ImageTooLarge(
+                f"the image makes a bag of {count} patches: this model takes at most "
+                f"{self.max_instances}"
+            )
 
     def predict(self, pixels: np.ndarray) -> Prediction:
         """Probabilities for one HxWx3 uint8 image (a bag of its patches for bag models)."""
         if self.is_bag_model:
-            batch, positions = bag_to_batch(
-                pixels, self.input_size, self.patch_size, self.stride, self.min_tissue, self.stain
-            )
-            probabilities, attention, logits = self.predict_bag(batch)
+            self._require_bag_size(pixels)
+            positions = bag_positions(pixels, self.patch_size, self.stride, self.min_tissue)
+            self._require_bag_size(pixels, len(positions))
+            probabilities, attention, logits = self._bag_outputs(pixels, positions)
             ood = self._ood_values(probabilities[None], None if logits is None else logits[None])
             return Prediction(
                 probabilities=probabilities,

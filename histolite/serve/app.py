@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from histolite.serve.middleware import (
+    AuditRejections,
     BodyLimit,
     ClientError,
     RequestMetrics,
@@ -68,6 +69,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
             open_paths += ("/v1/models", "/v1/model", "/metrics", "/docs", "/openapi.json")
         app.add_middleware(RequireKey, key=settings.api_key, open_paths=open_paths)
     app.add_middleware(SecurityHeaders)
+    # outside the limit and the routes: audits their 413s, unknown-model 404s and 500s
+    app.add_middleware(AuditRejections, write=service.audit_request)
     # outermost: sees every response, the BodyLimit 413s included
     app.add_middleware(RequestMetrics, metrics=service.metrics)
 

@@ -48,10 +48,23 @@ def system_resolver(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+SITE_LOCAL = ipaddress.ip_network("fec0::/10")  # deprecated (RFC 3879) but still routed locally
+
+
 def is_public_address(address: str) -> bool:
+    """Whether an address is a public unicast one, seen through every IPv6 form that embeds an
+    IPv4 address: mapped (``::ffff:a.b.c.d``), 6to4 (``2002:AABB:CCDD::``) and Teredo (whose
+    server and client addresses both must be public), so ``2002:a9fe:a9fe::1`` is the metadata
+    address 169.254.169.254 it encodes; site-local ``fec0::/10`` counts as private."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in SITE_LOCAL:
+            return False
+        embedded = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+        if any(v4 is not None and not is_public_address(str(v4)) for v4 in embedded):
+            return False
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_link_local)
 
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import defaultdict
+from collections.abc import Callable
+
+# (name, help, labels, value): a gauge read when /metrics is rendered
+Gauge = tuple[str, str, tuple[tuple[str, str], ...], float]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Label values a client controls are bounded: any other method is "OTHER", any path without a
@@ -33,6 +37,11 @@ class Metrics:
         self.images: dict[tuple[tuple[str, str], ...], int] = defaultdict(int)
         self.latency_counts: dict[str, list[int]] = {}
         self.latency_sum: dict[str, float] = defaultdict(float)
+        self._gauges: list[Callable[[], list[Gauge]]] = []
+
+    def add_gauges(self, source: Callable[[], list[Gauge]]) -> None:
+        """A function whose gauges every rendering reads (slide job counts, disk use)."""
+        self._gauges.append(source)
 
     def observe_request(self, method: str, path: str, status: int, seconds: float) -> None:
         method = method if method in KNOWN_METHODS else "OTHER"
@@ -96,4 +105,11 @@ class Metrics:
                 lines.append(
                     f'histolite_request_duration_seconds_count{{path="{path}"}} {cumulative}'
                 )
+        described: set[str] = set()
+        for source in self._gauges:
+            for name, text, labels, value in source():
+                if name not in described:
+                    described.add(name)
+                    lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
+                lines.append(f"{name}{_labels(labels)} {value:g}")
         return "\n".join(lines) + "\n"

@@ -5,13 +5,18 @@ Both are pure ASGI (no ``BaseHTTPMiddleware``), so they add microseconds, not a 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import time
+from collections.abc import Callable
 
+import anyio.to_thread
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from histolite.data.images import ImageTooLarge, UnsupportedImage
+from histolite.serve.audit import Entry
 from histolite.serve.metrics import Metrics
 
 
@@ -22,11 +27,14 @@ class ClientError(Exception):
 
 
 class BodyLimit:
-    """ASGI middleware: 413 when a request body exceeds the limit (declared or streamed)."""
+    """ASGI middleware: 413 when a request body exceeds the limit (declared or streamed), 408
+    when a body stalls for ``read_timeout`` seconds between chunks (a slow client would hold a
+    worker's request open forever)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, read_timeout: float = 30.0) -> None:
         self.app = app
         self.limit = limit
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -37,13 +45,21 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await _too_large(self.limit)(scope, receive, send)
             return
-        received = 0
+        received, complete = 0, False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # after the body: only the disconnect, which may take any time
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout)
+            except (TimeoutError, asyncio.TimeoutError):
+                raise ClientError(
+                    408, f"the request body stalled for more than {self.read_timeout:g} s"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.limit:
                     raise ClientError(413, f"request body exceeds {self.limit} bytes")
             return message
@@ -173,3 +189,54 @@ class RequireKey:
             {"detail": "missing or wrong API key (X-API-Key header)"}, status_code=401
         )
         await response(scope, receive, send)
+
+
+AUDITED = "histolite.audited"  # set in the ASGI scope by code that wrote its own audit row
+
+
+class AuditRejections:
+    """Audit what the routes cannot: bodies refused by :class:`BodyLimit` (413), requests for a
+    model that does not exist (404 on a ``/v1/models/...`` route) and unexpected errors (500).
+
+    A response whose handler already wrote an audit row (the prediction path marks the scope
+    with ``AUDITED``) is not audited twice; 404s on paths with no route are not audited at all
+    (random scanning would only grow the log).
+    """
+
+    def __init__(self, app: ASGIApp, write: Callable[[Entry], None]) -> None:
+        self.app = app
+        self.write = write
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        except Exception:
+            await self._audit(scope, 500, "unexpected server error")
+            raise
+        route = getattr(scope.get("route"), "path", "")
+        if scope.get(AUDITED):
+            return
+        if status == 413 or status >= 500 or (status == 404 and route.startswith("/v1/models/")):
+            await self._audit(scope, status, f"{scope['method']} {route or 'unmatched'}")
+
+    async def _audit(self, scope: Scope, status: int, detail: str) -> None:
+        client = scope.get("client")
+        entry = Entry(
+            kind="request",
+            outcome=f"rejected {status}" if status < 500 else f"error {status}",
+            client=client[0] if client else None,
+            detail=detail[:200],
+        )
+        with contextlib.suppress(Exception):  # the client has its answer; /readyz shows the log
+            await anyio.to_thread.run_sync(self.write, entry)

@@ -26,6 +26,13 @@ from histolite.runtime.classifier import OnnxClassifier
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+def shown(text: object, limit: int = 64) -> str:
+    """``repr`` of a client's value, cut to ``limit`` characters: errors never echo unbounded
+    input (a 70 KB model name came back whole in a 404)."""
+    value = repr(text)
+    return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"
+
+
 def is_safe_name(text: str) -> bool:
     """Letters, digits, dot, dash, underscore; no path separators, no leading dot."""
     return bool(SAFE_NAME.match(text)) and ".." not in text
@@ -79,12 +86,14 @@ class Repository:
                 raise KeyError("no models are loaded")
             name = self.names()[0]
         if name not in self.models:
-            raise KeyError(f"unknown model {name!r}; models: {', '.join(self.names()) or 'none'}")
+            raise KeyError(
+                f"unknown model {shown(name)}; models: {', '.join(self.names()) or 'none'}"
+            )
         versions = self.models[name]
         chosen = version if version is not None else self.default_version(name)
         if chosen not in versions:
             known = ", ".join(sorted(versions, key=version_key))
-            raise KeyError(f"model {name!r} has no version {chosen!r}; versions: {known}")
+            raise KeyError(f"model {name!r} has no version {shown(chosen)}; versions: {known}")
         return versions[chosen]
 
     def describe(self) -> list[dict[str, Any]]:

@@ -25,10 +25,10 @@ from starlette.concurrency import run_in_threadpool
 from histolite.data.images import decode_rgb
 from histolite.errors import DataError
 from histolite.runtime.cam import CamGrid
-from histolite.serve.audit import AuditLog, AuditUnavailable, Entry
+from histolite.serve.audit import AuditLog, AuditUnavailable, Entry, load_audit_key
 from histolite.serve.fetch import UrlFetcher, UrlFetchError
 from histolite.serve.metrics import Metrics
-from histolite.serve.middleware import ClientError, client_status
+from histolite.serve.middleware import AUDITED, ClientError, client_status
 from histolite.serve.repository import ModelEntry, Repository, load_repository
 from histolite.serve.settings import ServeSettings
 from histolite.serve.slide_jobs import SlideJobs, SlideJobSettings
@@ -42,8 +42,9 @@ class PredictionService:
         self._slots: anyio.CapacityLimiter | None = None
         self.repository: Repository = load_repository(settings.model_dir, settings.threads)
         cards = json.dumps(self.repository.describe(), sort_keys=True, default=str)
+        key = load_audit_key(settings.audit_key_file) if settings.audit_key_file else None
         self.audit = (
-            AuditLog(settings.audit_db, genesis=hashlib.sha256(cards.encode()).hexdigest())
+            AuditLog(settings.audit_db, genesis=hashlib.sha256(cards.encode()).hexdigest(), key=key)
             if settings.audit_db
             else None
         )
@@ -63,12 +64,22 @@ class PredictionService:
                 SlideJobSettings(
                     settings.slide_root,
                     jobs_dir,
-                    settings.slide_jobs_running,
-                    settings.slide_jobs_queued,
+                    max_running=settings.slide_jobs_running,
+                    max_queued=settings.slide_jobs_queued,
+                    max_seconds=settings.slide_job_max_seconds,
+                    max_tiles=settings.slide_job_max_tiles,
+                    disk_quota_bytes=settings.slide_jobs_disk_quota_mb * 1024**2,
+                    retention_hours=settings.slide_jobs_retention_hours,
                 ),
                 self.repository,
                 self.audit,
             )
+            self.metrics.add_gauges(self.jobs.gauges)
+
+    def audit_request(self, entry: Entry) -> None:
+        """One audit row for a request the routes could not audit (see AuditRejections)."""
+        if self.audit is not None:
+            self.audit.write([entry])
 
     def model(self, name: str | None = None, version: str | None = None) -> ModelEntry:
         try:
@@ -120,15 +131,14 @@ class PredictionService:
                 raise ClientError(422, "no files in the upload; send images in the 'files' field")
             return [(await u.read(), getattr(u, "filename", None)) for u in uploads]
         if content_type.startswith("application/json"):
-            try:
-                body = await request.json()
-            except ClientError:
-                raise
-            except Exception as exc:
-                raise ClientError(422, f"request body is not valid JSON ({exc})") from exc
+            body = await read_json_body(request)
             url = body.get("url") if isinstance(body, dict) else None
-            if not isinstance(url, str) or not url:
-                raise ClientError(422, 'JSON body must be {"url": "http(s)://..."}')
+            if not isinstance(url, str) or not url or len(url) > MAX_URL_LENGTH:
+                raise ClientError(
+                    422,
+                    f'JSON body must be {{"url": "http(s)://..."}} (at most {MAX_URL_LENGTH} '
+                    "characters)",
+                )
             try:
                 data = await self.fetcher.fetch(url)
             except UrlFetchError as exc:
@@ -145,7 +155,10 @@ class PredictionService:
         except DataError as exc:
             raise ClientError(client_status(exc), str(exc)) from exc
         classes = entry.model.classes
-        prediction = entry.model.predict(pixels)
+        try:
+            prediction = entry.model.predict(pixels)
+        except DataError as exc:  # a bag model's bound on patches per image
+            raise ClientError(client_status(exc), str(exc)) from exc
         probs = {
             c: round(float(p), 6) for c, p in zip(classes, prediction.probabilities, strict=True)
         }
@@ -211,6 +224,7 @@ class PredictionService:
             ]
         except ClientError as exc:
             await run_in_threadpool(self._audit_rejected, request_id, client, entry, exc)
+            request.scope[AUDITED] = True
             raise
         if self.audit is not None:
             entries = [
@@ -232,6 +246,7 @@ class PredictionService:
                 await run_in_threadpool(self.audit.write, entries)
             except AuditUnavailable as exc:
                 raise ClientError(503, f"{exc}; the prediction was not returned") from exc
+            request.scope[AUDITED] = True
         for result in results:
             self.metrics.observe_prediction(result["class"])
         # plain JSON types already: skip FastAPI's jsonable_encoder pass over the patch grid
@@ -264,6 +279,28 @@ class PredictionService:
                     )
                 ]
             )
+
+
+MAX_JSON_BYTES = 16 * 1024  # a URL or a slide name: a few hundred bytes do, 16 KB is generous
+MAX_URL_LENGTH = 2048
+
+
+async def read_json_body(request: Request, limit: int = MAX_JSON_BYTES) -> Any:
+    """A small JSON body, refused past ``limit`` bytes before any parsing, parsed off the event
+    loop: six 25 MB bodies of nested empty objects once stalled /healthz for 12 s and took the
+    server to 3.9 GB while being parsed, only to be answered 422."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ClientError(413, f"JSON bodies are at most {limit} bytes on this endpoint")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ClientError(413, f"JSON bodies are at most {limit} bytes on this endpoint")
+    try:
+        return await anyio.to_thread.run_sync(json.loads, bytes(body))
+    except ValueError as exc:  # JSONDecodeError, bad UTF-8
+        raise ClientError(422, f"request body is not valid JSON ({str(exc)[:120]})") from exc
 
 
 async def service(request: Request) -> PredictionService:

@@ -31,6 +31,12 @@ class ServeSettings(BaseSettings):
     audit_db: Path | None = Field(
         default=Path("histolite_audit.sqlite"), description="SQLite audit log ('' turns it off)"
     )
+    audit_key_file: Path | None = Field(
+        default=None,
+        description="secret key file (32+ bytes, not world-readable) keying the audit log's "
+        "chain (hmac-sha256), so only its holders can extend or rebuild it; never stored in the "
+        "log, and a log keyed once needs its key",
+    )
     max_request_bytes: int = Field(
         default=25 * 1024 * 1024, ge=1024, description="largest request body, else 413"
     )
@@ -54,6 +60,18 @@ class ServeSettings(BaseSettings):
     slide_jobs_queued: int = Field(
         default=8, ge=1, description="slide jobs queued or running, else 429"
     )
+    slide_job_max_seconds: float = Field(
+        default=3600.0, gt=0, description="a slide job's wall time budget, else it fails"
+    )
+    slide_job_max_tiles: int = Field(
+        default=250_000, ge=1, description="tissue tiles one slide job may classify, else it fails"
+    )
+    slide_jobs_disk_quota_mb: int = Field(
+        default=10_240, ge=1, description="disk for slide job results, else new jobs get 507"
+    )
+    slide_jobs_retention_hours: float = Field(
+        default=168.0, ge=0, description="finished slide jobs are deleted after this (0: kept)"
+    )
     docs: bool = Field(
         default=False, description="Swagger UI at /docs (it loads its script from a CDN)"
     )
@@ -68,7 +86,9 @@ class ServeSettings(BaseSettings):
         "is about 75 MB + this x 8 bytes x max_pixels (benchmarks/decode_memory.py)",
     )
 
-    @field_validator("audit_db", "slide_root", "jobs_dir", "api_key", "threads", mode="before")
+    @field_validator(
+        "audit_db", "audit_key_file", "slide_root", "jobs_dir", "api_key", "threads", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value

@@ -12,8 +12,11 @@ import contextlib
 import datetime as _dt
 import logging
 import re
+import shutil
 import threading
+import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +25,16 @@ from typing import Any
 from histolite.errors import HistoliteError
 from histolite.fileio import read_json, write_json
 from histolite.serve.audit import AuditUnavailable
-from histolite.serve.repository import Repository
+from histolite.serve.metrics import Gauge
+from histolite.serve.repository import Repository, shown
 from histolite.slide.inference import SlideSettings, classify_slide
 from histolite.slide.layout import BatchOutputs
 from histolite.slide.reader import SLIDE_SUFFIXES
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+MAX_SLIDE_NAME = 1024  # bytes of a slide's relative path
+MAX_SLIDE_DEPTH = 16
+UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\\]")  # control characters, backslashes
 PENDING = ("queued", "running")
 JOB_KEYS = ("id", "slide", "model", "version", "status", "created")
 LOG = logging.getLogger(__name__)
@@ -43,10 +50,21 @@ class JobError(Exception):
 
 @dataclass(frozen=True)
 class SlideJobSettings:
+    """Where slides and results live, and what one job, and all of them, may cost."""
+
     slide_root: Path
     jobs_dir: Path
     max_running: int = 1
     max_queued: int = 8
+    max_seconds: float = 3600.0  # a job's wall time, overview read included
+    max_tiles: int = 250_000  # tissue tiles of one slide
+    disk_quota_bytes: int = 10 * 1024**3  # results of every job together
+    retention_hours: float = 168.0  # finished jobs' results are deleted after this; 0: kept
+    max_attempts: int = 2  # a job whose worker was killed this often is failed, not re-queued
+
+
+class JobBudgetExceeded(HistoliteError):
+    """A job went over its time or tile budget (it fails, and is not run again)."""
 
 
 def _now() -> str:
@@ -100,11 +118,25 @@ class SlideJobs:
                 LOG.warning("skipped slide job %s: %s", folder, self.broken[folder])
                 continue
             self._jobs[job["id"]] = job
+        self.expired = 0  # finished jobs whose results retention deleted
+        self.expire()
         for job in sorted(self._jobs.values(), key=lambda j: j["created"]):
-            if job["status"] in PENDING:  # interrupted by a restart: run it again
-                job["status"], job["restarted"] = "queued", job.get("restarted", 0) + 1
+            if job["status"] not in PENDING:
+                continue
+            attempts = int(job.get("attempts", 0))
+            if job["status"] == "running" and attempts >= settings.max_attempts:
+                # it was running when the service stopped, every time: a poison job
+                job.update(
+                    status="failed",
+                    finished=_now(),
+                    error=f"stopped its worker {attempts} times (killed, or the service "
+                    "crashed); not run again",
+                )
                 self._save(job)
-                self._pool.submit(self._run, job["id"])
+                continue
+            job["status"], job["restarted"] = "queued", job.get("restarted", 0) + 1
+            self._save(job)
+            self._pool.submit(self._run, job["id"])
 
     def _save(self, job: dict[str, Any]) -> None:
         write_json(self.settings.jobs_dir / job["id"] / "job.json", job)
@@ -120,17 +152,36 @@ class SlideJobs:
         return text
 
     def _slide_path(self, slide: str) -> Path:
-        if not isinstance(slide, str) or not slide or "\x00" in slide:
+        """The slide a client names, checked by length and characters *before* any file-system
+        call: a 600 KB name of ``a/a/a/...`` spent 18 s in ``Path.resolve``."""
+        if not isinstance(slide, str) or not slide:
             raise JobError(422, 'name a slide: {"slide": "relative/path.svs", "model": ...}')
-        path = (self.root / slide).resolve()
-        if not path.is_relative_to(self.root) or Path(slide).is_absolute():
+        if len(slide.encode("utf-8", "surrogatepass")) > MAX_SLIDE_NAME:
+            raise JobError(422, f"slide name longer than {MAX_SLIDE_NAME} bytes")
+        parts = slide.split("/")
+        if slide.startswith("/") or ".." in parts:
             raise JobError(403, "slides must be named relative to the slide root")
-        if path.suffix.lower() not in SLIDE_SUFFIXES:
+        if (
+            len(parts) > MAX_SLIDE_DEPTH
+            or UNPRINTABLE.search(slide)
+            or any(not part or len(part.encode("utf-8", "surrogatepass")) > 255 for part in parts)
+        ):
             raise JobError(
-                422, f"{slide!r} is not a slide file ({', '.join(sorted(SLIDE_SUFFIXES))})"
+                422,
+                f"slide name {shown(slide)}: '/'-separated parts of 1 to 255 bytes, no control "
+                f"characters or backslashes, at most {MAX_SLIDE_DEPTH} parts",
             )
+        if Path(slide).is_absolute() or ".." in parts:
+            raise JobError(403, "slides must be named relative to the slide root")
+        if Path(slide).suffix.lower() not in SLIDE_SUFFIXES:
+            raise JobError(
+                422, f"{shown(slide)} is not a slide file ({', '.join(sorted(SLIDE_SUFFIXES))})"
+            )
+        path = (self.root / slide).resolve()
+        if not path.is_relative_to(self.root):  # a symlink out of the root
+            raise JobError(403, "slides must be named relative to the slide root")
         if not path.is_file():
-            raise JobError(404, f"no slide {slide!r} under the slide root")
+            raise JobError(404, f"no slide {shown(slide)} under the slide root")
         return path
 
     def submit(
@@ -147,6 +198,15 @@ class SlideJobs:
                 f"model {entry.name!r} v{entry.version} is an attention-MIL bag model: it "
                 "classifies images, not slide tiles; slides go through `histolite slide "
                 "features` and `histolite slide predict`. Choose a tile classifier.",
+            )
+        self.expire()
+        used = self.disk_bytes()
+        if used >= self.settings.disk_quota_bytes:
+            raise JobError(
+                507,
+                f"slide job results use {used / 1e6:.0f} MB of their "
+                f"{self.settings.disk_quota_bytes / 1e6:.0f} MB quota; try again once older "
+                "results expire",
             )
         with self._lock:
             pending = sum(job["status"] in PENDING for job in self._jobs.values())
@@ -214,15 +274,33 @@ class SlideJobs:
             self._audit(job, "failed", reason)
 
     def _work(self, job_id: str) -> None:
-        job = self._update(job_id, status="running", started=_now())
+        attempts = int(self.get(job_id).get("attempts", 0)) + 1
+        job = self._update(job_id, status="running", started=_now(), attempts=attempts)
         entry = self.repository.get(job["model"], job["version"])
+        deadline = time.monotonic() + self.settings.max_seconds
+
+        def check() -> None:
+            if time.monotonic() > deadline:
+                raise JobBudgetExceeded(
+                    f"the job ran past its {self.settings.max_seconds:g} s budget"
+                )
+
+        def progress(done: int, total: int) -> None:
+            if total > self.settings.max_tiles:
+                raise JobBudgetExceeded(
+                    f"the slide has {total} tissue tiles, more than the {self.settings.max_tiles} "
+                    "a job may classify"
+                )
+            self._progress(job_id, done, total)
+
         summary = classify_slide(
             self.root / job["slide"],
             entry.model,
             self.settings.jobs_dir / job_id,
             SlideSettings(),
             progress=False,
-            on_progress=lambda done, total: self._progress(job_id, done, total),
+            on_progress=progress,
+            check=check,
             # the slide as the client named it, not its path on this server; the served name
             # and version (a repository's folders), not the card's own labels
             rename={"slide": job["slide"], "model": entry.name, "model_version": entry.version},
@@ -257,8 +335,68 @@ class SlideJobs:
             raise JobError(409, f"the job is {job['status']}; outputs exist once it is done")
         files = BatchOutputs(self.settings.jobs_dir / job_id).slide(job["slide"]).served_files()
         if name not in files:
-            raise JobError(404, f"no output {name!r}; outputs: {', '.join(files)}")
+            raise JobError(404, f"no output {shown(name)}; outputs: {', '.join(files)}")
         return files[name]
+
+    def disk_bytes(self) -> int:
+        """Bytes the jobs' folders hold (state and results)."""
+        return sum(f.stat().st_size for f in self.settings.jobs_dir.rglob("*") if f.is_file())
+
+    def expire(self) -> int:
+        """Delete finished jobs older than the retention period (state and results); returns
+        how many. Pending jobs are never touched."""
+        hours = self.settings.retention_hours
+        if hours <= 0:
+            return 0
+        cutoff = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(hours=hours)
+        with self._lock:
+            old = [
+                job_id
+                for job_id, job in self._jobs.items()
+                if job["status"] not in PENDING
+                and _dt.datetime.fromisoformat(job.get("finished") or job["created"]) < cutoff
+            ]
+            for job_id in old:
+                del self._jobs[job_id]
+        for job_id in old:
+            shutil.rmtree(self.settings.jobs_dir / job_id, ignore_errors=True)
+        self.expired += len(old)
+        return len(old)
+
+    def gauges(self) -> list[Gauge]:
+        """Job counts by status, disk use against the quota, results expired (for /metrics)."""
+        with self._lock:
+            counts = Counter(job["status"] for job in self._jobs.values())
+        return [
+            *(
+                ("histolite_slide_jobs", "Slide jobs by status.", (("status", s),), float(n))
+                for s, n in sorted(counts.items())
+            ),
+            (
+                "histolite_slide_jobs_disk_bytes",
+                "Bytes of slide job state and results.",
+                (),
+                float(self.disk_bytes()),
+            ),
+            (
+                "histolite_slide_jobs_disk_quota_bytes",
+                "Quota of slide job results.",
+                (),
+                float(self.settings.disk_quota_bytes),
+            ),
+            (
+                "histolite_slide_jobs_retention_hours",
+                "Finished jobs are deleted after this.",
+                (),
+                self.settings.retention_hours,
+            ),
+            (
+                "histolite_slide_jobs_expired",
+                "Finished jobs deleted by retention since start.",
+                (),
+                float(self.expired),
+            ),
+        ]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -142,10 +142,14 @@ def classify_slide(
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
     rename: Mapping[str, str] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Classify one slide's tissue tiles into ``OUT/<stem>/``; returns its summary.
 
-    ``on_progress(done, total)`` is called after every batch of tiles (job status pages).
+    ``on_progress(done, total)`` is called after every batch of tiles (job status pages), and
+    first with ``(0, total)`` once the tissue tiles are known: it may raise to refuse the
+    slide (a job's tile budget). ``check()`` is called throughout the overview read and before
+    every batch: it may raise to stop the work (a job's time budget).
     ``rename`` replaces the summary's ``slide``, ``model`` and ``model_version`` with the names
     the caller's users know (the service's relative slide path and repository names).
     """
@@ -164,7 +168,10 @@ def classify_slide(
             overlap=settings.overlap,
             min_tissue=settings.min_tissue,
             shard=settings.shard,
+            check=check,
         )
+        if on_progress is not None:
+            on_progress(0, len(plan.tiles))
         outputs.root.mkdir(parents=True, exist_ok=True)
         write_mask(outputs.mask, plan.mask)
         masked = time.perf_counter()
@@ -174,6 +181,8 @@ def classify_slide(
                 bar.update(count)
                 if on_progress is not None:
                     on_progress(bar.n, len(plan.tiles))
+                if check is not None:
+                    check()
 
             rows = _classify_tiles(
                 slide, model, plan.tiles, read_px, outputs, settings.batch_size, advance

@@ -11,6 +11,7 @@ because tiles at an unknown magnification are tiles at the wrong magnification.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -81,13 +82,16 @@ def read_region(slide: Slide, x: int, y: int, size: int, out: int) -> np.ndarray
 THUMBNAIL_BLOCK = 1024  # level pixels per side of one read: bounds a thumbnail's memory
 
 
-def thumbnail(slide: Slide, max_side: int) -> tuple[np.ndarray, float]:
+def thumbnail(
+    slide: Slide, max_side: int, check: Callable[[], None] | None = None
+) -> tuple[np.ndarray, float]:
     """The whole slide at most ``max_side`` pixels on its longer side, and its downsample.
 
     The level is read in blocks of about ``THUMBNAIL_BLOCK`` pixels a side, each box-filtered
     to its share of the thumbnail, because a single-level slide would otherwise be decoded
     whole (gigabytes). Each block is cut at the exact (fractional) source box of its output
-    pixels, so the result equals one resize of the whole level.
+    pixels, so the result equals one resize of the whole level. ``check`` is called before
+    every block: it may raise to stop the read (a job over its time budget).
     """
     info = slide.info
     scale = max(info.width, info.height) / max_side
@@ -107,6 +111,8 @@ def thumbnail(slide: Slide, max_side: int) -> tuple[np.ndarray, float]:
             ox1 = min(ox + step_x, out_w)
             sx0, sx1 = ox * fx, ox1 * fx
             rx0, rx1 = int(sx0), min(width, int(np.ceil(sx1)))
+            if check is not None:
+                check()
             block = slide.read_level(level, rx0, ry0, rx1 - rx0, ry1 - ry0)
             if block.shape[:2] != (oy1 - oy, ox1 - ox):
                 box = (sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0)

@@ -12,13 +12,14 @@ slide features, tile datasets and stain fitting all start from it, so they agree
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from histolite.errors import DataError
-from histolite.slide.reader import Slide, SlideInfo, thumbnail
+from histolite.slide.reader import Slide, SlideError, SlideInfo, thumbnail
 from histolite.slide.tissue import box_fractions, tissue_mask
 
 MASK_MPP = 8.0  # microns per mask pixel: 1.25x for a 20x scan, as TIAToolbox masks
@@ -170,11 +171,34 @@ def shrink(view: np.ndarray, scale: float, side: int) -> tuple[np.ndarray, float
     return shrunk, scale * view.shape[1] / size[0]
 
 
-def read_overview(slide: Slide, side: int = OVERVIEW_SIDE) -> tuple[np.ndarray, float]:
+MAX_OVERVIEW_READ = 4_000_000_000  # pixels of the level an overview decodes (a 63k x 63k level)
+
+
+def read_overview(
+    slide: Slide,
+    side: int = OVERVIEW_SIDE,
+    *,
+    check: Callable[[], None] | None = None,
+    max_read_pixels: int = MAX_OVERVIEW_READ,
+) -> tuple[np.ndarray, float]:
     """The whole slide at most ``side`` pixels on its longer side (never upsampled), and its
-    downsample (level-0 pixels per overview pixel)."""
+    downsample (level-0 pixels per overview pixel).
+
+    The overview is read from the coarsest level fine enough; a slide without a small enough
+    level would be decoded whole. Over ``max_read_pixels`` that is refused: a 307 KB file
+    declaring one 100,000 x 100,000 level once held a service's only slide worker for good.
+    """
     info = slide.info
-    return thumbnail(slide, min(side, max(info.width, info.height)))
+    target = min(side, max(info.width, info.height))
+    level = info.level_for(max(max(info.width, info.height) / target, 1.0))
+    width, height = info.level_dimensions[level]
+    if width * height > max_read_pixels:
+        raise SlideError(
+            f"{info.path}: its smallest usable level is {width} x {height} pixels "
+            f"({width * height / 1e9:.1f} Gpx, more than {max_read_pixels / 1e9:.1f} Gpx to "
+            "decode for an overview); give the slide a pyramid (e.g. vips tiffsave --pyramid)"
+        )
+    return thumbnail(slide, target, check)
 
 
 def plan_tissue_tiles(
@@ -185,6 +209,7 @@ def plan_tissue_tiles(
     min_tissue: float = 0.5,
     shard: tuple[int, int] = (0, 1),
     overview_side: int = OVERVIEW_SIDE,
+    check: Callable[[], None] | None = None,
 ) -> TissueTiles:
     """Read one overview, mask tissue at about ``MASK_MPP``, and keep the grid's tissue tiles.
 
@@ -194,7 +219,7 @@ def plan_tissue_tiles(
     """
     info = slide.info
     mask_side = thumbnail_side(info)
-    overview, overview_scale = read_overview(slide, max(mask_side, overview_side))
+    overview, overview_scale = read_overview(slide, max(mask_side, overview_side), check=check)
     view, mask_scale = shrink(overview, overview_scale, mask_side)
     # specks smaller than a quarter tile cannot fill a tile; bigger ones are kept
     mask = tissue_mask(

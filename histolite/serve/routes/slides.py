@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from histolite.serve.middleware import ClientError
-from histolite.serve.service import PredictionService, service
+from histolite.serve.service import PredictionService, read_json_body, service
 from histolite.serve.slide_jobs import SlideJobs
 
 router = APIRouter(tags=["slides"])
@@ -30,10 +30,7 @@ def _jobs(request: Request, svc: PredictionService) -> SlideJobs:
 @router.post("/v1/slides", summary="Classify a slide under the slide root in the background")
 async def submit_slide(request: Request, svc: PredictionService = Depends(service)) -> JSONResponse:
     jobs = _jobs(request, svc)
-    try:
-        body = await request.json()
-    except Exception as exc:
-        raise ClientError(422, f"request body is not valid JSON ({exc})") from exc
+    body = await read_json_body(request)
     if not isinstance(body, dict):
         raise ClientError(422, 'JSON body must be {"slide": "relative/path.svs"}')
     client = request.client.host if request.client else None

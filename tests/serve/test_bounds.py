@@ -1,0 +1,346 @@
+"""Every request does bounded work (issue 25): each test fails on the code before its fix.
+
+JSON bodies parsed without a bound, names resolved before they were checked and echoed whole,
+unbounded attention-MIL bags, IPv6 forms of private addresses, bodies and request heads that
+stall forever, slide jobs without time, tile or disk budgets, and refusals that left no row in
+the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from support import mosaic_slide
+
+from histolite.serve.app import ServeSettings, create_app
+from histolite.serve.fetch import is_public_address
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _audit_rows(tmp_path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(tmp_path / "audit.db") as db:
+        return list(db.execute("SELECT outcome, detail FROM audit WHERE kind = 'request'"))
+
+
+def test_json_bodies_are_bounded_before_parsing(repository: Path, tmp_path: Path) -> None:
+    """25 MB of nested empty objects was parsed on the event loop (3.9 GB, /healthz 12 s)."""
+    (tmp_path / "slides").mkdir()
+    client = _slide_service(repository, tmp_path)
+    padded = '{"pad": [' + ",".join(["{}"] * 50_000) + '], "url": 1}'
+    for path in ("/v1/predict", "/v1/slides"):
+        response = client.post(path, content=padded, headers={"content-type": "application/json"})
+        assert response.status_code == 413 and "16384 bytes" in response.json()["detail"]
+    streamed = client.post(
+        "/v1/predict",
+        content=iter([b'{"url": "', b"x" * 20_000, b'"}']),  # no content-length: counted
+        headers={"content-type": "application/json"},
+    )
+    assert streamed.status_code == 413
+    long_url = client.post("/v1/predict", json={"url": "http://example.org/" + "a" * 5000})
+    assert long_url.status_code == 422 and "2048" in long_url.json()["detail"]
+
+
+def test_names_are_checked_first_and_never_echoed_whole(repository: Path, tmp_path: Path) -> None:
+    settings = ServeSettings(
+        model_dir=repository,
+        audit_db=tmp_path / "audit.db",
+        slide_root=tmp_path / "slides",
+        jobs_dir=tmp_path / "jobs",
+    )
+    (tmp_path / "slides").mkdir()
+    with TestClient(create_app(settings)) as c:
+        started = time.perf_counter()
+        deep = c.post("/v1/slides", json={"slide": "a/" * 7000 + "x.tif", "model": "tiles"})
+        assert deep.status_code == 422 and len(deep.text) < 400
+        assert time.perf_counter() - started < 2.0  # 18.5 s in Path.resolve before
+        long = c.post("/v1/slides", json={"slide": "a" * 256 + ".tif", "model": "tiles"})
+        assert long.status_code == 422  # was a 500: ENAMETOOLONG
+        no_suffix = c.post("/v1/slides", json={"slide": "b" * 10_000, "model": "tiles"})
+        assert no_suffix.status_code == 422 and len(no_suffix.text) < 400
+        control = c.post("/v1/slides", json={"slide": "a\x01.tif", "model": "tiles"})
+        assert control.status_code == 422
+        model = c.post("/v1/models/" + "m" * 7_000 + "/predict", files={"files": ("a", b"x")})
+        assert model.status_code == 404 and len(model.text) < 400
+
+
+def test_ipv6_forms_of_private_addresses_are_refused() -> None:
+    for address in ("2002:a9fe:a9fe::1", "2002:7f00:1::", "2002:0a00:0001::5", "fec0::1"):
+        assert not is_public_address(address), address
+    assert is_public_address("2002:0808:0808::1")  # 6to4 of a public address
+    assert is_public_address("2606:4700:4700::1111")
+
+
+def test_bag_models_bound_their_patches_and_stream_them_in_chunks(
+    repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 40 KB 3000 x 3000 PNG took a bag model's server to 2.3 GB: the card bounds the bag,
+    and the patches go through the instance graph a chunk at a time."""
+    from histolite.runtime.classifier import OnnxClassifier
+
+    model = OnnxClassifier(repository / "bags" / "1", max_batch=4)
+    assert model.mil_head is not None and model.card["format_version"] == 3
+    calls: list[int] = []
+    real = model.session.run
+    monkeypatch.setattr(
+        model.session,
+        "run",
+        lambda names, feed: (calls.append(len(feed["patches"])), real(names, feed))[1],
+    )
+    side = model.patch_size * 5
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
+    prediction = model.predict(pixels)
+    assert len(prediction.attention or []) == sum(calls) and max(calls) <= 4
+    assert abs(sum(w for _, _, w in prediction.attention or []) - 1.0) < 1e-4
+    card = model.card["mil"]
+    assert card["max_image_pixels"] == card["max_instances"] * model.stride**2
+    with TestClient(
+        create_app(ServeSettings(model_dir=repository, audit_db=tmp_path / "audit.db"))
+    ) as c:
+        too_big = int(np.sqrt(card["max_image_pixels"])) + model.stride
+        huge = _png(np.full((too_big, too_big, 3), 230, np.uint8))
+        response = c.post("/v1/models/bags/predict", files={"files": ("big.png", huge)})
+        assert response.status_code == 413 and "at most" in response.json()["detail"]
+
+
+def test_a_stalled_body_is_a_408(repository: Path, tmp_path: Path) -> None:
+    from histolite.serve.middleware import BodyLimit
+
+    async def app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if not sent:
+            sent.append({})
+            return {"type": "http.request", "body": b"x", "more_body": True}
+        await asyncio.sleep(10)  # the client stops sending
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    responses: list[dict] = []
+
+    async def send(message: dict) -> None:
+        responses.append(message)
+
+    limited = BodyLimit(app, limit=1000, read_timeout=0.2)  # type: ignore[arg-type]
+    started = time.perf_counter()
+    asyncio.run(limited({"type": "http", "headers": []}, receive, send))  # type: ignore[arg-type]
+    assert responses[0]["status"] == 408 and time.perf_counter() - started < 2.0
+
+
+def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(repository: Path, tmp_path: Path) -> None:
+    """Slowloris: uvicorn held a connection that dribbled its headers for as long as it liked."""
+    import uvicorn
+
+    from histolite.serve.protocol import BoundedH11Protocol
+
+    class Quick(BoundedH11Protocol):
+        head_timeout_s = 0.5
+
+    app = create_app(ServeSettings(model_dir=repository, audit_db=None))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, http=Quick, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
+            started, closed = time.perf_counter(), False
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200:
+                try:
+                    slow.send(bytes([byte]))
+                except OSError:
+                    closed = True
+                    break
+                time.sleep(0.05)
+                if time.perf_counter() - started > 3:
+                    break
+            if not closed:
+                slow.settimeout(2)
+                closed = slow.recv(1) == b""
+            assert closed and time.perf_counter() - started < 3
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as quick:
+            quick.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"200 OK" in quick.recv(1000)  # a normal request is not affected
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _slide_service(repository: Path, tmp_path: Path, **settings: object) -> TestClient:
+    return TestClient(
+        create_app(
+            ServeSettings(
+                model_dir=repository,
+                audit_db=tmp_path / "audit.db",
+                slide_root=tmp_path / "slides",
+                jobs_dir=tmp_path / "jobs",
+                **settings,  # type: ignore[arg-type]
+            )
+        )
+    )
+
+
+def _wait(client: TestClient, job: str) -> dict:
+    for _ in range(300):
+        state = client.get(f"/v1/slides/{job}").json()
+        if state["status"] not in ("queued", "running"):
+            return state
+        time.sleep(0.1)
+    raise AssertionError(f"job {job} did not finish")
+
+
+def test_slide_jobs_have_tile_and_disk_budgets(
+    repository: Path, tmp_path: Path, synthetic_dir: Path
+) -> None:
+    tiles = [[np.asarray(Image.open(p)) for p in sorted((synthetic_dir / "tumor").iterdir())[:3]]]
+    mosaic_slide(tmp_path / "slides" / "s1.tif", tiles, mpp=0.5)
+    with _slide_service(repository, tmp_path, slide_job_max_tiles=2) as c:
+        job = c.post("/v1/slides", json={"slide": "s1.tif", "model": "tiles"}).json()["id"]
+        state = _wait(c, job)
+        assert (
+            state["status"] == "failed" and "more than the 2 a job may classify" in state["error"]
+        )
+    with _slide_service(repository, tmp_path, slide_jobs_disk_quota_mb=1) as c:
+        (tmp_path / "jobs" / "ballast").write_bytes(b"\0" * (2 * 1024**2))
+        full = c.post("/v1/slides", json={"slide": "s1.tif", "model": "tiles"})
+        assert full.status_code == 507 and "quota" in full.json()["detail"]
+        metrics = c.get("/metrics").text
+        assert "histolite_slide_jobs_disk_bytes" in metrics
+        assert "histolite_slide_jobs_disk_quota_bytes 1.04858e+06" in metrics
+
+
+class _HugeSlide:
+    """A slide declaring one 100,000 x 100,000 level (what a 307 KB sparse TIFF can say)."""
+
+    def __init__(self, path: Path) -> None:
+        from histolite.slide.reader import SlideInfo
+
+        side = 100_000
+        self.info = SlideInfo(path, side, side, ((side, side),), (1.0,), 0.5, "test", "test")
+        self.reads = 0
+
+    def read_level(self, *args: object) -> np.ndarray:
+        self.reads += 1
+        raise AssertionError("the level must not be decoded")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_huge_single_level_slide_is_refused_not_decoded(
+    repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file declaring one 100,000 x 100,000 level held the service's only worker for good."""
+    import histolite.slide.inference as inference
+    from histolite.slide.reader import SlideError
+    from histolite.slide.tiles import plan_tissue_tiles
+
+    fake = _HugeSlide(tmp_path / "huge.tif")
+    with pytest.raises(SlideError, match=r"100000 x 100000 pixels \(10.0 Gpx"):
+        plan_tissue_tiles(fake, 112.0)  # type: ignore[arg-type]
+    assert fake.reads == 0
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "huge.tif").write_bytes(b"II*\x00")  # opened by the fake below
+    monkeypatch.setattr(inference, "open_slide", lambda path, mpp=None: _HugeSlide(path))
+    with _slide_service(repository, tmp_path) as c:
+        started = time.perf_counter()
+        job = c.post("/v1/slides", json={"slide": "huge.tif", "model": "tiles"}).json()["id"]
+        state = _wait(c, job)
+        assert state["status"] == "failed" and "Gpx" in state["error"]
+        assert time.perf_counter() - started < 10
+
+
+def test_slide_jobs_time_budget_stops_the_work(
+    repository: Path, tmp_path: Path, synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import histolite.serve.slide_jobs as slide_jobs
+
+    tiles = [[np.asarray(Image.open(p)) for p in sorted((synthetic_dir / "tumor").iterdir())[:3]]]
+    mosaic_slide(tmp_path / "slides" / "s1.tif", tiles, mpp=0.5)
+    real = slide_jobs.classify_slide
+
+    def slow(*args: object, **kwargs: object) -> dict:
+        time.sleep(0.3)  # the deadline passes before the first check
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(slide_jobs, "classify_slide", slow)
+    with _slide_service(repository, tmp_path, slide_job_max_seconds=0.1) as c:
+        job = c.post("/v1/slides", json={"slide": "s1.tif", "model": "tiles"}).json()["id"]
+        state = _wait(c, job)
+    assert state["status"] == "failed" and "0.1 s budget" in state["error"]
+
+
+def test_poison_jobs_and_retention(repository: Path, tmp_path: Path, synthetic_dir: Path) -> None:
+    """A job found running at start-up twice is failed, not re-queued; old results expire."""
+    tiles = [[np.asarray(Image.open(p)) for p in sorted((synthetic_dir / "tumor").iterdir())[:3]]]
+    mosaic_slide(tmp_path / "slides" / "s1.tif", tiles, mpp=0.5)
+    jobs = tmp_path / "jobs"
+    poison, old = "a" * 32, "b" * 32
+    for job_id, extra in (
+        (poison, {"status": "running", "attempts": 2}),
+        (old, {"status": "done", "finished": "2020-01-01T00:00:00+00:00"}),
+    ):
+        (jobs / job_id).mkdir(parents=True)
+        state = {"id": job_id, "slide": "s1.tif", "model": "tiles", "version": "10",
+                 "created": "2020-01-01T00:00:00+00:00", **extra}  # fmt: skip
+        (jobs / job_id / "job.json").write_text(json.dumps(state))
+    with _slide_service(repository, tmp_path, slide_jobs_retention_hours=24) as c:
+        failed = c.get(f"/v1/slides/{poison}").json()
+        assert failed["status"] == "failed" and "2 times" in failed["error"]
+        assert c.get(f"/v1/slides/{old}").status_code == 404 and not (jobs / old).exists()
+        assert "histolite_slide_jobs_expired 1" in c.get("/metrics").text
+
+
+def test_refusals_the_routes_cannot_see_are_audited(
+    repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from histolite.serve.service import PredictionService
+
+    with TestClient(
+        create_app(
+            ServeSettings(
+                model_dir=repository, audit_db=tmp_path / "audit.db", max_request_bytes=2048
+            )
+        ),
+        raise_server_exceptions=False,
+    ) as c:
+        too_big = c.post("/v1/predict", files={"files": ("a.png", b"x" * 5000)})
+        assert too_big.status_code == 413
+        unknown = c.post("/v1/models/nope/predict", files={"files": ("a.png", b"x")})
+        assert unknown.status_code == 404
+        assert c.get("/no/such/path").status_code == 404  # scanning: not audited
+        monkeypatch.setattr(PredictionService, "classify", lambda *a: 1 / 0)
+        png = _png(np.full((32, 32, 3), 128, np.uint8))
+        assert c.post("/v1/predict", files={"files": ("a.png", png)}).status_code == 500
+    rows = _audit_rows(tmp_path)
+    outcomes = [outcome for outcome, _ in rows]
+    assert "rejected 413" in outcomes and "rejected 404" in outcomes and "error 500" in outcomes
+    assert not any("/no/such/path" in (detail or "") for _, detail in rows)
