@@ -195,8 +195,9 @@ AUDITED = "histolite.audited"  # set in the ASGI scope by code that wrote its ow
 
 
 class AuditRejections:
-    """Audit what the routes cannot: bodies refused by :class:`BodyLimit` (413), requests for a
-    model that does not exist (404 on a ``/v1/models/...`` route) and unexpected errors (500).
+    """Audit what the routes do not: bodies refused by :class:`BodyLimit` (413), unexpected
+    errors (500), and every other refusal on an API route (``/v1/...``: an unknown model, a
+    refused slide job, a malformed body), except 401s (unauthenticated noise).
 
     A response whose handler already wrote an audit row (the prediction path marks the scope
     with ``AUDITED``) is not audited twice; 404s on paths with no route are not audited at all
@@ -227,7 +228,8 @@ class AuditRejections:
         route = getattr(scope.get("route"), "path", "")
         if scope.get(AUDITED):
             return
-        if status == 413 or status >= 500 or (status == 404 and route.startswith("/v1/models/")):
+        refused = status >= 400 and status != 401  # unauthenticated noise is not audited
+        if status in (413, 500) or (refused and route.startswith("/v1/")):
             await self._audit(scope, status, f"{scope['method']} {route or 'unmatched'}")
 
     async def _audit(self, scope: Scope, status: int, detail: str) -> None:

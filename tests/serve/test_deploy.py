@@ -195,3 +195,22 @@ def test_the_memory_limit_holds_the_largest_images_the_configmap_allows() -> Non
     slots = int(config["HISTOLITE_MAX_CONCURRENT_PREDICTIONS"])
     peak_mb = 75 + slots * 8 * int(config["HISTOLITE_MAX_PIXELS"]) / 1e6
     assert peak_mb * 1.2 <= limit_mb, (peak_mb, limit_mb)
+
+
+def test_both_services_read_the_audit_key_from_a_secret_file() -> None:
+    """The HMAC key of the audit chain is a mounted secret (0440), never an env value or in the
+    database; the variable names the file inside the mount."""
+    for name in ("deployment.yaml", "slides-deployment.yaml"):
+        docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()) if d]
+        spec = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        key = env["HISTOLITE_AUDIT_KEY_FILE"]
+        assert (
+            key.startswith(mounts["audit-key"]["mountPath"] + "/")
+            and mounts["audit-key"]["readOnly"]
+        )
+        secret = volumes["audit-key"]["secret"]
+        assert secret["defaultMode"] == 0o440 and spec["securityContext"]["fsGroup"] == 10001
