@@ -103,7 +103,7 @@ def serve(
 
     from histolite.config import format_validation_error
     from histolite.errors import ConfigError
-    from histolite.serve.protocol import BoundedH11Protocol
+    from histolite.serve.protocol import bounded_protocol
     from histolite.serve.repository import load_repository
 
     given: dict[str, Any] = {
@@ -144,7 +144,7 @@ def serve(
     uvicorn.run(
         "histolite.serve.app:create_app_from_env",
         factory=True,
-        http=BoundedH11Protocol,  # closes connections that dribble a request head
+        http=bounded_protocol(settings.head_timeout),  # closes connections dribbling a head
         host=host,
         port=port,
         workers=workers,

@@ -62,7 +62,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.classifier, app.state.metrics = default.model, service.metrics
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # added first, so it runs inside the metrics middleware and its 413s are counted
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(
+        BodyLimit, limit=settings.max_request_bytes, read_timeout=settings.body_read_timeout
+    )
     if settings.api_key:  # before routing, so every protected path is covered
         open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/", "/static/")
         if settings.open_metadata:

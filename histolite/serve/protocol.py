@@ -57,3 +57,8 @@ class BoundedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+
+def bounded_protocol(head_timeout_s: float) -> type[BoundedH11Protocol]:
+    """The protocol class with its own head deadline (uvicorn takes a class, not an instance)."""
+    return type("BoundedH11Protocol", (BoundedH11Protocol,), {"head_timeout_s": head_timeout_s})

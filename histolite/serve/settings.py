@@ -79,6 +79,15 @@ class ServeSettings(BaseSettings):
         default=False, description="with an API key: leave /v1/models, /metrics and /docs open"
     )
     max_url_fetches: int = Field(default=8, ge=1, description="concurrent URL fetches, else 429")
+    body_read_timeout: float = Field(
+        default=30.0, gt=0, description="seconds a request body may stall between chunks, else 408"
+    )
+    head_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds a client has to send a request's line and headers, else the "
+        "connection is closed (slowloris)",
+    )
     max_concurrent_predictions: int = Field(
         default=2,
         ge=1,
