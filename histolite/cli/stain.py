@@ -76,55 +76,27 @@ def stain_normalize(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Stain-normalise images (or slides' tissue tiles) to a target; writes a preview strip."""
-    import numpy as np
-    import torch
     from tqdm import tqdm
 
-    from histolite.data.images import load_rgb, save_rgb
-    from histolite.fileio import atomic_path
+    from histolite.data.images import load_rgb
 
     normaliser = _normaliser(method, target, ignore_background, fallback)
     if save_target:
         normaliser.save(save_target)  # type: ignore[attr-defined]
     out.mkdir(parents=True, exist_ok=True)
-    pairs: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def write(pixels: np.ndarray, destination: Path, show: bool = True) -> None:
-        tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
-        result = normaliser(tensor).permute(1, 2, 0).numpy()  # type: ignore[operator]
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(destination) as tmp:
-            staged = tmp.with_suffix(destination.suffix)
-            save_rgb(result, staged)
-            staged.replace(tmp)
-        if show and len(pairs) < preview:
-            pairs.append((pixels, result))
-
-    count = 0
+    writer = _Writer(normaliser, preview)
     if slide_tiles is not None:
         from histolite.slide.reader import expand_slide_paths
 
         for slide, tiles in _slide_tiles(expand_slide_paths(inputs), slide_tiles, tile_px):
             for (x, y), pixels in tqdm(tiles, desc=slide.name, disable=not progress):
-                write(pixels, out / slide.stem / f"{slide.stem}_x{x}_y{y}.png")
-                count += 1
+                writer.write(pixels, out / slide.stem / f"{slide.stem}_x{x}_y{y}.png")
     else:
-        files = _inputs(inputs)
-        roots = {p: p.parent for p in inputs if p.is_file()}
-        for folder in (p for p in inputs if p.is_dir()):  # keep the folder's name: class folders
-            roots.update({f: folder.parent for f in files if f.is_relative_to(folder)})
-        if preview and any(path.relative_to(roots[path]) == Path("preview.png") for path in files):
-            raise typer.BadParameter(
-                "an input is named preview.png and would be overwritten by the preview; "
-                "rename it or pass --preview 0",
-                param_hint="INPUTS",
-            )
-        every = max(1, len(files) // max(preview, 1))  # the preview samples the whole input
-        for i, path in enumerate(
-            tqdm(files, desc="normalising", disable=not progress or len(files) < 2)
-        ):
-            write(load_rgb(path), out / path.relative_to(roots[path]), show=i % every == 0)
-            count += 1
+        jobs = _file_jobs(inputs, preview)
+        every = max(1, len(jobs) // max(preview, 1))  # the preview samples the whole input
+        bar = tqdm(jobs, desc="normalising", disable=not progress or len(jobs) < 2)
+        for i, (path, relative) in enumerate(bar):
+            writer.write(load_rgb(path), out / relative, show=i % every == 0)
     counts = getattr(normaliser, "counts", None)
     if counts:
         typer.echo(
@@ -132,9 +104,55 @@ def stain_normalize(
             + ", ".join(f"{n} tile(s): {why}" for why, n in sorted(counts.items()))
             + f" ({fallback})"
         )
-    if pairs:
-        _write_preview(out / "preview.png", pairs)
-    typer.echo(f"normalised {count} image(s) into {out}" + (" (preview.png)" if pairs else ""))
+    if writer.pairs:
+        _write_preview(out / "preview.png", writer.pairs)
+    shown = " (preview.png)" if writer.pairs else ""
+    typer.echo(f"normalised {writer.count} image(s) into {out}{shown}")
+
+
+class _Writer:
+    """Normalises images and writes them atomically, keeping a few pairs for the preview."""
+
+    def __init__(self, normaliser: Any, preview: int) -> None:
+        self.normaliser = normaliser
+        self.preview = preview
+        self.pairs: list[tuple[Any, Any]] = []
+        self.count = 0
+
+    def write(self, pixels: Any, destination: Path, show: bool = True) -> None:
+        import numpy as np
+        import torch
+
+        from histolite.data.images import save_rgb
+        from histolite.fileio import atomic_path
+
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+        result = self.normaliser(tensor).permute(1, 2, 0).numpy()
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(destination) as tmp:
+            staged = tmp.with_suffix(destination.suffix)  # save_rgb picks the format by suffix
+            save_rgb(result, staged)
+            staged.replace(tmp)
+        self.count += 1
+        if show and len(self.pairs) < self.preview:
+            self.pairs.append((pixels, result))
+
+
+def _file_jobs(inputs: list[Path], preview: int) -> list[tuple[Path, Path]]:
+    """(image, its path under OUT) of every input file; a folder keeps its own name, so class
+    folders survive."""
+    files = _inputs(inputs)
+    roots = {p: p.parent for p in inputs if p.is_file()}
+    for folder in (p for p in inputs if p.is_dir()):
+        roots.update({f: folder.parent for f in files if f.is_relative_to(folder)})
+    jobs = [(path, path.relative_to(roots[path])) for path in files]
+    if preview and any(relative == Path("preview.png") for _, relative in jobs):
+        raise typer.BadParameter(
+            "an input is named preview.png and would be overwritten by the preview; "
+            "rename it or pass --preview 0",
+            param_hint="INPUTS",
+        )
+    return jobs
 
 
 def _slide_tiles(slides: list[Path], tile_um: float, tile_px: int):  # type: ignore[no-untyped-def]

@@ -87,6 +87,17 @@ def choose_ood_score(images: ImageScores, flag_rate: float) -> dict[str, Any]:
     }
 
 
+def fit_scaling(
+    logits: np.ndarray, labels: np.ndarray, method: str
+) -> tuple[float | None, list[float], list[float]]:
+    """(temperature or None, scale, bias) of ``logits * scale + bias`` fitted by NLL."""
+    if method == "temperature":
+        temperature = fit_temperature(logits, labels)
+        return temperature, [1.0 / temperature], [0.0]
+    scale, bias = fit_vector_scaling(logits, labels)
+    return None, scale, bias
+
+
 def calibrate_run(
     run_dir: str | Path,
     *,
@@ -115,12 +126,7 @@ def calibrate_run(
     if preds.logits is None:
         raise HistoliteError(f"{run_dir}: the model gave no logits to calibrate")
     logits, labels = preds.logits.astype(np.float64), preds.labels
-    temperature: float | None = None
-    if method == "temperature":
-        temperature = fit_temperature(logits, labels)
-        scale, bias = [1.0 / temperature], [0.0]
-    else:
-        scale, bias = fit_vector_scaling(logits, labels)
+    temperature, scale, bias = fit_scaling(logits, labels, method)
     scaled = logits * np.asarray(scale) + np.asarray(bias)
     before = per_image(preds, softmax(logits), logits)
     after = per_image(preds, softmax(scaled), scaled)

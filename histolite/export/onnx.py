@@ -210,77 +210,60 @@ def _run_metrics(run: LoadedRun) -> dict[str, Any] | None:
     return {"source": "run test split", **{k: report[k] for k in _CARD_METRICS if k in report}}
 
 
-def _export(graph: torch.nn.Module, example: torch.Tensor, path: Path, **names: Any) -> None:
+def _export(
+    graph: torch.nn.Module,
+    example: torch.Tensor | tuple[torch.Tensor, ...],
+    path: Path,
+    **names: Any,
+) -> None:
     # the tracer warns about shape checks and constant targets, which are meant as constants
+    examples = example if isinstance(example, tuple) else (example,)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
-            graph.eval(), (example,), str(path), dynamo=False, opset_version=OPSET, **names
+            graph.eval(), examples, str(path), dynamo=False, opset_version=OPSET, **names
         )
+
+
+def _free_first_axis(name: str, *tensors: str) -> dict[str, dict[int, str]]:
+    """ONNX dynamic axes: the first axis of each named tensor is ``name`` (batch, instances)."""
+    return {tensor: {0: name} for tensor in tensors}
 
 
 def _export_graph(run: LoadedRun, path: Path) -> dict[str, Any]:
     """The FP32 model graph: model + softmax on resized input; returns the card's explanation.
 
     Classifiers take a batch of images (N free) and, when their head is global average pooling
-    plus one linear layer, also return Grad-CAM maps of every class (``cam``); bag models take
-    one bag of N patches (N free) and also return each patch's attention.
+    plus one linear layer, also return Grad-CAM maps of every class (``cam``); bag models are
+    an instance graph (N patches in, in chunks) and a head over the bag, ``MIL_HEAD_FILE``.
     """
     size = run.spec.image_size
     if isinstance(run.model, AttentionMIL):
-        _export(
-            MilInstanceGraph(run.model),
-            torch.rand(3, 3, size, size),
-            path,
-            input_names=["patches"],
-            output_names=["embeddings", "scores"],
-            dynamic_axes={"patches": {0: "instances"}, "embeddings": {0: "instances"},
-                          "scores": {0: "instances"}},
-        )  # fmt: skip
-        dim = run.model.embed_dim
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(
-                MilHeadGraph(run.model).eval(),
-                (torch.rand(3, dim), torch.rand(3)),
-                str(path.with_name(MIL_HEAD_FILE)),
-                dynamo=False,
-                opset_version=OPSET,
-                input_names=["embeddings", "scores"],
-                output_names=["probabilities", "attention", "logits"],
-                dynamic_axes={"embeddings": {0: "instances"}, "scores": {0: "instances"},
-                              "attention": {0: "instances"}},
-            )  # fmt: skip
+        _export_bag_graphs(run.model, size, path)
         return {"method": "attention", "output": "attention"}
     model = require_classifier(run, "ONNX export")
+    image = torch.rand(1, 3, size, size)
     try:
         layer, classifier = gradcam_head(model, size)
     except ValueError as exc:  # served without an explanation, and the card says why
+        outputs = ["probabilities", "logits"]
         _export(
             ServingGraph(model),
-            torch.rand(1, 3, size, size),
+            image,
             path,
             input_names=["image"],
-            output_names=["probabilities", "logits"],
-            dynamic_axes={
-                "image": {0: "batch"},
-                "probabilities": {0: "batch"},
-                "logits": {0: "batch"},
-            },
+            output_names=outputs,
+            dynamic_axes=_free_first_axis("batch", "image", *outputs),
         )
         return {"method": None, "reason": f"no Grad-CAM in the graph: {exc}"}
+    outputs = ["probabilities", "cam", "logits"]
     _export(
         CamServingGraph(model, layer, classifier),
-        torch.rand(1, 3, size, size),
+        image,
         path,
         input_names=["image"],
-        output_names=["probabilities", "cam", "logits"],
-        dynamic_axes={
-            "image": {0: "batch"},
-            "probabilities": {0: "batch"},
-            "cam": {0: "batch"},
-            "logits": {0: "batch"},
-        },
+        output_names=outputs,
+        dynamic_axes=_free_first_axis("batch", "image", *outputs),
     )
     return {
         "method": "gradcam",
@@ -289,6 +272,27 @@ def _export_graph(run: LoadedRun, path: Path) -> dict[str, Any]:
         "classifier": classifier,
         "maps": "ReLU(classifier weights x feature maps) per class, at feature resolution",
     }
+
+
+def _export_bag_graphs(model: AttentionMIL, size: int, path: Path) -> None:
+    """The instance graph (``path``) and the bag head (``MIL_HEAD_FILE`` beside it)."""
+    _export(
+        MilInstanceGraph(model),
+        torch.rand(3, 3, size, size),
+        path,
+        input_names=["patches"],
+        output_names=["embeddings", "scores"],
+        dynamic_axes=_free_first_axis("instances", "patches", "embeddings", "scores"),
+    )
+    head_inputs = (torch.rand(3, model.embed_dim), torch.rand(3))
+    _export(
+        MilHeadGraph(model),
+        head_inputs,
+        path.with_name(MIL_HEAD_FILE),
+        input_names=["embeddings", "scores"],
+        output_names=["probabilities", "attention", "logits"],
+        dynamic_axes=_free_first_axis("instances", "embeddings", "scores", "attention"),
+    )
 
 
 def _stain_normalizer(run: LoadedRun) -> ReinhardNormalizer | None:
@@ -345,28 +349,6 @@ def _model_card(
     """What a served model needs to preprocess inputs, and what a reader needs to trust it."""
     patch_size, stride, geometry_source = geometry
     metadata = RunDir(run.run_dir).metadata
-    mil = run.spec.mil
-    bag = (
-        {
-            "kind": "mil",
-            "mil": {
-                "pooling": mil.pooling,
-                "instances": "grid patches of the image, in image pixels",
-                "patch_size": patch_size,
-                "patch_stride": stride,
-                "min_tissue": mil.patch.min_tissue if mil.patch else 0.0,
-                # bounds one request's work: more patches than this is a 413
-                "max_instances": MAX_BAG_INSTANCES,
-                "max_image_pixels": MAX_BAG_INSTANCES * stride * stride,
-            },
-            "output": {"name": "probabilities", "softmax": True, "attention": "attention"},
-        }
-        if mil is not None
-        else {
-            "kind": "classifier",
-            "output": {"name": "probabilities", "softmax": True},
-        }
-    )
     return {
         "name": name,
         "version": version,
@@ -374,21 +356,8 @@ def _model_card(
         "format_version": CARD_FORMAT_VERSION,
         "precision": "int8" if int8 else "fp32",
         "opset": OPSET,
-        "input": {
-            "name": "patches" if mil is not None else "image",
-            "layout": "NCHW",
-            "dtype": "float32",
-            "range": [0.0, 1.0],
-            "colour": "RGB",
-            "resize": "bilinear",
-            "preprocessing": (
-                f"each patch through {STAIN_FILE} at its own size (uint8 NCHW in and out), "
-                "then a bilinear resize to input_size, then / 255"
-                if run.stain is not None
-                else "each patch resized (bilinear) to input_size"
-            ),
-        },
-        **bag,
+        "input": _input_section(run),
+        **_kind_section(run, patch_size, stride),
         "classes": list(run.spec.classes),
         "input_size": run.spec.image_size,
         "mean": list(run.spec.mean),
@@ -413,6 +382,45 @@ def _model_card(
         "intended_use": INTENDED_USE,
         "histolite_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _input_section(run: LoadedRun) -> dict[str, Any]:
+    """What the model graph takes, and how pixels get there (the runtime's contract)."""
+    return {
+        "name": "patches" if run.is_mil else "image",
+        "layout": "NCHW",
+        "dtype": "float32",
+        "range": [0.0, 1.0],
+        "colour": "RGB",
+        "resize": "bilinear",
+        "preprocessing": (
+            f"each patch through {STAIN_FILE} at its own size (uint8 NCHW in and out), "
+            "then a bilinear resize to input_size, then / 255"
+            if run.stain is not None
+            else "each patch resized (bilinear) to input_size"
+        ),
+    }
+
+
+def _kind_section(run: LoadedRun, patch_size: int, stride: int) -> dict[str, Any]:
+    """A classifier's outputs, or a bag model's instances, bounds and outputs."""
+    mil = run.spec.mil
+    if mil is None:
+        return {"kind": "classifier", "output": {"name": "probabilities", "softmax": True}}
+    return {
+        "kind": "mil",
+        "mil": {
+            "pooling": mil.pooling,
+            "instances": "grid patches of the image, in image pixels",
+            "patch_size": patch_size,
+            "patch_stride": stride,
+            "min_tissue": mil.patch.min_tissue if mil.patch else 0.0,
+            # bounds one request's work: more patches than this is a 413
+            "max_instances": MAX_BAG_INSTANCES,
+            "max_image_pixels": MAX_BAG_INSTANCES * stride * stride,
+        },
+        "output": {"name": "probabilities", "softmax": True, "attention": "attention"},
     }
 
 
@@ -548,18 +556,9 @@ def export_run(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        fp32 = staging / ("model_fp32.onnx" if int8 else MODEL_FILE)
-        explanation = _export_graph(run, fp32)
-        if stain is not None:
-            _export_stain_graph(stain, staging / STAIN_FILE)
-        if int8:
-            batches = [
-                _quantization_batch(run, load_rgb(s.path), geometry, torch_crop_stain(stain))
-                for s in _spread(train, quantization_samples)
-            ]
-            _quantize(fp32, staging / MODEL_FILE, batches, "patches" if run.is_mil else "image")
-            for leftover in staging.glob("model_*.onnx"):
-                leftover.unlink()
+        # INT8 calibration images: training images spread over the classes
+        images = [load_rgb(s.path) for s in _spread(train, quantization_samples)] if int8 else []
+        explanation = _write_graphs(run, staging, stain, int8, images, geometry)
         card = _model_card(
             run,
             int8=int8,
@@ -569,47 +568,14 @@ def export_run(
             geometry=geometry,
         )
         card["explanation"] = explanation
-        if run.is_mil:
-            card["mil_head"] = {
-                "file": MIL_HEAD_FILE,
-                "sha256": file_sha256(staging / MIL_HEAD_FILE),
-                "order": "model.onnx on the bag's patches in chunks, then this on the whole bag",
-            }
-        if stain is not None:
-            card["stain_graph"] = {
-                "file": STAIN_FILE,
-                "sha256": file_sha256(staging / STAIN_FILE),
-                "order": "each patch at its own resolution (uint8 in and out), then resized",
-            }
+        card.update(_side_graphs(run, staging, stain))
         checks = _spread(_split_samples(run, ("test", "val", "train")), parity_samples)
-        exported = OnnxClassifier(staging, card=card)
-        agreement, max_diff, attention_diff = _parity(run, exported, checks, progress)
-        if agreement < min_agreement:
-            raise ExportError(
-                f"parity check failed: the ONNX model agrees with the PyTorch model on "
-                f"{agreement:.1%} of {len(checks)} images (need {min_agreement:.0%}); largest "
-                f"probability difference {max_diff:.4f}. Nothing was written."
-            )
-        if attention_diff is not None and attention_diff > MAX_ATTENTION_DIFF:
-            raise ExportError(
-                f"parity check failed: the ONNX model's attention weights differ from the "
-                f"PyTorch model's by up to {attention_diff:.4g} (allowed {MAX_ATTENTION_DIFF}); "
-                "the served attention map would not be the trained one. Nothing was written."
-            )
+        parity = _check_parity(
+            run, OnnxClassifier(staging, card=card), checks, min_agreement, progress
+        )
         card["size_bytes"] = (staging / MODEL_FILE).stat().st_size
         card["sha256"] = file_sha256(staging / MODEL_FILE)  # serve refuses a swapped graph
-        card["parity"] = {
-            "samples": len(checks),
-            "top1_agreement": agreement,
-            "max_abs_probability_diff": max_diff,
-            "max_abs_attention_diff": attention_diff,
-            "gradcam_min_correlation": None
-            if run.is_mil
-            else _gradcam_agreement(run, exported, checks[:GRADCAM_CHECKS]),
-            "allowed_attention_diff": MAX_ATTENTION_DIFF if attention_diff is not None else None,
-            "required_agreement": min_agreement,
-            "reference": "PyTorch checkpoint through histolite's evaluation path",
-        }
+        card["parity"] = parity
         write_json(staging / CARD_FILE, card)
         _make_readable(staging)
         staging.rename(out)
@@ -618,10 +584,87 @@ def export_run(
             shutil.rmtree(staging)
     return ExportResult(
         out,
-        agreement,
-        max_diff,
-        len(checks),
+        parity["top1_agreement"],
+        parity["max_abs_probability_diff"],
+        parity["samples"],
         card["size_bytes"],
-        attention_diff,
+        parity["max_abs_attention_diff"],
         explanation["method"] or explanation["reason"],
     )
+
+
+def _write_graphs(
+    run: LoadedRun,
+    staging: Path,
+    stain: ReinhardNormalizer | None,
+    int8: bool,
+    images: list[np.ndarray],
+    geometry: tuple[int, int, str],
+) -> dict[str, Any]:
+    """The model graph (and the stain graph, the MIL head) into ``staging``; INT8 quantised on
+    ``images`` when asked. Returns the card's explanation."""
+    fp32 = staging / ("model_fp32.onnx" if int8 else MODEL_FILE)
+    explanation = _export_graph(run, fp32)
+    if stain is not None:
+        _export_stain_graph(stain, staging / STAIN_FILE)
+    if int8:
+        crop_stain = torch_crop_stain(stain)
+        batches = [_quantization_batch(run, pixels, geometry, crop_stain) for pixels in images]
+        _quantize(fp32, staging / MODEL_FILE, batches, "patches" if run.is_mil else "image")
+        for leftover in staging.glob("model_*.onnx"):
+            leftover.unlink()
+    return explanation
+
+
+def _side_graphs(run: LoadedRun, staging: Path, stain: ReinhardNormalizer | None) -> dict[str, Any]:
+    """The card's records of the graphs beside model.onnx, with their SHA-256."""
+    records: dict[str, Any] = {}
+    if run.is_mil:
+        records["mil_head"] = {
+            "file": MIL_HEAD_FILE,
+            "sha256": file_sha256(staging / MIL_HEAD_FILE),
+            "order": "model.onnx on the bag's patches in chunks, then this on the whole bag",
+        }
+    if stain is not None:
+        records["stain_graph"] = {
+            "file": STAIN_FILE,
+            "sha256": file_sha256(staging / STAIN_FILE),
+            "order": "each patch at its own resolution (uint8 in and out), then resized",
+        }
+    return records
+
+
+def _check_parity(
+    run: LoadedRun,
+    exported: OnnxClassifier,
+    checks: list[Sample],
+    min_agreement: float,
+    progress: bool,
+) -> dict[str, Any]:
+    """The exported graphs against PyTorch on ``checks``; an ExportError (nothing written)
+    when they disagree, else the card's ``parity`` record."""
+    agreement, max_diff, attention_diff = _parity(run, exported, checks, progress)
+    if agreement < min_agreement:
+        raise ExportError(
+            f"parity check failed: the ONNX model agrees with the PyTorch model on "
+            f"{agreement:.1%} of {len(checks)} images (need {min_agreement:.0%}); largest "
+            f"probability difference {max_diff:.4f}. Nothing was written."
+        )
+    if attention_diff is not None and attention_diff > MAX_ATTENTION_DIFF:
+        raise ExportError(
+            f"parity check failed: the ONNX model's attention weights differ from the "
+            f"PyTorch model's by up to {attention_diff:.4g} (allowed {MAX_ATTENTION_DIFF}); "
+            "the served attention map would not be the trained one. Nothing was written."
+        )
+    return {
+        "samples": len(checks),
+        "top1_agreement": agreement,
+        "max_abs_probability_diff": max_diff,
+        "max_abs_attention_diff": attention_diff,
+        "gradcam_min_correlation": None
+        if run.is_mil
+        else _gradcam_agreement(run, exported, checks[:GRADCAM_CHECKS]),
+        "allowed_attention_diff": MAX_ATTENTION_DIFF if attention_diff is not None else None,
+        "required_agreement": min_agreement,
+        "reference": "PyTorch checkpoint through histolite's evaluation path",
+    }

@@ -54,6 +54,19 @@ class Prediction:
         return int(self.probabilities.argmax())
 
 
+def _providers(device: str) -> list[str]:
+    """ONNX Runtime providers for ``cpu``, ``cuda`` (an error if absent) or ``auto``."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in available:
+        raise HistoliteError(
+            "device cuda: this ONNX Runtime has no CUDA provider; pip install onnxruntime-gpu"
+        )
+    use_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
+    return [*(["CUDAExecutionProvider"] if use_cuda else []), "CPUExecutionProvider"]
+
+
 def _open_session(path: Path, options: Any, providers: list[str]) -> Any:
     """An ONNX Runtime session, or a one-line error for a corrupt graph."""
     import onnxruntime as ort
@@ -131,33 +144,23 @@ class OnnxClassifier:
         verify_graphs(self.model_dir, self.card, hashes=card is None)
         if card is None:
             require_current_calibration(self.model_dir, self.card)
-        stain_graph = self.card.get("stain_graph")
-        stain_path = self.model_dir / STAIN_FILE
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        available = ort.get_available_providers()
-        if device == "cuda" and "CUDAExecutionProvider" not in available:
-            raise HistoliteError(
-                "device cuda: this ONNX Runtime has no CUDA provider; pip install onnxruntime-gpu"
-            )
-        use_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
-        providers = ["CUDAExecutionProvider"] if use_cuda else []
-        providers.append("CPUExecutionProvider")
+        providers = _providers(device)
+        self.device = "cuda" if "CUDAExecutionProvider" in providers else "cpu"
+
+        def side_graph(key: str, name: str) -> Any:
+            if self.card.get(key) is None:
+                return None
+            return _open_session(self.model_dir / name, options, providers)
+
         self.session = _open_session(path, options, providers)
         # older exports carried Reinhard inside model.onnx; their cards name no stain graph
-        self.stain: StainStep | None = (
-            StainStep(_open_session(stain_path, options, providers), max_batch)
-            if stain_graph is not None
-            else None
-        )
+        stain = side_graph("stain_graph", STAIN_FILE)
+        self.stain: StainStep | None = StainStep(stain, max_batch) if stain else None
         # bag models since card format 3: patches in chunks through model.onnx, then this
-        self.mil_head = (
-            _open_session(self.model_dir / MIL_HEAD_FILE, options, providers)
-            if self.card.get("mil_head") is not None
-            else None
-        )
-        self.device = "cuda" if use_cuda else "cpu"
+        self.mil_head = side_graph("mil_head", MIL_HEAD_FILE)
         self.input_name = self.session.get_inputs()[0].name
         outputs = [o.name for o in self.session.get_outputs()]
         # older exports and non-GAP heads have no ``cam`` output: they answer without one
@@ -183,14 +186,12 @@ class OnnxClassifier:
         self.warm_up()
 
     def warm_up(self) -> None:
-        if self.is_bag_model:
-            self.predict(np.full((self.patch_size, self.patch_size, 3), 200, dtype=np.uint8))
-            self._ready.set()
-            return
         dummy = np.full((1, 3, self.input_size, self.input_size), 0.8, dtype=np.float32)
         if self.stain is not None:
             self.stain([np.full((self.patch_size, self.patch_size, 3), 200, dtype=np.uint8)])
-        self.session.run(None, {self.input_name: dummy})
+        outputs = self.session.run(None, {self.input_name: dummy})
+        if self.mil_head is not None:  # the instance graph's embeddings and scores, pooled
+            self.mil_head.run(None, {"embeddings": outputs[0], "scores": outputs[1]})
         self._ready.set()
 
     @property

@@ -175,18 +175,9 @@ def classify_slide(
         outputs.root.mkdir(parents=True, exist_ok=True)
         write_mask(outputs.mask, plan.mask)
         masked = time.perf_counter()
-        with tqdm(total=len(plan.tiles), desc=path.name, unit="tile", disable=not progress) as bar:
-
-            def advance(count: int) -> None:
-                bar.update(count)
-                if on_progress is not None:
-                    on_progress(bar.n, len(plan.tiles))
-                if check is not None:
-                    check()
-
-            rows = _classify_tiles(
-                slide, model, plan.tiles, read_px, outputs, settings.batch_size, advance
-            )
+        rows = _classify_with_progress(
+            slide, model, plan, read_px, outputs, settings.batch_size, progress, on_progress, check
+        )
         classified = time.perf_counter()
         info = slide.info
     finally:
@@ -210,6 +201,31 @@ def classify_slide(
     )
     write_json(outputs.summary, summary)
     return summary
+
+
+def _classify_with_progress(
+    slide: Slide,
+    model: OnnxClassifier,
+    plan: TissueTiles,
+    read_px: int,
+    outputs: SlideOutputs,
+    batch_size: int,
+    progress: bool,
+    on_progress: Callable[[int, int], None] | None,
+    check: Callable[[], None] | None,
+) -> list[TileRow]:
+    """The plan's tiles classified with a progress bar; the caller's hooks after every batch."""
+    total = len(plan.tiles)
+    with tqdm(total=total, desc=slide.info.path.name, unit="tile", disable=not progress) as bar:
+
+        def advance(count: int) -> None:
+            bar.update(count)
+            if on_progress is not None:
+                on_progress(bar.n, total)
+            if check is not None:
+                check()
+
+        return _classify_tiles(slide, model, plan.tiles, read_px, outputs, batch_size, advance)
 
 
 def _summary(

@@ -14,6 +14,7 @@ from histolite.errors import HistoliteError
 from histolite.evaluate.inference import predict_image
 from histolite.export.onnx import ExportError, export_run
 from histolite.models.loading import load_run
+from histolite.runtime.card import CARD_FORMAT_VERSION
 from histolite.runtime.classifier import OnnxClassifier
 
 
@@ -329,7 +330,7 @@ def test_an_older_export_with_stain_inside_model_onnx_still_serves(
     prediction = served.predict(tile)
     np.testing.assert_allclose(prediction.probabilities, expected, atol=1e-4)
 
-    card["format_version"] = 3  # written by a newer histolite
+    card["format_version"] = CARD_FORMAT_VERSION + 1  # written by a newer histolite
     (out / "model.json").write_text(json.dumps(card))
     with pytest.raises(HistoliteError, match="newer than this histolite"):
         OnnxClassifier(out)
