@@ -2,8 +2,9 @@
 
 A :class:`SplitPolicy` says whether a dataset is split by group or by image, what a group is
 (source image, patient, slide, or a user regex), and how validation is drawn. :func:`load_split`
-applies it (or reads a split CSV) and returns one :class:`Split` that training, distillation
-and evaluation pass on; nothing downstream decides splits again.
+decides it, indexes the images, calls the assignment (``splits.make_split``) once, builds the
+parts and the report, all in one pass (or reads a split CSV), and returns one :class:`Split`
+that training, distillation and evaluation pass on; nothing downstream decides splits again.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import csv
 import re
 import warnings
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,14 +21,7 @@ from histolite.config import DataConfig
 from histolite.data.folder import LabelledImages, Sample
 from histolite.data.layouts import scan_dataset
 from histolite.data.registry import get_dataset, is_slide_tile_dataset, list_datasets
-from histolite.data.splits import (
-    SPLIT_NAMES,
-    LeakageWarning,
-    make_split,
-    read_split_csv,
-    split_report,
-    warn_image_level_split,
-)
+from histolite.data.splits import SPLIT_NAMES, LeakageWarning, make_split, read_split_csv
 from histolite.errors import DataError
 
 GROUP_DESCRIPTIONS = {
@@ -147,29 +142,6 @@ class Split:
         return Split(self.classes, parts, self.report, self.source)
 
 
-def _report(
-    policy: SplitPolicy | None,
-    classes: Sequence[str],
-    parts: dict[str, list[Sample]],
-    warnings_given: Sequence[str],
-) -> dict[str, object]:
-    kind = policy.group_kind if policy is not None else "group"
-    report = split_report(
-        classes,
-        parts,
-        split_by=("group" if policy.grouped else "stratified") if policy else "csv",
-        group_kind=kind,
-        warnings_given=warnings_given,
-    )
-    report["group_description"] = GROUP_DESCRIPTIONS.get(kind, kind)
-    if policy is not None:
-        report["policy"] = policy.describe()
-        report["group_regex"] = policy.group_regex
-        report["val_split_by"] = policy.val_split_by
-        report["seed"] = policy.seed
-    return report
-
-
 def read_patient_map(path: str | Path) -> dict[str, str]:
     """``group -> patient`` from a CSV whose columns include ``patient`` and one of ``slide`` or
     ``group`` (the key the dataset's groups use)."""
@@ -237,12 +209,17 @@ def names_that_hold_groups(samples: Sequence[Sample], dataset: str) -> list[str]
 
 
 def load_split(cfg: DataConfig, seed: int) -> Split:
-    """Samples per split, from ``data.split_csv`` or by splitting ``data.root`` per policy."""
+    """Samples per split, from ``data.split_csv`` or by splitting ``data.root`` per policy.
+
+    In one pass: decide the policy, index the images, assign each one a split, and report;
+    the assignment algorithms (``data.splits``) are called once and return split names only.
+    """
     if cfg.split_csv is not None:
         table = read_split_csv(cfg.split_csv)
         read = {name: list(table.subset(name).samples) for name in SPLIT_NAMES}
         LabelledImages(table.classes, tuple(read["train"])).require_trainable(cfg.split_csv)
-        return Split(table.classes, read, _report(None, table.classes, read, []), cfg.split_csv)
+        report = split_report(table.classes, read, split_by="csv", group_kind="group")
+        return Split(table.classes, read, report, cfg.split_csv)
     if cfg.root is None:
         raise DataError("set data.root (an image folder) or data.split_csv (a split CSV)")
     policy = resolve_policy(cfg, seed)
@@ -272,4 +249,86 @@ def load_split(cfg: DataConfig, seed: int) -> Split:
     parts: dict[str, list[Sample]] = {name: [] for name in SPLIT_NAMES}
     for sample, name in zip(images.samples, names, strict=True):
         parts[name].append(sample)
-    return Split(images.classes, parts, _report(policy, images.classes, parts, given), cfg.root)
+    report = split_report(
+        images.classes,
+        parts,
+        split_by="group" if policy.grouped else "stratified",
+        group_kind=policy.group_kind,
+        warnings_given=given,
+    )
+    report.update(
+        policy=policy.describe(),
+        group_regex=policy.group_regex,
+        val_split_by=policy.val_split_by,
+        seed=policy.seed,
+    )
+    return Split(images.classes, parts, report, cfg.root)
+
+
+def warn_image_level_split(dataset: str) -> str:
+    """Warn loudly (and return the message, for the run's split report)."""
+    message = (
+        f"IMAGE-LEVEL SPLIT OF {dataset.upper()}, WHOSE FILES NAME THEIR PATIENTS: images of one "
+        "patient will sit in both training and test data, and accuracy will be inflated (BreakHis "
+        "literature: 97-99% on random image splits against 85-93% on patient-level ones). Use "
+        "data.split_by=group (the default for this dataset) for honest numbers."
+    )
+    warnings.warn(message, LeakageWarning, stacklevel=2)
+    return message
+
+
+MAX_LISTED_GROUPS = 200  # split reports name each split's groups up to this many in all
+
+
+def split_report(
+    classes: Sequence[str],
+    samples_by_split: Mapping[str, Sequence[Sample]],
+    *,
+    split_by: str,
+    group_kind: str,
+    warnings_given: Sequence[str] = (),
+) -> dict[str, object]:
+    """Images and groups (patients, slides) per class per split, and any groups shared by splits.
+
+    ``shared_groups`` lists groups found in more than one split: empty for a grouped split, and
+    the measure of leakage for an image-level one.
+    """
+    where: dict[str, set[str]] = defaultdict(set)
+    splits: dict[str, object] = {}
+    for name in SPLIT_NAMES:
+        part = samples_by_split.get(name, ())
+        per_class = {
+            c: {
+                "images": sum(1 for s in part if s.class_name == c),
+                group_kind + "s": len({s.group for s in part if s.class_name == c}),
+            }
+            for c in classes
+        }
+        for s in part:
+            where[s.group].add(name)
+        splits[name] = {
+            "images": len(part),
+            group_kind + "s": len({s.group for s in part}),
+            "per_class": per_class,
+        }
+    for name in SPLIT_NAMES:  # which slides / patients, where there are few enough to list
+        part = samples_by_split.get(name, ())
+        entry = splits[name]
+        assert isinstance(entry, dict)
+        if len(where) <= MAX_LISTED_GROUPS:
+            entry[group_kind + "_names"] = sorted({s.group for s in part})
+        slides = {s.meta["slide"] for s in part if "slide" in s.meta}
+        if slides:  # grouped by patient, but the images came from slides
+            entry["slides"] = len(slides)
+            if len(slides) <= MAX_LISTED_GROUPS:
+                entry["slide_names"] = sorted(slides)
+    shared = sorted(g for g, names in where.items() if len(names) > 1)
+    return {
+        "split_by": split_by,
+        "group_kind": group_kind,
+        "group_description": GROUP_DESCRIPTIONS.get(group_kind, group_kind),
+        "splits": splits,
+        "shared_groups": len(shared),
+        "shared_group_examples": shared[:20],
+        "warnings": list(warnings_given),
+    }

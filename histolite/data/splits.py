@@ -1,16 +1,18 @@
-"""Reproducible train/val/test splits and the split CSV that training and evaluation read.
+"""How images are assigned to train/val/test, and the split CSV that later steps read.
 
-Randomness comes from NumPy's PCG64 seeded explicitly, over inputs sorted by path, so the same
-seed gives the same split on every machine and file system.
+These functions only assign: given samples, fractions and a seed they return one split name
+per sample (``make_split``). Deciding the policy, building the parts and reporting them is
+``split_policy.load_split``'s, in one pass. Randomness comes from NumPy's PCG64 seeded
+explicitly, over inputs sorted by path, so the same seed gives the same split on every machine
+and file system.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-import warnings
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -365,71 +367,3 @@ def read_split_csv(path: str | Path, classes: Sequence[str] | None = None) -> Sp
 
 class LeakageWarning(UserWarning):
     """An image-level split of data whose patients are known: test accuracy will be inflated."""
-
-
-def warn_image_level_split(dataset: str) -> str:
-    """Warn loudly (and return the message, for the run's split report)."""
-    message = (
-        f"IMAGE-LEVEL SPLIT OF {dataset.upper()}, WHOSE FILES NAME THEIR PATIENTS: images of one "
-        "patient will sit in both training and test data, and accuracy will be inflated (BreakHis "
-        "literature: 97-99% on random image splits against 85-93% on patient-level ones). Use "
-        "data.split_by=group (the default for this dataset) for honest numbers."
-    )
-    warnings.warn(message, LeakageWarning, stacklevel=2)
-    return message
-
-
-MAX_LISTED_GROUPS = 200  # split reports name each split's groups up to this many in all
-
-
-def split_report(
-    classes: Sequence[str],
-    samples_by_split: Mapping[str, Sequence[Sample]],
-    *,
-    split_by: str,
-    group_kind: str,
-    warnings_given: Sequence[str] = (),
-) -> dict[str, object]:
-    """Images and groups (patients, slides) per class per split, and any groups shared by splits.
-
-    ``shared_groups`` lists groups found in more than one split: empty for a grouped split, and
-    the measure of leakage for an image-level one.
-    """
-    where: dict[str, set[str]] = defaultdict(set)
-    splits: dict[str, object] = {}
-    for name in SPLIT_NAMES:
-        part = samples_by_split.get(name, ())
-        per_class = {
-            c: {
-                "images": sum(1 for s in part if s.class_name == c),
-                group_kind + "s": len({s.group for s in part if s.class_name == c}),
-            }
-            for c in classes
-        }
-        for s in part:
-            where[s.group].add(name)
-        splits[name] = {
-            "images": len(part),
-            group_kind + "s": len({s.group for s in part}),
-            "per_class": per_class,
-        }
-    for name in SPLIT_NAMES:  # which slides / patients, where there are few enough to list
-        part = samples_by_split.get(name, ())
-        entry = splits[name]
-        assert isinstance(entry, dict)
-        if len(where) <= MAX_LISTED_GROUPS:
-            entry[group_kind + "_names"] = sorted({s.group for s in part})
-        slides = {s.meta["slide"] for s in part if "slide" in s.meta}
-        if slides:  # grouped by patient, but the images came from slides
-            entry["slides"] = len(slides)
-            if len(slides) <= MAX_LISTED_GROUPS:
-                entry["slide_names"] = sorted(slides)
-    shared = sorted(g for g, names in where.items() if len(names) > 1)
-    return {
-        "split_by": split_by,
-        "group_kind": group_kind,
-        "splits": splits,
-        "shared_groups": len(shared),
-        "shared_group_examples": shared[:20],
-        "warnings": list(warnings_given),
-    }
