@@ -1,11 +1,20 @@
-"""Whole-slide inference speed and memory: tiles/s on a slide, and peak memory vs slide size.
+"""Whole-slide inference speed and memory, and the mask + grid against TIAToolbox's.
 
 Runs ``histolite slide infer`` on the given slide (default: the CMU-1 SVS excerpt) a few times
-in fresh processes and reports the median tiles/s. With ``--memory`` it also writes synthetic
-pyramidal TIFFs of growing size (tiled mosaics of the excerpt) and reports each run's peak
-resident memory: streaming tiles keeps it flat in slide size.
+in fresh processes and reports the median classification tiles/s next to the whole command's
+tiles/s. With ``--memory`` it also writes synthetic pyramidal TIFFs of growing size (tiled
+mosaics of the excerpt) and reports each run's peak resident memory: streaming tiles keeps it
+flat in slide size.
+
+With ``--tiatoolbox-python PY`` (the python of a virtualenv where ``pip install tiatoolbox``
+was run; it is not a histolite dependency) the tissue mask and tile grid of both are timed in
+the same run on the same slide, 224 px tiles at level 0, kept when at least half tissue:
+histolite's ``plan_tissue_tiles`` (open, overview, mask at ~8 um/px, grid) against
+TIAToolbox's ``WSIReader.open`` + ``tissue_mask(resolution=1.25, units="power")`` + its
+sliding-window extractor's coordinates, with the IoU of the two sets of tiles kept.
 
     python benchmarks/slide_infer.py --model models/kather_student_int8 [--memory]
+    python benchmarks/slide_infer.py --tiatoolbox-python /tmp/tia/bin/python
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +74,72 @@ def tiled_copy(source: Path, path: Path, repeat: int) -> Path:
     return write_pyramidal_tiff(path, level, info.mpp, compression="jpeg")
 
 
+TIATOOLBOX = """
+import json, sys, time
+from tiatoolbox.tools.patchextraction import get_patch_extractor
+from tiatoolbox.wsicore.wsireader import WSIReader
+
+path, size, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+seconds, tiles = [], []
+for _ in range(repeats):
+    started = time.perf_counter()
+    reader = WSIReader.open(path)
+    mask = reader.tissue_mask(method="otsu", resolution=1.25, units="power")
+    extractor = get_patch_extractor(
+        "slidingwindow", input_img=reader, input_mask=mask, patch_size=(size, size),
+        stride=(size, size), resolution=0, units="level", min_mask_ratio=0.5, within_bound=True,
+    )
+    tiles = [[int(c[0]), int(c[1])] for c in extractor.coordinate_list]
+    seconds.append(time.perf_counter() - started)
+print(json.dumps({"seconds": seconds, "tiles": tiles}))
+"""
+
+
+def compare_tiatoolbox(slide: Path, python: Path, repeats: int, size: int = 224) -> None:
+    """Mask + grid of histolite and TIAToolbox on one slide, timed in this run."""
+    from histolite.slide.reader import open_slide
+    from histolite.slide.tiles import plan_tissue_tiles
+
+    ours, kept = [], set()
+    for _ in range(repeats + 1):  # the first warms the file cache and imports; not counted
+        started = time.perf_counter()
+        opened = open_slide(slide)
+        plan = plan_tissue_tiles(opened, size * opened.info.mpp, min_tissue=0.5)
+        opened.close()
+        ours.append(time.perf_counter() - started)
+        kept = {(t.x, t.y) for t in plan.tiles}
+    result = subprocess.run(
+        [str(python), "-c", TIATOOLBOX, str(slide), str(size), str(repeats + 1)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    theirs = json.loads(result.stdout.strip().splitlines()[-1])
+    tia_kept = {tuple(t) for t in theirs["tiles"]}
+    iou = len(kept & tia_kept) / max(1, len(kept | tia_kept))
+    mine, tia = statistics.median(ours[1:]), statistics.median(theirs["seconds"][1:])
+    print(
+        f"mask + grid on {slide.name}, {size} px tiles at level 0, >= 50% tissue (median of "
+        f"{repeats}): histolite {mine:.3f} s ({', '.join(f'{s:.3f}' for s in ours[1:])}), "
+        f"TIAToolbox {tia:.3f} s ({', '.join(f'{s:.3f}' for s in theirs['seconds'][1:])}); "
+        f"ratio {mine / tia:.2f}; tiles kept: histolite {len(kept)}, TIAToolbox {len(tia_kept)}, "
+        f"IoU {iou:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model", type=Path, default=None, help="exported model: infer speed")
+    parser.add_argument("--tiatoolbox-python", type=Path, default=None)
     parser.add_argument("--slide", type=Path, default=SVS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--memory", action="store_true", help="also peak RSS vs slide size")
     args = parser.parse_args()
+    if args.tiatoolbox_python is not None:
+        compare_tiatoolbox(args.slide, args.tiatoolbox_python, args.repeats)
+    if args.model is None:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         rates, summary = [], {}
         for i in range(args.repeats):
@@ -80,9 +148,10 @@ def main() -> None:
         print(
             f"{args.slide.name}: {summary['width']}x{summary['height']} px at "
             f"{summary['mpp']} um/px, {summary['tiles']} tiles of {summary['tile_um']:.1f} um "
-            f"({summary['reader']}); tiles/s median of {args.repeats}: "
+            f"({summary['reader']}); classification tiles/s median of {args.repeats}: "
             f"{statistics.median(rates):.1f} (runs: {', '.join(f'{r:.1f}' for r in rates)}); "
-            f"total {summary['timings_s']['total']:.1f} s"
+            f"whole command {summary['timings_s']['total']:.2f} s, "
+            f"{summary['timings_s']['tiles_per_s_overall']:.1f} tiles/s"
         )
         if args.memory:
             print("| slide | pixels | tiles | peak RSS MB |")

@@ -126,12 +126,24 @@ def thumbnail(
 
 
 def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
-    """RGBA onto white: OpenSlide marks pixels outside the scanned area transparent."""
+    """RGBA onto white: OpenSlide marks pixels outside the scanned area transparent.
+
+    Most regions are opaque everywhere: then the colour channels are returned as they are, and
+    otherwise only the pixels that are not opaque are blended (this was a third of a small
+    slide's mask time when every pixel went through 16-bit arithmetic).
+    """
     if rgba.shape[-1] == 3:
         return rgba
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
-    return rgb.astype(np.uint8)
+    alpha = rgba[..., 3]
+    rgb = np.ascontiguousarray(rgba[..., :3])
+    if int(alpha.min()) == 255:
+        return rgb
+    seen = alpha != 255
+    weight = alpha[seen].astype(np.uint16)[:, None]
+    rgb[seen] = ((rgb[seen].astype(np.uint16) * weight + 255 * (255 - weight) + 127) // 255).astype(
+        np.uint8
+    )
+    return rgb
 
 
 _APERIO_MPP = re.compile(r"\bMPP\s*=\s*([0-9.]+)")

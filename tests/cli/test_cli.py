@@ -86,7 +86,11 @@ def test_end_to_end_synthetic_train_evaluate_predict(
     code, out, _ = run_cli(["predict", str(run), *map(str, images)])
     lines = [json.loads(line) for line in out.strip().splitlines()]
     assert code == 0 and len(lines) == 2
-    assert set(lines[0]) == {"file", "class", "probabilities"}
+    assert {"file", "class", "probabilities", "confidence", "uncertain", "calibrated"} <= set(
+        lines[0]
+    )
+    # Uncalibrated runs have no abstention threshold, so "uncertain" is unknown, not False.
+    assert lines[0]["calibrated"] is False and lines[0]["uncertain"] is None
     assert abs(sum(lines[0]["probabilities"].values()) - 1) < 1e-3
 
 
