@@ -463,12 +463,13 @@ def _check_png(data: bytes, name: str | Path, limits: DecodeLimits) -> tuple[int
 _TIFF_RGB, _TIFF_PALETTE, _TIFF_YCBCR = 2, 3, 6
 _TIFF_GRAYSCALE = {0: "MINISWHITE", 1: "MINISBLACK"}
 _TIFF_JPEG = 7
+_TIFF_NONE = 1
 # Compressions accepted in uploads: the general-purpose codecs, whose output tifffile sizes
 # from the tags, and JPEG, whose strips and tiles are checked like JPEG files. Other image
 # codecs (JPEG 2000, WebP, JPEG XL, PNG...) decode to whatever size their own stream declares
 # before tifffile compares it with the tile.
 _TIFF_UPLOAD_COMPRESSIONS = {
-    1: "none",
+    _TIFF_NONE: "none",
     5: "LZW",
     7: "JPEG",
     8: "Deflate",
@@ -478,6 +479,54 @@ _TIFF_UPLOAD_COMPRESSIONS = {
     34926: "Zstd",
     50000: "Zstd",
 }
+# The imagecodecs codec(s) tifffile decodes each accepted compression with. Only those write
+# into a buffer of the size the tags declare (``out=``); without them tifffile falls back to
+# its pure-Python module, which ignores ``out`` (``zlib.decompress``, ``lzma.decompress``...):
+# a 10 KB Deflate strip of a 16 x 16 image inflates to 10 MB, and a crafted one to gigabytes.
+# LZW and JPEG have no fallback (tifffile cannot read them at all without imagecodecs).
+_TIFF_BOUNDED_CODECS = {
+    5: ("LZW",),
+    7: ("JPEG8",),
+    8: ("DEFLATE", "ZLIB"),
+    32773: ("PACKBITS",),
+    32946: ("DEFLATE", "ZLIB"),
+    34925: ("LZMA",),
+    34926: ("ZSTD",),
+    50000: ("ZSTD",),
+}
+MAX_TIFF_SEGMENT_EXPANSION = 2
+"""Most bytes of compressed data per decoded byte in a strip or tile (plus
+:data:`_TIFF_SEGMENT_SLACK`): LZW's 9- to 12-bit codes reach 1.5x on noise, Deflate, LZMA, Zstd
+and PackBits stay within a few bytes of the raw size. More is crafted or corrupt, and each
+byte of it is read and fed to the decoder."""
+_TIFF_SEGMENT_SLACK = 1024  # stream headers and trailers (an xz container is ~60 bytes)
+
+
+def imagecodecs_available() -> bool:
+    """Whether the ``imagecodecs`` package imports (the ``slide`` extra installs it).
+
+    Tests replace this to see the refusals of a ``serve``-only install.
+    """
+    try:
+        import imagecodecs  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _decodes_within_tags(compression: int) -> bool:
+    """Whether tifffile decodes ``compression`` into a buffer sized from the tags."""
+    if compression == _TIFF_NONE:
+        return True
+    if not imagecodecs_available():
+        return False
+    import imagecodecs
+
+    # a build of imagecodecs without one codec sends tifffile to its fallback for that codec
+    return any(
+        getattr(getattr(imagecodecs, codec, None), "available", False)
+        for codec in _TIFF_BOUNDED_CODECS.get(compression, ())
+    )
 
 
 def _tiff_enum_name(value: int, enum_name: str) -> str:
@@ -564,6 +613,10 @@ def _check_tiff_costs(
     one strip or tile in flight (decoded one at a time here) and the 3 B/px RGB copy (none for
     contiguous 8-bit RGB). At 8 B/px that admits 8-bit RGB(A) up to the pixel limit, 16-bit RGB
     to 89% of it and 16-bit RGBA to 73% (11 B/px).
+
+    Compressed uploads need imagecodecs (:func:`_decodes_within_tags`), and no strip or tile
+    may hold more compressed bytes than its decoded size explains
+    (:func:`_check_tiff_byte_counts`).
     """
     compression = int(page.compression)
     if compression not in _TIFF_UPLOAD_COMPRESSIONS:
@@ -571,6 +624,14 @@ def _check_tiff_costs(
         raise UnsupportedImage(
             f"{label}: TIFF compression {_tiff_enum_name(compression, 'COMPRESSION')} is not "
             f"accepted for uploads; accepted: {accepted}"
+        )
+    if not _decodes_within_tags(compression):
+        raise UnsupportedImage(
+            f"{label}: TIFF compression {_TIFF_UPLOAD_COMPRESSIONS[compression]} is not accepted "
+            "on this server: without the 'imagecodecs' package tifffile cannot decode it, or "
+            "decodes it without a bound on the output size; send an uncompressed TIFF, a PNG or "
+            "a JPEG, or have the server installed with pip install 'histolite[slide]' (or pip "
+            "install imagecodecs)"
         )
     height, width = int(page.imagelength), int(page.imagewidth)
     samples, bits = int(page.samplesperpixel), int(page.bitspersample)
@@ -589,7 +650,8 @@ def _check_tiff_costs(
     else:
         seg_cols, seg_rows = width, min(int(page.rowsperstrip) or height, height)
         seg_pixels = seg_cols * seg_rows
-    segment = 0 if contiguous else seg_pixels * (1 if planar else samples) * itemsize
+    seg_bytes = seg_pixels * (1 if planar else samples) * itemsize
+    segment = 0 if contiguous else seg_bytes
     decoded = height * width * samples * itemsize
     rgb_in_place = kind == "rgb" and itemsize == 1 and samples == 3 and not planar
     converted = 0 if rgb_in_place else height * width * 3
@@ -602,6 +664,32 @@ def _check_tiff_costs(
         )
     if compression == _TIFF_JPEG:
         _check_tiff_jpeg(tif, page, label, limits, seg_cols, seg_rows)
+    else:
+        _check_tiff_byte_counts(page, label, seg_bytes)
+
+
+def _check_tiff_byte_counts(page: Any, label: str | Path, seg_bytes: int) -> None:
+    """Refuse a strip or tile holding more compressed bytes than its decoded size explains.
+
+    A lossless codec never expands its data more than :data:`MAX_TIFF_SEGMENT_EXPANSION` times
+    (plus stream headers), so a 16 x 16 strip of 768 bytes stored in 10 KB is crafted: a
+    decompression bomb whose output the decoder would have to cut short, or padding that makes
+    the server read and decode bytes that are not pixels. Checked from the tags alone.
+    """
+    counts = page.databytecounts
+    if not counts:
+        return
+    bound = MAX_TIFF_SEGMENT_EXPANSION * seg_bytes + _TIFF_SEGMENT_SLACK
+    largest = max(counts)
+    if largest > bound:
+        index = list(counts).index(largest)
+        codec = _TIFF_UPLOAD_COMPRESSIONS.get(int(page.compression), str(page.compression))
+        raise DecodeBudgetExceeded(
+            f"{label}: TIFF strip/tile {index} holds {largest:,} bytes of {codec} data for "
+            f"{seg_bytes:,} bytes of pixels; expected at most {bound:,} "
+            f"({MAX_TIFF_SEGMENT_EXPANSION}x the decoded size plus {_TIFF_SEGMENT_SLACK:,} "
+            "bytes), so the file is crafted or corrupt"
+        )
 
 
 def _check_tiff_jpeg(

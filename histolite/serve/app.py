@@ -63,7 +63,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # added first, so it runs inside the metrics middleware and its 413s are counted
     app.add_middleware(
-        BodyLimit, limit=settings.max_request_bytes, read_timeout=settings.body_read_timeout
+        BodyLimit,
+        limit=settings.max_request_bytes,
+        read_timeout=settings.body_read_timeout,
+        total_timeout=settings.body_total_timeout,
     )
     if settings.api_key:  # before routing, so every protected path is covered
         open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/", "/static/")

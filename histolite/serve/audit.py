@@ -335,11 +335,23 @@ class Entry:
     detail: str | None = None
 
     def values(self, time: str) -> dict[str, Any]:
-        values = {f: getattr(self, f, None) for f in FIELDS if f != "time"}
+        """The row's columns, each text storable as UTF-8 (what the chain hash covers)."""
+        values = {f: storable(getattr(self, f, None)) for f in FIELDS if f != "time"}
         values["time"] = time
         if self.probabilities is not None:
             values["probabilities"] = json.dumps(self.probabilities, sort_keys=True)
         return values
+
+
+def storable(value: Any) -> Any:
+    """``value`` with lone surrogates written as ``\\udcff`` escapes, other values as they are.
+
+    A client's file name or slide name can carry one (JSON's ``"\\ud800"``, an undecodable
+    multipart name); SQLite stores UTF-8 and refused the whole row, 500 included.
+    """
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 class AuditLog:
@@ -463,11 +475,16 @@ class AuditLog:
                     )
                     previous = digest
                 self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except BaseException as exc:
+                # whatever failed, never leave the transaction open: BEGIN IMMEDIATE holds the
+                # database's write lock, and every later BEGIN on this connection would fail
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
-                self.failure = str(exc)
-                raise AuditUnavailable(f"audit log unavailable: {exc}") from exc
+                if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit
+                    raise
+                reason = str(exc) if isinstance(exc, sqlite3.Error) else _one_line(exc)
+                self.failure = storable(reason)
+                raise AuditUnavailable(f"audit log unavailable: {self.failure}") from exc
         self.failure = None
 
     def record_job(
@@ -519,6 +536,11 @@ class AuditLog:
 
 
 # ---------------------------------------------------------------------------- the readers
+def _one_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
 def _open_read_only(db_path: str | Path) -> sqlite3.Connection:
     db_path = Path(db_path)
     if not db_path.is_file():

@@ -2,8 +2,9 @@
 
 What is checked, at every hop (the first request and each redirect):
 
-- the URL parses, its scheme is http(s) and its port is a port; anything malformed is a 422
-  that names the problem;
+- the URL parses, its scheme is http(s), its port is a port and httpx can request it (no
+  control characters, no lone surrogates); anything malformed, a redirect's Location included,
+  is a 422 that names the problem, refused before any name is resolved;
 - the host resolves, and every address it resolves to is public: private, loopback,
   link-local (cloud metadata at 169.254.169.254 included), multicast, reserved and unspecified
   addresses are refused (403), as are IPv4-mapped forms of them;
@@ -111,6 +112,14 @@ def parse_url(url: str) -> tuple[SplitResult, str, int]:
         host.encode("idna")
     except UnicodeError as exc:
         raise UrlFetchError(f"malformed URL: host {host[:80]!r} is not a valid name", 422) from exc
+    try:  # what httpx will be asked to request: control characters, lone surrogates
+        httpx.URL(url)
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise UrlFetchError(
+            f"malformed URL {url[:200]!r}: {exc}; expected printable characters, "
+            "percent-encoded where needed",
+            422,
+        ) from exc
     return parts, host, port or (443 if parts.scheme == "https" else 80)
 
 
@@ -162,7 +171,13 @@ class UrlFetcher:
             location, body = await self._get(target)
             if location is None:
                 return body
-            url = urljoin(url, location)
+            try:  # the next hop's check() vets the result like a client's URL
+                url = urljoin(url, location)
+            except ValueError as exc:  # unbalanced brackets in the Location
+                raise UrlFetchError(
+                    f"redirect from {url[:200]!r} to a malformed URL {location[:200]!r} ({exc})",
+                    422,
+                ) from exc
         raise UrlFetchError(f"more than {self.max_redirects} redirects", 422)
 
     async def _get(self, target: Target) -> tuple[str | None, bytes]:
@@ -206,7 +221,8 @@ class UrlFetcher:
                 ) from exc
             except httpx.TimeoutException as exc:
                 raise UrlFetchError(f"fetching {url[:200]!r} timed out", 504) from exc
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as exc:
+                # check() refuses what httpx cannot request; this keeps any other case a 422
                 raise UrlFetchError(
                     f"fetching {url[:200]!r} failed ({type(exc).__name__})", 422
                 ) from exc

@@ -28,13 +28,20 @@ class ClientError(Exception):
 
 class BodyLimit:
     """ASGI middleware: 413 when a request body exceeds the limit (declared or streamed), 408
-    when a body stalls for ``read_timeout`` seconds between chunks (a slow client would hold a
-    worker's request open forever)."""
+    when a body stalls for ``read_timeout`` seconds between chunks or is still arriving
+    ``total_timeout`` seconds after its first chunk was asked for.
 
-    def __init__(self, app: ASGIApp, limit: int, read_timeout: float = 30.0) -> None:
+    Both clocks are needed: without the first a client that stops sending holds the request
+    forever, without the second so does one that sends a byte every ``read_timeout - 1`` s.
+    """
+
+    def __init__(
+        self, app: ASGIApp, limit: int, read_timeout: float = 30.0, total_timeout: float = 120.0
+    ) -> None:
         self.app = app
         self.limit = limit
         self.read_timeout = read_timeout
+        self.total_timeout = total_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,14 +53,27 @@ class BodyLimit:
             await _too_large(self.limit)(scope, receive, send)
             return
         received, complete = 0, False
+        deadline: float | None = None  # set when the app first asks for the body
 
         async def limited_receive() -> Message:
-            nonlocal received, complete
+            nonlocal received, complete, deadline
             if complete:  # after the body: only the disconnect, which may take any time
                 return await receive()
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.total_timeout
+            left = deadline - now
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout)
+                if left <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(receive(), min(self.read_timeout, left))
             except (TimeoutError, asyncio.TimeoutError):
+                if left < self.read_timeout:  # the overall deadline, not a stall, ran out
+                    raise ClientError(
+                        408,
+                        f"the request body took more than {self.total_timeout:g} s in all "
+                        f"({received} bytes received)",
+                    ) from None
                 raise ClientError(
                     408, f"the request body stalled for more than {self.read_timeout:g} s"
                 ) from None

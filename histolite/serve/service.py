@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
 import json
 import time
 import uuid
@@ -106,16 +105,6 @@ class PredictionService:
             self._slots = anyio.CapacityLimiter(self.settings.max_concurrent_predictions)
         return self._slots
 
-    def check_key(self, request: Request) -> None:
-        if self.settings.api_key is None:
-            return
-        supplied = request.headers.get("x-api-key") or ""
-        auth = request.headers.get("authorization") or ""
-        if auth.lower().startswith("bearer "):
-            supplied = supplied or auth[7:]
-        if not hmac.compare_digest(supplied.encode(), self.settings.api_key.encode()):
-            raise ClientError(401, "missing or wrong API key (X-API-Key header)")
-
     async def read_images(self, request: Request) -> list[tuple[bytes, str | None]]:
         """(bytes, file name) of each uploaded file, or of the one image a JSON URL names."""
         content_type = request.headers.get("content-type", "")
@@ -208,8 +197,10 @@ class PredictionService:
         return result
 
     async def predict(self, request: Request, entry: ModelEntry) -> JSONResponse:
-        """Classify every image of the request, then audit the request as one unit."""
-        self.check_key(request)
+        """Classify every image of the request, then audit the request as one unit.
+
+        The API key was checked before routing (``middleware.RequireKey``).
+        """
         # a locked database makes this wait seconds: never on the event loop (health, metrics)
         await run_in_threadpool(self.require_audit)
         client = request.client.host if request.client else None
@@ -301,6 +292,12 @@ async def read_json_body(request: Request, limit: int = MAX_JSON_BYTES) -> Any:
         return await anyio.to_thread.run_sync(json.loads, bytes(body))
     except ValueError as exc:  # JSONDecodeError, bad UTF-8
         raise ClientError(422, f"request body is not valid JSON ({str(exc)[:120]})") from exc
+    except RecursionError as exc:  # b"[" * 3000: json's decoder recurses once per level
+        raise ClientError(
+            422,
+            "request body is JSON nested too deeply; expected a flat object such as "
+            '{"url": ...} or {"slide": ...}',
+        ) from exc
 
 
 async def service(request: Request) -> PredictionService:

@@ -82,6 +82,13 @@ class ServeSettings(BaseSettings):
     body_read_timeout: float = Field(
         default=30.0, gt=0, description="seconds a request body may stall between chunks, else 408"
     )
+    body_total_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        description="seconds a whole request body may take, however steadily it trickles, else "
+        "408 (the largest body then needs max_request_bytes / this per second: 25 MB in 120 s "
+        "is about 210 KB/s)",
+    )
     head_timeout: float = Field(
         default=10.0,
         gt=0,

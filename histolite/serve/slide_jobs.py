@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
+import math
+import os
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -37,6 +40,7 @@ MAX_SLIDE_DEPTH = 16
 UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\\]")  # control characters, backslashes
 PENDING = ("queued", "running")
 JOB_KEYS = ("id", "slide", "model", "version", "status", "created")
+EXPIRE_EVERY_S = 60.0  # lookups run retention at most this often (it lists every job)
 LOG = logging.getLogger(__name__)
 
 
@@ -81,14 +85,68 @@ def _one_line(exc: BaseException) -> str:
     return text[:300]
 
 
+def _parse_time(value: Any, field: str) -> _dt.datetime:
+    """A job's timestamp as written by :func:`_now`: ISO 8601 with a UTC offset.
+
+    Raises:
+        ValueError: not a string, not ISO 8601, or without an offset (a naive time cannot be
+            compared with the retention cutoff).
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{field} is {type(value).__name__}; expected an ISO 8601 string")
+    try:
+        parsed = _dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"{field} {value[:40]!r} is not an ISO 8601 time; expected e.g. "
+            "2024-05-01T12:00:00+00:00"
+        ) from None
+    if parsed.tzinfo is None:
+        raise ValueError(f"{field} {value[:40]!r} has no UTC offset; expected e.g. +00:00")
+    return parsed
+
+
 def _read_job(path: Path) -> dict[str, Any]:
-    """A job's state file, checked: a damaged one must not be run or served as a job."""
+    """A job's state file, checked: a damaged one must not be run or served as a job, nor
+    stop the service when retention or the restart reads its times and counters."""
     job = read_json(path)
     if not isinstance(job, dict) or any(not isinstance(job.get(k), str) for k in JOB_KEYS):
         raise ValueError(f"not a slide job (needs string fields {', '.join(JOB_KEYS)})")
     if job["id"] != path.parent.name or not JOB_ID.match(job["id"]):
         raise ValueError("its id is not its folder's name")
+    _parse_time(job["created"], "created")
+    if job.get("finished") is not None:
+        _parse_time(job["finished"], "finished")
+    for counter in ("attempts", "restarted"):
+        value = job.get(counter, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{counter} is {str(value)[:40]!r}; expected a count (0 or more)")
     return job
+
+
+def _tree_bytes(folder: Path) -> int:
+    """Bytes of the regular files under ``folder``, tolerating files and folders that vanish
+    while it walks (atomic writes' temporary files, results that retention deletes)."""
+    total = 0
+    for parent, _, names in os.walk(folder):  # os.walk skips folders it cannot list
+        for name in names:
+            try:
+                info = os.lstat(os.path.join(parent, name))
+            except OSError:  # removed between the listing and here
+                continue
+            if stat.S_ISREG(info.st_mode):
+                total += info.st_size
+    return total
+
+
+def _ended(job: dict[str, Any]) -> _dt.datetime:
+    """When a job finished (or, never started, was created); times were checked on loading
+    and are written by :func:`_now`, so only a job changed behind the service's back fails
+    here, and it is kept rather than deleted."""
+    try:
+        return _parse_time(job.get("finished") or job["created"], "finished")
+    except ValueError:
+        return _dt.datetime.max.replace(tzinfo=_dt.timezone.utc)
 
 
 class SlideJobs:
@@ -119,7 +177,12 @@ class SlideJobs:
                 continue
             self._jobs[job["id"]] = job
         self.expired = 0  # finished jobs whose results retention deleted
+        self._last_expiry = -math.inf
+        # read by /metrics on the event loop: walked here, on submit, when a job ends and
+        # when retention deletes, never by the gauges themselves
+        self._disk_used = 0
         self.expire()
+        self.refresh_disk_bytes()
         for job in sorted(self._jobs.values(), key=lambda j: j["created"]):
             if job["status"] not in PENDING:
                 continue
@@ -156,7 +219,15 @@ class SlideJobs:
         call: a 600 KB name of ``a/a/a/...`` spent 18 s in ``Path.resolve``."""
         if not isinstance(slide, str) or not slide:
             raise JobError(422, 'name a slide: {"slide": "relative/path.svs", "model": ...}')
-        if len(slide.encode("utf-8", "surrogatepass")) > MAX_SLIDE_NAME:
+        try:  # strictly: a lone surrogate ("\ud800" in JSON) fails later in Path.resolve
+            encoded = slide.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise JobError(
+                422,
+                f"slide name {shown(slide)} is not valid Unicode text (a lone surrogate at "
+                f"character {exc.start}); expected a path of UTF-8 characters",
+            ) from exc
+        if len(encoded) > MAX_SLIDE_NAME:
             raise JobError(422, f"slide name longer than {MAX_SLIDE_NAME} bytes")
         parts = slide.split("/")
         if slide.startswith("/") or ".." in parts:
@@ -164,7 +235,7 @@ class SlideJobs:
         if (
             len(parts) > MAX_SLIDE_DEPTH
             or UNPRINTABLE.search(slide)
-            or any(not part or len(part.encode("utf-8", "surrogatepass")) > 255 for part in parts)
+            or any(not part or len(part.encode("utf-8")) > 255 for part in parts)
         ):
             raise JobError(
                 422,
@@ -200,7 +271,7 @@ class SlideJobs:
                 "features` and `histolite slide predict`. Choose a tile classifier.",
             )
         self.expire()
-        used = self.disk_bytes()
+        used = self.refresh_disk_bytes()  # the quota needs the figure of now
         if used >= self.settings.disk_quota_bytes:
             raise JobError(
                 507,
@@ -224,9 +295,12 @@ class SlideJobs:
             }
             self._jobs[job["id"]] = job
             self._save(job)
-        self._audit(job, "submitted")
-        self._pool.submit(self._run, job["id"])
-        return job
+            # a copy: once the pool has it, the worker updates the stored dict while the
+            # route turns this one into JSON
+            view = dict(job)
+        self._audit(view, "submitted")
+        self._pool.submit(self._run, view["id"])
+        return view
 
     def _audit(self, job: dict[str, Any], event: str, detail: str | None = None) -> None:
         if self.audit is None:
@@ -272,9 +346,11 @@ class SlideJobs:
                     self._save(job)
                 job = dict(job)
             self._audit(job, "failed", reason)
+        finally:
+            self.refresh_disk_bytes()  # its results are written: the gauge follows
 
     def _work(self, job_id: str) -> None:
-        attempts = int(self.get(job_id).get("attempts", 0)) + 1
+        attempts = int(self._snapshot(job_id).get("attempts", 0)) + 1
         job = self._update(job_id, status="running", started=_now(), attempts=attempts)
         entry = self.repository.get(job["model"], job["version"])
         deadline = time.monotonic() + self.settings.max_seconds
@@ -320,8 +396,18 @@ class SlideJobs:
         self._audit(job, "done", f"{summary['tiles']} tiles; most tiles: {top}")
 
     def get(self, job_id: str) -> dict[str, Any]:
+        """A copy of a job's state (the worker keeps updating the stored one).
+
+        Runs retention first, at most every :data:`EXPIRE_EVERY_S` seconds: a service that
+        takes no new jobs still deletes old results, and a lookup of an expired job is a 404.
+        """
         if not JOB_ID.match(job_id):
             raise JobError(404, "no such slide job")
+        if time.monotonic() - self._last_expiry >= EXPIRE_EVERY_S:
+            self.expire()
+        return self._snapshot(job_id)
+
+    def _snapshot(self, job_id: str) -> dict[str, Any]:
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
@@ -339,12 +425,21 @@ class SlideJobs:
         return files[name]
 
     def disk_bytes(self) -> int:
-        """Bytes the jobs' folders hold (state and results)."""
-        return sum(f.stat().st_size for f in self.settings.jobs_dir.rglob("*") if f.is_file())
+        """Bytes the jobs' folders hold (state and results), walked now.
+
+        Not for the event loop: :meth:`gauges` reports the figure of the last walk.
+        """
+        return _tree_bytes(self.settings.jobs_dir)
+
+    def refresh_disk_bytes(self) -> int:
+        """Walk the jobs' folders and keep the figure for :meth:`gauges`; returns it."""
+        self._disk_used = self.disk_bytes()
+        return self._disk_used
 
     def expire(self) -> int:
         """Delete finished jobs older than the retention period (state and results); returns
         how many. Pending jobs are never touched."""
+        self._last_expiry = time.monotonic()
         hours = self.settings.retention_hours
         if hours <= 0:
             return 0
@@ -353,14 +448,15 @@ class SlideJobs:
             old = [
                 job_id
                 for job_id, job in self._jobs.items()
-                if job["status"] not in PENDING
-                and _dt.datetime.fromisoformat(job.get("finished") or job["created"]) < cutoff
+                if job["status"] not in PENDING and _ended(job) < cutoff
             ]
             for job_id in old:
                 del self._jobs[job_id]
+            self.expired += len(old)
         for job_id in old:
             shutil.rmtree(self.settings.jobs_dir / job_id, ignore_errors=True)
-        self.expired += len(old)
+        if old:
+            self.refresh_disk_bytes()
         return len(old)
 
     def gauges(self) -> list[Gauge]:
@@ -376,7 +472,7 @@ class SlideJobs:
                 "histolite_slide_jobs_disk_bytes",
                 "Bytes of slide job state and results.",
                 (),
-                float(self.disk_bytes()),
+                float(self._disk_used),
             ),
             (
                 "histolite_slide_jobs_disk_quota_bytes",

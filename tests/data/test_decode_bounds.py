@@ -302,6 +302,76 @@ def test_too_many_strips_and_unchecked_codecs_are_refused(
     assert decodes == []
 
 
+def _deflate_bomb_tiff() -> bytes:
+    """A 16 x 16 RGB Deflate TIFF whose one strip inflates to 50 MB instead of 768 bytes: the
+    strip of a valid file replaced (StripOffsets, StripByteCounts) by zeros deflated."""
+    small = _tiff(np.zeros((16, 16, 3), np.uint8), photometric="rgb", compression="zlib")
+    bomb = zlib.compress(bytes(50_000_000), 9)
+    data = _declare_tiff_tags(small, {273: len(small), 279: len(bomb)}) + bomb
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:  # the tags say what the bomb needs
+        page = tif.pages[0]
+        assert (page.compression, page.shape, page.databytecounts) == (8, (16, 16, 3), (len(bomb),))
+    return data
+
+
+def test_compressed_tiffs_are_refused_without_imagecodecs(
+    monkeypatch: pytest.MonkeyPatch, decodes: list[str]
+) -> None:
+    """Review finding A: tifffile's fallback without imagecodecs (a ``serve``-only install)
+    ignores the output size, so a Deflate strip of a 16 x 16 image inflated to all it held."""
+    monkeypatch.setattr(images, "imagecodecs_available", lambda: False)
+    bomb = _deflate_bomb_tiff()
+    assert len(bomb) < 100_000
+    with pytest.raises(UnsupportedImage, match=r"compression Deflate .*histolite\[slide\]") as info:
+        decode_rgb(bomb, "bomb.tif", max_pixels=60_000_000)
+    assert "imagecodecs" in str(info.value)
+    others = [("zstd", "Zstd"), ("lzma", "LZMA"), ("packbits", "PackBits"), ("lzw", "LZW")]
+    for compression, named in [*others, ("jpeg", "JPEG")]:  # LZW, JPEG: no fallback at all
+        data = _tiff(_smooth(16, 16), photometric="rgb", compression=compression)
+        with pytest.raises(UnsupportedImage, match=rf"compression {named} is not accepted on"):
+            decode_rgb(data, "small.tif")
+    assert decodes == []
+
+
+def test_a_codec_missing_from_the_imagecodecs_build_is_refused(
+    monkeypatch: pytest.MonkeyPatch, decodes: list[str]
+) -> None:
+    """tifffile takes its unbounded fallback for one codec that imagecodecs was built without."""
+    import imagecodecs
+
+    data = _tiff(_smooth(16, 16), photometric="rgb", compression="zstd")
+    monkeypatch.setattr(imagecodecs, "ZSTD", type("ZSTD", (), {"available": False}))
+    with pytest.raises(UnsupportedImage, match="compression Zstd is not accepted on this server"):
+        decode_rgb(data, "zstd.tif")
+    assert decodes == []
+
+
+def test_uncompressed_tiffs_need_no_imagecodecs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images, "imagecodecs_available", lambda: False)
+    plain = _tiff(_smooth(16, 16), photometric="rgb")
+    assert decode_rgb(plain, "plain.tif").tolist() == _smooth(16, 16).tolist()
+
+
+def test_a_strip_holding_more_bytes_than_it_decodes_to_is_refused(decodes: list[str]) -> None:
+    """With imagecodecs the bomb's output is cut at the strip's size, but 48 KB of data for a
+    768-byte strip is crafted: refused from the tags, before reading it."""
+    assert images.imagecodecs_available()  # the dev install has the slide extra
+    message = r"strip/tile 0 holds [\d,]+ bytes of Deflate data for 768 bytes of pixels"
+    with pytest.raises(DecodeBudgetExceeded, match=message + r"; expected at most 2,560"):
+        decode_rgb(_deflate_bomb_tiff(), "bomb.tif", max_pixels=60_000_000)
+    assert decodes == []
+
+
+@pytest.mark.parametrize("compression", ["zlib", "zstd", "lzma", "packbits", "lzw", None])
+def test_noise_in_every_accepted_codec_passes_the_byte_count_check(
+    compression: str | None,
+) -> None:
+    """Incompressible data is the worst honest case (LZW expands it): still decoded exactly."""
+    noise = _noise(64, 48)
+    data = _tiff(noise, photometric="rgb", compression=compression, rowsperstrip=3)
+    assert np.array_equal(decode_rgb(data, "noise.tif", max_pixels=60_000_000), noise)
+
+
 # 3. ---------------------------------------------------------------- colour models
 @pytest.mark.parametrize(
     ("photometric", "samples", "named"),

@@ -56,6 +56,22 @@ def test_json_bodies_are_bounded_before_parsing(repository: Path, tmp_path: Path
     assert long_url.status_code == 422 and "2048" in long_url.json()["detail"]
 
 
+def test_deeply_nested_json_is_a_422_not_a_500(repository: Path, tmp_path: Path) -> None:
+    """Review finding C: 3 KB of "[" raised RecursionError in json.loads, which the handler
+    (catching ValueError) let through as a 500 and an "error 500" audit row."""
+    (tmp_path / "slides").mkdir()
+    nested = b"[" * 3000
+    with _slide_service(repository, tmp_path) as client:
+        for path in ("/v1/predict", "/v1/slides"):
+            response = client.post(
+                path, content=nested, headers={"content-type": "application/json"}
+            )
+            assert response.status_code == 422, (path, response.text)
+            assert "nested too deeply" in response.json()["detail"]
+    outcomes = [outcome for outcome, _ in _audit_rows(tmp_path)]
+    assert outcomes == ["rejected 422", "rejected 422"]
+
+
 def test_names_are_checked_first_and_never_echoed_whole(repository: Path, tmp_path: Path) -> None:
     settings = ServeSettings(
         model_dir=repository,
@@ -146,6 +162,43 @@ def test_a_stalled_body_is_a_408(repository: Path, tmp_path: Path) -> None:
     started = time.perf_counter()
     asyncio.run(limited({"type": "http", "headers": []}, receive, send))  # type: ignore[arg-type]
     assert responses[0]["status"] == 408 and time.perf_counter() - started < 2.0
+
+
+def test_a_body_trickling_under_the_stall_timeout_is_cut_off_in_all(
+    repository: Path, tmp_path: Path
+) -> None:
+    """Review finding I: a byte every 29 s never tripped the 30 s stall timeout, so the
+    request was held for as long as the client liked; the body now has a deadline in all."""
+    from histolite.serve.middleware import BodyLimit
+
+    async def app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    chunks = 0
+
+    async def receive() -> dict:
+        nonlocal chunks
+        await asyncio.sleep(0.05)  # well within the stall timeout, and never done
+        chunks += 1
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    responses: list[dict] = []
+
+    async def send(message: dict) -> None:
+        responses.append(message)
+
+    limited = BodyLimit(app, limit=10**6, read_timeout=1.0, total_timeout=0.5)  # type: ignore[arg-type]
+    started = time.perf_counter()
+    asyncio.run(limited({"type": "http", "headers": []}, receive, send))  # type: ignore[arg-type]
+    assert responses[0]["status"] == 408 and time.perf_counter() - started < 1.5
+    assert b"more than 0.5 s in all" in responses[1]["body"] and chunks >= 5
+    # the setting reaches the middleware
+    settings = ServeSettings(model_dir=repository, audit_db=None, body_total_timeout=7.5)
+    wired = [m.kwargs for m in create_app(settings).user_middleware if m.cls is BodyLimit]
+    assert [kwargs["total_timeout"] for kwargs in wired] == [7.5]
 
 
 def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(repository: Path, tmp_path: Path) -> None:

@@ -361,6 +361,34 @@ def test_api_key(model_dir: Path, tmp_path: Path, synthetic_dir: Path) -> None:
         assert c.post("/v1/predict", files=files).status_code == 401
 
 
+def test_one_key_check_guards_every_prediction_and_slide_route(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The key is checked once, before routing (RequireKey); the routes' own copy of the check
+    (PredictionService.check_key) is gone. Even with metadata open, nothing that predicts or
+    touches slides answers without the key, and with it the routes are reached."""
+    import histolite.serve.service as service
+
+    assert not hasattr(service.PredictionService, "check_key")
+    (tmp_path / "slides").mkdir()
+    settings = {"api_key": "s3cret", "open_metadata": True, "slide_root": tmp_path / "slides"}
+    job = "0" * 32
+    calls = [
+        ("post", "/v1/predict"),
+        ("post", "/v1/models/model/predict"),
+        ("post", "/v1/models/model/versions/1/predict"),
+        ("post", "/v1/slides"),
+        ("get", f"/v1/slides/{job}"),
+        ("get", f"/v1/slides/{job}/files/summary.json"),
+    ]
+    with _client(model_dir, tmp_path, **settings) as c:
+        for method, path in calls:
+            refused = getattr(c, method)(path, headers={"Authorization": "Bearer wrong"})
+            assert refused.status_code == 401, (path, refused.status_code)
+            reached = getattr(c, method)(path, headers={"X-API-Key": "s3cret"})
+            assert reached.status_code not in (401, 500), (path, reached.status_code)
+
+
 def test_concurrent_requests_share_one_session(client: TestClient, synthetic_dir: Path) -> None:
     def one(i: int) -> int:
         files = {"files": (f"{i}.png", _tile(synthetic_dir, "adipose", i % 8))}

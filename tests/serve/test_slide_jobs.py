@@ -7,11 +7,18 @@ absolute server paths in messages.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import sqlite3
+import threading
 import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +28,7 @@ from support import mosaic_slide
 
 import histolite.serve.slide_jobs as slide_jobs
 from histolite.serve.app import ServeSettings, create_app
+from histolite.serve.slide_jobs import SlideJobs, SlideJobSettings
 
 
 @pytest.fixture
@@ -110,3 +118,202 @@ def test_job_errors_name_slides_relative_to_the_slide_root(settings: ServeSettin
     for folder in (settings.slide_root, settings.jobs_dir):
         assert folder is not None and str(folder.resolve()) not in state["error"]
     assert all(str(settings.slide_root) not in (d or "") for *_, d in _events(settings.audit_db))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- review findings D, G, H
+class _Repository:
+    """One tile classifier, ``tiles`` v1: enough for the queue, which never runs it here."""
+
+    def get(self, name: str | None = None, version: str | None = None) -> SimpleNamespace:
+        return SimpleNamespace(name="tiles", version="1", model=SimpleNamespace(is_bag_model=False))
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Iterator[Callable[..., SlideJobs]]:
+    """``queue(**settings)``: a SlideJobs over ``slides/s.tif`` and ``jobs/``, closed after."""
+    made: list[SlideJobs] = []
+
+    def make(**settings: Any) -> SlideJobs:
+        slides = tmp_path / "slides"
+        slides.mkdir(exist_ok=True)
+        (slides / "s.tif").write_bytes(b"II*\x00")
+        jobs = SlideJobs(
+            SlideJobSettings(slides, tmp_path / "jobs", **settings),
+            _Repository(),  # type: ignore[arg-type]
+        )
+        made.append(jobs)
+        return jobs
+
+    yield make
+    for jobs in made:
+        jobs.close()
+
+
+def _write_job(jobs_dir: Path, job_id: str, **fields: Any) -> None:
+    state = {"id": job_id, "slide": "s.tif", "model": "tiles", "version": "1",
+             "status": "done", "created": "2024-05-01T12:00:00+00:00", **fields}  # fmt: skip
+    (jobs_dir / job_id).mkdir(parents=True, exist_ok=True)
+    (jobs_dir / job_id / "job.json").write_text(json.dumps(state))
+
+
+def test_a_slide_name_with_a_lone_surrogate_is_a_422(settings: ServeSettings) -> None:
+    """Finding D: the length check encoded with surrogatepass, so the name reached
+    Path.resolve, whose UnicodeEncodeError was a 500."""
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        for slide in ("a\ud800.svs", "case/\udcff.tif"):
+            body = json.dumps({"slide": slide, "model": "tiles"})  # ASCII JSON: "\ud800"
+            response = c.post(
+                "/v1/slides", content=body, headers={"content-type": "application/json"}
+            )
+            assert response.status_code == 422, response.text
+            assert "lone surrogate" in response.json()["detail"]
+    with sqlite3.connect(settings.audit_db) as con:  # type: ignore[arg-type]
+        outcomes = [row[0] for row in con.execute("SELECT outcome FROM audit ORDER BY id")]
+    assert outcomes == ["rejected 422", "rejected 422"]
+
+
+def test_submit_returns_a_copy_that_the_worker_does_not_change(
+    queue: Callable[..., SlideJobs], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding G: submit returned the stored dict, which the worker updates while the route
+    turns it into JSON ("dictionary changed size during iteration")."""
+    running = threading.Event()
+
+    def run(self: SlideJobs, job_id: str) -> None:
+        self._update(job_id, status="running", started="now")
+        running.set()
+
+    monkeypatch.setattr(SlideJobs, "_run", run)
+    jobs = queue()
+    job = jobs.submit("s.tif", None, None, "10.0.0.1")
+    assert running.wait(10)
+    assert job["status"] == "queued" and "started" not in job  # as it was when submitted
+    assert jobs.get(job["id"])["status"] == "running"
+
+
+class _ListThenVanish:
+    """``os.scandir`` whose listing is taken before ``doomed`` is deleted: what a walk sees
+    when an atomic write renames its temporary file between the listing and the stat."""
+
+    def __init__(self, real: Callable[..., Any], doomed: Path) -> None:
+        self.real, self.doomed = real, doomed
+        self.raced = False  # the file was listed, then deleted
+
+    def __call__(self, path: Any = ".") -> Any:
+        with self.real(path) as listing:
+            entries = list(listing)
+        if Path(path) == self.doomed.parent:
+            self.raced = any(entry.name == self.doomed.name for entry in entries)
+            self.doomed.unlink()
+        return _Entries(entries)
+
+
+class _Entries:
+    def __init__(self, entries: list[os.DirEntry]) -> None:
+        self.entries = iter(entries)
+
+    def __enter__(self) -> _Entries:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def __iter__(self) -> _Entries:
+        return self
+
+    def __next__(self) -> os.DirEntry:
+        return next(self.entries)
+
+    def close(self) -> None:
+        pass
+
+
+def test_disk_use_tolerates_files_that_vanish_while_it_walks(
+    queue: Callable[..., SlideJobs], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding H: a job.json.tmp listed, then renamed before its stat, was a FileNotFoundError
+    and a 500 from /metrics."""
+    jobs = queue()
+    _write_job(tmp_path / "jobs", "c" * 32)
+    kept = (tmp_path / "jobs" / ("c" * 32) / "job.json").stat().st_size
+    doomed = tmp_path / "jobs" / ("c" * 32) / "job.json.tmp"
+    doomed.write_bytes(b"\0" * 1000)
+    scandir = _ListThenVanish(os.scandir, doomed)
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert jobs.disk_bytes() == kept
+    assert scandir.raced and not doomed.exists()
+
+
+def test_gauges_report_the_last_walk_and_never_walk_themselves(
+    queue: Callable[..., SlideJobs], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding H: /metrics, on the event loop, walked every job's results on each scrape."""
+    walks: list[int] = []
+    real = SlideJobs.disk_bytes
+
+    def counted(self: SlideJobs) -> int:
+        walks.append(1)
+        return real(self)
+
+    def work(self: SlideJobs, job_id: str) -> None:  # the job writes its results
+        (self.settings.jobs_dir / job_id / "tiles.csv").write_bytes(b"\0" * 5000)
+        self._update(job_id, status="done", finished=slide_jobs._now())
+
+    monkeypatch.setattr(SlideJobs, "disk_bytes", counted)
+    monkeypatch.setattr(SlideJobs, "_work", work)
+    jobs = queue()
+
+    def disk_gauge() -> float:
+        found = [g[3] for g in jobs.gauges() if g[0] == "histolite_slide_jobs_disk_bytes"]
+        return found[0]
+
+    walks.clear()
+    assert [disk_gauge() for _ in range(5)] == [0.0] * 5 and walks == []
+    job = jobs.submit("s.tif", None, None, None)
+    deadline = time.monotonic() + 10
+    while disk_gauge() < 5000 and time.monotonic() < deadline:
+        time.sleep(0.02)  # the worker walks once its job has ended
+    assert jobs.get(job["id"])["status"] == "done"
+    assert disk_gauge() == jobs.disk_bytes() >= 5000
+
+
+def test_lookups_run_retention_at_most_once_a_minute(
+    queue: Callable[..., SlideJobs], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention ran at start-up and on submit only: a service taking no new jobs kept old
+    results for good. Lookups run it too, rate-limited (it lists every job)."""
+    old = "d" * 32
+    two_hours_ago = datetime.now(timezone.utc) - timedelta(hours=2)
+    _write_job(tmp_path / "jobs", old, finished=two_hours_ago.isoformat(timespec="seconds"))
+    jobs = queue(retention_hours=3.0)
+    assert jobs.get(old)["status"] == "done"  # within retention
+    jobs.settings = dataclasses.replace(jobs.settings, retention_hours=1.0)  # an hour later
+    assert jobs.get(old)["status"] == "done"  # retention ran less than a minute ago
+    monkeypatch.setattr(slide_jobs, "EXPIRE_EVERY_S", 0.0)  # a minute later
+    with pytest.raises(slide_jobs.JobError, match="no such slide job"):
+        jobs.get(old)
+    assert not (tmp_path / "jobs" / old).exists() and jobs.expired == 1
+
+
+def test_damaged_times_and_counters_are_skipped_not_fatal(
+    queue: Callable[..., SlideJobs], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fromisoformat on a damaged job.json raised in the constructor (and a naive time in
+    the comparison with the cutoff): the service did not start."""
+    folder = tmp_path / "jobs"
+    good, words, naive, counter = "e" * 32, "f" * 32, "1" * 32, "2" * 32
+    _write_job(folder, good, finished="2024-05-01T13:00:00+00:00")
+    _write_job(folder, words, created="yesterday")
+    _write_job(folder, naive, finished="2024-05-01T13:00:00")
+    _write_job(folder, counter, attempts="twice")
+    with caplog.at_level(logging.WARNING):
+        jobs = queue(retention_hours=0.0)
+    assert jobs.get(good)["status"] == "done"
+    assert sorted(jobs.broken) == sorted([words, naive, counter])
+    assert "created 'yesterday' is not an ISO 8601 time" in jobs.broken[words]
+    assert "finished '2024-05-01T13:00:00' has no UTC offset" in jobs.broken[naive]
+    assert "attempts is 'twice'; expected a count" in jobs.broken[counter]
+    assert f"skipped slide job {naive}" in caplog.text
+    for job_id in (words, naive, counter):  # kept on disk for someone to look at
+        assert (folder / job_id / "job.json").is_file()
+    assert queue(retention_hours=24.0).expired == 1  # and retention runs past them

@@ -20,8 +20,8 @@ MEDIA = {
 }
 
 
-def _jobs(request: Request, svc: PredictionService) -> SlideJobs:
-    svc.check_key(request)
+def _jobs(svc: PredictionService) -> SlideJobs:
+    """The job queue; the API key was checked before routing (``middleware.RequireKey``)."""
     if svc.jobs is None:
         raise ClientError(404, "slide jobs are off: start the service with --slide-root")
     return svc.jobs
@@ -29,7 +29,7 @@ def _jobs(request: Request, svc: PredictionService) -> SlideJobs:
 
 @router.post("/v1/slides", summary="Classify a slide under the slide root in the background")
 async def submit_slide(request: Request, svc: PredictionService = Depends(service)) -> JSONResponse:
-    jobs = _jobs(request, svc)
+    jobs = _jobs(svc)
     body = await read_json_body(request)
     if not isinstance(body, dict):
         raise ClientError(422, 'JSON body must be {"slide": "relative/path.svs"}')
@@ -44,17 +44,13 @@ async def submit_slide(request: Request, svc: PredictionService = Depends(servic
 
 
 @router.get("/v1/slides/{job_id}", summary="A slide job's progress, then links to its results")
-def slide_job(
-    job_id: str, request: Request, svc: PredictionService = Depends(service)
-) -> JSONResponse:
-    return JSONResponse(job_view(_jobs(request, svc).get(job_id)))
+def slide_job(job_id: str, svc: PredictionService = Depends(service)) -> JSONResponse:
+    return JSONResponse(job_view(_jobs(svc).get(job_id)))
 
 
 @router.get("/v1/slides/{job_id}/files/{name}", summary="An output of a finished slide job")
-def slide_file(
-    job_id: str, name: str, request: Request, svc: PredictionService = Depends(service)
-) -> FileResponse:
-    path = _jobs(request, svc).output(job_id, name)
+def slide_file(job_id: str, name: str, svc: PredictionService = Depends(service)) -> FileResponse:
+    path = _jobs(svc).output(job_id, name)
     media = MEDIA.get(name, "application/json" if name.endswith(".json") else "text/csv")
     return FileResponse(path, media_type=media)
 
