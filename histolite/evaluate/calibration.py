@@ -8,6 +8,14 @@ validation answers, flagging the least in-distribution ``ood_flag_rate`` of vali
 result goes to ``RUN/calibration.json`` (:class:`~histolite.runspec.CalibrationSpec`) with the
 checkpoint's SHA-256, so it is applied only to the weights it was fitted for; ``evaluate``,
 ``export`` (the ONNX graph scales its logits) and serving then use it.
+
+The abstention threshold's unit is one served answer: an image, whose confidence for a run
+trained on patches is that of its patches' mean probabilities (as ``predict`` and the service
+answer). ``slide infer`` compares it with each tile's own confidence: the same unit when the
+model answers one tile per image (tile runs, and patch runs whose images are single patches);
+otherwise a patch is a noisier answer than its image's mean, and the tiles answered need not
+reach the target accuracy. ``calibration.json`` names the unit (``abstention.unit``), and so
+do model cards and slide summaries (``abstention_unit``).
 """
 
 from __future__ import annotations
@@ -45,6 +53,16 @@ class ImageScores:
     probs: np.ndarray
     labels: np.ndarray
     scores: dict[str, np.ndarray]
+
+
+def abstention_unit(patch_level: bool, bag: bool = False) -> str:
+    """What one confidence compared with the abstention threshold stands for (the images
+    :func:`per_image` fits it on)."""
+    if bag:
+        return "image (a bag of patches: its bag prediction)"
+    if patch_level:
+        return "image (the mean of its patches' probabilities)"
+    return "image"
 
 
 def per_image(preds: Predictions, probs: np.ndarray, logits: np.ndarray) -> ImageScores:
@@ -139,6 +157,7 @@ def calibrate_run(
     if len(validation) < MIN_VALIDATION:
         metrics["warning"] = f"only {len(validation)} validation images: thresholds are noisy"
     abstention = choose_abstention_threshold(after.probs, after.labels, target)
+    abstention["unit"] = abstention_unit(preds.patch_level, run.is_mil)  # what it was fitted per
     assert run.checkpoint is not None
     spec = CalibrationSpec(
         method=method,

@@ -427,17 +427,20 @@ def selective_summary(probs: npt.ArrayLike, labels: npt.ArrayLike) -> dict[str, 
 def choose_abstention_threshold(
     probs: npt.ArrayLike, labels: npt.ArrayLike, target: float
 ) -> dict[str, Any]:
-    """The lowest confidence at which validation accuracy of the answered tiles reaches target.
+    """The lowest confidence at which validation accuracy of the answered rows reaches target.
 
-    Candidate thresholds are the observed confidences; a tile is answered when its
-    confidence is ``>= threshold`` (so every tile tied at the threshold is answered too).
-    The lowest qualifying threshold answers the most tiles. Returns ``threshold``,
-    ``target``, ``coverage`` (fraction answered), ``accuracy`` (of the answered), ``answered``
-    and ``n`` (validation tiles). If even the most confident tiles miss the target,
-    ``threshold`` is ``None`` and ``reason`` gives the best accuracy reached and its coverage.
+    A row is one answer, in the unit the threshold will be applied to: ``histolite calibrate``
+    passes one row per image (patch probabilities averaged per image), see
+    ``evaluate.calibration.abstention_unit``. Candidate thresholds are the observed
+    confidences; a row is answered when its confidence is ``>= threshold`` (so every row tied
+    at the threshold is answered too). The lowest qualifying threshold answers the most rows.
+    Returns ``threshold``, ``target``, ``coverage`` (fraction answered), ``accuracy`` (of the
+    answered), ``answered`` and ``n`` (validation rows). If even the most confident rows miss
+    the target, ``threshold`` is ``None`` and ``reason`` gives the best accuracy reached and
+    its coverage.
 
-    The threshold is fitted on validation tiles; on new tiles both coverage and accuracy
-    move, so report them on the test set too.
+    The threshold is fitted on validation rows; on new data both coverage and accuracy move,
+    so report them on the test set too.
     """
     if not 0 < target <= 1:
         raise ValueError(f"target accuracy must be in (0, 1], got {target}")

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 
 from histolite.data.folder import Sample, scan_image_folder
-from histolite.data.overlap import training_rows_in, warn_training_rows
+from histolite.data.overlap import Overlap, find_overlap, training_rows_in, warn_training_rows
 from histolite.data.patches import ImageLevelPrediction, aggregate_patch_predictions
 from histolite.data.splits import read_split_csv
-from histolite.errors import DataError
+from histolite.errors import DataError, HistoliteError
 from histolite.evaluate.inference import (
     BagPrediction,
     Predictions,
@@ -280,10 +280,22 @@ def evaluate_crossfit(
     tta: bool = False,
 ) -> dict[str, Any]:
     """Every fold model of a cross-fitted run on ``data``, and their ensemble (the mean of the
-    K models' probabilities), whose metrics are the report's own."""
+    K models' probabilities), whose metrics are the report's own.
+
+    As :func:`evaluate_run`: images any fold trained on are warned about and counted (the
+    ensemble has seen them), ``metadata.json`` is written beside the report, and
+    ``calibration.applied`` says whether the probabilities averaged were calibrated.
+
+    Raises:
+        HistoliteError: some folds are calibrated and others are not (their mean would mix
+            calibrated and raw probabilities).
+    """
     runs = [load_run(folder, checkpoint) for folder in crossfit.fold_dirs]
+    calibration = _crossfit_calibration(crossfit, runs)
     first = runs[0]
     samples = load_eval_samples(data, first.spec.classes, split)
+    seen = _crossfit_training_rows(crossfit, samples)
+    leak = warn_training_rows(crossfit.root, seen, len(samples)) if seen.total else None
     per_fold, probs = [], []
     for fold, run in enumerate(runs):
         preds, _ = _predict_samples(run, samples, batch_size, num_workers, progress, tta)
@@ -294,6 +306,7 @@ def evaluate_crossfit(
                 "run": str(run.run_dir),
                 **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
                 "ece": metrics["calibration_metrics"]["ece"],
+                "calibrated": metrics["calibration"]["applied"],
             }
         )
         probs.append(preds.probs)
@@ -304,6 +317,7 @@ def evaluate_crossfit(
         patch_level=preds.patch_level,
     )
     report = build_report(first, samples, ensemble)
+    report["calibration"] = calibration  # every fold's, not the first fold's alone
     accuracies = [f["accuracy"] for f in per_fold]
     report.update(
         run=str(crossfit.root),
@@ -311,6 +325,8 @@ def evaluate_crossfit(
         test_time_augmentation="8 dihedral views" if tta else None,
         data=str(data),
         split=split if Path(data).suffix.lower() == ".csv" else None,
+        training_images_evaluated=seen.total,
+        training_images_unverified=seen.by_name,
         crossfit={
             "folds": crossfit.folds,
             "ensemble": "mean of the fold models' probabilities",
@@ -319,7 +335,61 @@ def evaluate_crossfit(
             "fold_accuracy_sd": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
         },
     )
+    if leak is not None:
+        report["warning"] = leak
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_report_files(out, first, samples, report, ensemble, image_results(ensemble), None)
+    write_json(
+        out / "metadata.json",
+        run_metadata(
+            dataset_fingerprint=fingerprint_files((str(s.path), s.class_name) for s in samples),
+            run=str(crossfit.root.resolve()),
+            checkpoint=checkpoint,
+            folds=[str(run.run_dir.resolve()) for run in runs],
+        ),
+    )
     return report
+
+
+def _crossfit_training_rows(crossfit: Crossfit, samples: list[Sample]) -> Overlap:
+    """Which of ``samples`` some fold trained on: the training rows of every fold's split
+    (together the cross-fitted run's training split, whose rows each fold but one saw)."""
+    train: dict[Path, Sample] = {}
+    for folder in [crossfit.root, *crossfit.fold_dirs]:
+        path = RunDir(folder).split_csv
+        if path.is_file():
+            rows = read_split_csv(path).rows
+            train.update((s.path, s) for s, name in rows if name == "train")
+    return find_overlap(list(train.values()), samples)
+
+
+def _crossfit_calibration(crossfit: Crossfit, runs: list[LoadedRun]) -> dict[str, Any]:
+    """The report's ``calibration`` for the mean of the folds: applied only when every fold's
+    calibration was; a mix is refused, since the mean would blend calibrated and raw
+    probabilities and neither description would be true."""
+    notes = [_calibration_note(run) for run in runs]
+    applied = [k for k, note in enumerate(notes) if note["applied"]]
+    if not applied:
+        return {
+            "applied": False,
+            "note": "no fold is calibrated",
+            "per_fold": [note["note"] for note in notes],
+        }
+    if len(applied) < len(runs):
+        raw = [k for k in range(len(runs)) if k not in applied]
+        reasons = "; ".join(f"fold {k}: {notes[k]['note']}" for k in raw)
+        raise HistoliteError(
+            f"{crossfit.root}: folds {applied} are calibrated but folds {raw} are not ({reasons}); "
+            "the ensemble would average calibrated and uncalibrated probabilities. Calibrate "
+            "every fold (histolite calibrate RUN/fold_K) or none"
+        )
+    methods = sorted({str(note["method"]) for note in notes})
+    return {
+        "applied": True,
+        "method": methods[0] if len(methods) == 1 else "per fold",
+        "temperature": None,  # one per fold: see per_fold
+        "fitted_on": "validation",
+        "ensemble": "mean of the folds' calibrated probabilities",
+        "per_fold": notes,
+    }

@@ -56,7 +56,8 @@ def gradcam_head(model: NormalizedClassifier, input_size: int) -> tuple[str, str
     The layer is the one ``explain.py``'s Grad-CAM uses (the last spatial map). The structure
     is checked numerically on random images rather than by architecture, so any backbone
     (histolite, timm, torchvision) qualifies exactly when its head is global average pooling
-    plus one linear layer.
+    plus one linear layer. The check reads the logits before the model's calibration
+    (``LogitScaling``), which :class:`CamServingGraph` accounts for per class.
 
     Raises:
         ValueError: why Grad-CAM has no closed form for this network (e.g. timm MobileNetV3's
@@ -66,6 +67,7 @@ def gradcam_head(model: NormalizedClassifier, input_size: int) -> tuple[str, str
     was_training = model.training
     model.eval()
     maps: list[Tensor] = []
+    raw: list[Tensor] = []
     linears: list[tuple[str, Tensor]] = []
     names = {module: name for name, module in model.named_modules() if name}
     try:
@@ -81,9 +83,11 @@ def gradcam_head(model: NormalizedClassifier, input_size: int) -> tuple[str, str
         handles.append(
             model.get_submodule(layer).register_forward_hook(lambda m, i, out: maps.append(out))
         )
+        # the classifier's own logits: a calibrated run scales them after the linear layer
+        handles.append(model.calibration.register_forward_hook(lambda m, i, out: raw.append(i[0])))
         try:
             with torch.no_grad():
-                logits = model(example)
+                model(example)
         finally:
             for handle in handles:
                 handle.remove()
@@ -94,7 +98,7 @@ def gradcam_head(model: NormalizedClassifier, input_size: int) -> tuple[str, str
     classifier = linears[-1][0]
     linear = model.get_submodule(classifier)
     assert isinstance(linear, nn.Linear)
-    features = maps[-1]
+    features, logits = maps[-1], raw[-1]
     closed_form = linear.in_features == features.shape[1] and torch.allclose(
         linear(features.mean(dim=(2, 3))),
         logits,
@@ -117,6 +121,11 @@ class CamServingGraph(nn.Module):
     ``ReLU(sum_k w_ck A_k)`` up to a positive factor that its normalisation removes: a graph
     output, no gradients. The maps are kept per class so that a multi-patch image can be
     explained for its image-level class, as ``explain.py`` does.
+
+    A calibrated model's logits are ``s_c logit_c + beta_c`` (``LogitScaling``), whose gradient
+    is ``s_c w_ck / (h w)``: the weights are scaled by ``s_c`` first. For a temperature that is
+    one positive factor (normalised away); vector scaling's ``s_c`` may be negative, which turns
+    the class's map inside out exactly as the gradient Grad-CAM of the calibrated model does.
     """
 
     def __init__(self, model: NormalizedClassifier, layer: str, classifier: str) -> None:
@@ -133,7 +142,12 @@ class CamServingGraph(nn.Module):
             logits = self.model(images)
         finally:
             hook.remove()
-        weight = self.model.get_submodule(self.classifier).weight  # (C, K)
+        linear = self.model.get_submodule(self.classifier)
+        assert isinstance(linear, nn.Linear)
+        weight = linear.weight  # (C, K)
+        scaling = self.model.calibration
+        if scaling.active:  # d(s_c logit_c)/dA = s_c w_c: the calibrated class score's gradient
+            weight = weight * scaling.scale.reshape(-1, 1)  # (1, 1) temperature, (C, 1) vector
         cam = torch.relu(torch.einsum("ck,nkhw->nchw", weight, maps[-1]))
         return torch.softmax(logits, dim=1), cam, logits
 

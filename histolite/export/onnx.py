@@ -26,6 +26,7 @@ from histolite.data.folder import Sample
 from histolite.data.images import image_size, load_rgb
 from histolite.data.splits import read_split_csv
 from histolite.errors import HistoliteError
+from histolite.evaluate.calibration import abstention_unit
 from histolite.evaluate.inference import predict, predict_bag_pixels, predict_image
 from histolite.evaluate.report import build_report
 from histolite.export.graph import (
@@ -270,7 +271,10 @@ def _export_graph(run: LoadedRun, path: Path) -> dict[str, Any]:
         "output": "cam",
         "layer": layer,
         "classifier": classifier,
-        "maps": "ReLU(classifier weights x feature maps) per class, at feature resolution",
+        "maps": (
+            "ReLU(classifier weights, times the calibration's scale of the class, x feature "
+            "maps) per class, at feature resolution"
+        ),
     }
 
 
@@ -436,6 +440,10 @@ def _uncertainty_sections(run: LoadedRun) -> dict[str, Any]:
         }
     validation = spec.validation or {}
     abstention = dict(spec.abstention or {})
+    # calibrations fitted before the unit was recorded: it was the same, one served image
+    abstention.setdefault(
+        "unit", abstention_unit(run.spec.patches is not None and not run.is_mil, run.is_mil)
+    )
     return {
         "calibration": {
             "method": spec.method,

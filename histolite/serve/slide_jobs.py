@@ -33,6 +33,7 @@ from histolite.serve.repository import Repository, shown
 from histolite.slide.inference import SlideSettings, classify_slide
 from histolite.slide.layout import BatchOutputs
 from histolite.slide.reader import SLIDE_SUFFIXES
+from histolite.slide.tiles import TileBudgetExceeded
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_SLIDE_NAME = 1024  # bytes of a slide's relative path
@@ -369,18 +370,26 @@ class SlideJobs:
                 )
             self._progress(job_id, done, total)
 
-        summary = classify_slide(
-            self.root / job["slide"],
-            entry.model,
-            self.settings.jobs_dir / job_id,
-            SlideSettings(),
-            progress=False,
-            on_progress=progress,
-            check=check,
-            # the slide as the client named it, not its path on this server; the served name
-            # and version (a repository's folders), not the card's own labels
-            rename={"slide": job["slide"], "model": entry.name, "model_version": entry.version},
-        )
+        try:
+            summary = classify_slide(
+                self.root / job["slide"],
+                entry.model,
+                self.settings.jobs_dir / job_id,
+                SlideSettings(),
+                progress=False,
+                on_progress=progress,
+                check=check,
+                # refused while the grid is walked, before a huge grid's tiles are held
+                max_tiles=self.settings.max_tiles,
+                # the slide as the client named it, not its path on this server; the served
+                # name and version (a repository's folders), not the card's own labels
+                rename={"slide": job["slide"], "model": entry.name, "model_version": entry.version},
+            )
+        except TileBudgetExceeded as exc:
+            raise JobBudgetExceeded(
+                f"the slide has at least {exc.found} tissue tiles, more than the {exc.limit} "
+                "a job may classify"
+            ) from exc
         counts = summary["class_counts"]
         job = self._update(
             job_id,

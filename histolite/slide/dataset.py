@@ -231,10 +231,15 @@ class SlideCut:
 
 
 def choose_tiles(
-    prepared: AnnotatedSlide, settings: TileCutSettings, boxes: GridBoxes
+    prepared: AnnotatedSlide,
+    settings: TileCutSettings,
+    boxes: GridBoxes,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[np.ndarray, list[str | None], np.ndarray, dict[str, int]]:
     """Which grid boxes become tiles: (kept box positions, class per kept box, coverage per
-    kept box, dropped counts by reason). Decided on the whole grid, so shards agree."""
+    kept box, dropped counts by reason). Decided on the whole grid, so shards agree; the
+    dropped counts are those of the boxes of ``shard`` only, so the shards of a slide add up
+    to the unsharded counts."""
     regions, names = merged_regions(prepared)
     side = np.full_like(boxes.x, boxes.size)
     xywh = np.stack([boxes.x, boxes.y, side, side], axis=1)
@@ -247,12 +252,13 @@ def choose_tiles(
     labels, reasons = label_by_coverage(coverage, settings.min_coverage)
     tissue_ok = boxes.tissue >= settings.min_tissue
     classes: list[str | None] = [names[i] if i >= 0 else None for i in labels]
-    dropped: Counter[str] = Counter()
+    # why each box was dropped ("": kept, or glass outside every region, which is not counted)
+    why = np.full(len(xywh), "", dtype=object)
     kept = reasons == Reason.KEPT
     unselected = kept & np.array([c is None for c in classes], bool)
-    dropped[UNSELECTED] += int(unselected.sum())
+    why[unselected] = UNSELECTED
     kept &= ~unselected
-    dropped[NO_TISSUE] += int((kept & ~tissue_ok).sum())
+    why[kept & ~tissue_ok] = NO_TISSUE
     kept &= tissue_ok
     # tissue outside every region (glass outside them is not counted: it is most of a slide)
     background_ok = (boxes.tissue >= settings.background_min_tissue) & (boxes.tissue > 0)
@@ -262,16 +268,19 @@ def choose_tiles(
         for i in np.flatnonzero(outside):
             classes[i] = settings.background
     else:
-        dropped[Reason.OUTSIDE] += int(outside.sum())
+        why[outside] = Reason.OUTSIDE
     for reason in (Reason.MIXED, Reason.PARTIAL, Reason.AMBIGUOUS):
-        dropped[reason] += int((reasons == reason).sum())
+        why[reasons == reason] = reason
     positions = np.flatnonzero(kept)
     if settings.max_per_class_per_slide is not None:
-        positions = _capped(positions, classes, settings, prepared.path.stem, dropped)
+        positions = _capped(positions, classes, settings, prepared.path.stem, why)
     # a kept box's coverage: of its class's region, or for background the share outside all
     kept_coverage = np.array(
         [coverage[i, labels[i]] if labels[i] >= 0 else 1.0 - coverage[i].sum() for i in positions]
     )
+    index, count = shard
+    mine = why[boxes.index % count == index]
+    dropped = Counter(str(reason) for reason in mine[mine != ""])
     return positions, [classes[i] for i in positions], kept_coverage, dict(dropped)
 
 
@@ -280,10 +289,11 @@ def _capped(
     classes: list[str | None],
     settings: TileCutSettings,
     stem: str,
-    dropped: Counter[str],
+    why: np.ndarray,
 ) -> np.ndarray:
     """At most ``max_per_class_per_slide`` per class, drawn by a generator seeded by the run's
-    seed and the slide's name (the same tiles on every run and in every shard)."""
+    seed and the slide's name (the same tiles on every run and in every shard); the boxes left
+    out are marked ``OVER_CAP`` in ``why``."""
     cap = settings.max_per_class_per_slide
     assert cap is not None
     rng = np.random.default_rng([settings.seed, zlib.crc32(stem.encode())])
@@ -291,8 +301,9 @@ def _capped(
     for name in sorted({classes[i] for i in positions}, key=str):
         members = np.array([i for i in positions if classes[i] == name])
         if len(members) > cap:
-            dropped[OVER_CAP] += len(members) - cap
-            members = np.sort(rng.choice(members, cap, replace=False))
+            kept = np.sort(rng.choice(members, cap, replace=False))
+            why[np.setdiff1d(members, kept)] = OVER_CAP
+            members = kept
         chosen.append(members)
     return np.sort(np.concatenate(chosen)) if chosen else positions
 
@@ -310,7 +321,9 @@ def cut_slide(
     try:
         plan = plan_tissue_tiles(slide, settings.tile_um)
         boxes = grid_boxes(plan.grid, plan.mask, plan.mask_scale)
-        positions, classes, coverage, dropped = choose_tiles(prepared, settings, boxes)
+        positions, classes, coverage, dropped = choose_tiles(
+            prepared, settings, boxes, settings.shard
+        )
         index, count = settings.shard
         mine = [k for k, p in enumerate(positions) if boxes.index[p] % count == index]
         rows = []

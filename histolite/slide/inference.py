@@ -12,6 +12,15 @@ written from the rows; the folder layout is :class:`~histolite.slide.layout.Slid
 outputs an unsharded run writes. A slide's ``summary.json`` is written last and records the
 SHA-256 of its ``tiles.csv`` and ``tissue_mask.png`` (``outputs_sha256``): a merge takes a
 shard's files only if they are the ones its summary describes.
+
+Uncertain tiles (``uncertain_tiles``, ``uncertainty.png``) are those whose own confidence is
+under the model card's abstention threshold. ``histolite calibrate`` fits that threshold per
+validation *image* (for a run trained on patches, on the mean of each image's patch
+probabilities, as the service answers an image). That is the slide tile's unit when the model
+answers one tile per image (tile runs, and patch runs whose images are single patches); for
+patch runs on larger images a patch is a noisier answer than its image's mean, so the tiles
+answered need not reach the accuracy the threshold was chosen for. ``summary.json`` names both
+units (``abstention_unit``).
 """
 
 from __future__ import annotations
@@ -143,15 +152,20 @@ def classify_slide(
     on_progress: Callable[[int, int], None] | None = None,
     rename: Mapping[str, str] | None = None,
     check: Callable[[], None] | None = None,
+    max_tiles: int | None = None,
 ) -> dict[str, Any]:
     """Classify one slide's tissue tiles into ``OUT/<stem>/``; returns its summary.
 
     ``on_progress(done, total)`` is called after every batch of tiles (job status pages), and
     first with ``(0, total)`` once the tissue tiles are known: it may raise to refuse the
-    slide (a job's tile budget). ``check()`` is called throughout the overview read and before
-    every batch: it may raise to stop the work (a job's time budget).
-    ``rename`` replaces the summary's ``slide``, ``model`` and ``model_version`` with the names
-    the caller's users know (the service's relative slide path and repository names).
+    slide. ``max_tiles`` refuses a slide (shard) with more tissue tiles than that earlier,
+    while the grid is walked (:class:`~histolite.slide.tiles.TileBudgetExceeded`), so a file
+    declaring an enormous grid costs no more memory than the budget: a caller with a tile
+    budget (a service's slide jobs) passes it here. ``check()`` is called throughout the
+    overview read, the grid walk and before every batch: it may raise to stop the work (a
+    job's time budget). ``rename`` replaces the summary's ``slide``, ``model`` and
+    ``model_version`` with the names the caller's users know (the service's relative slide
+    path and repository names).
     """
     require_tile_classifier(model)
     unknown = set(rename or {}) - RENAMEABLE
@@ -169,6 +183,7 @@ def classify_slide(
             min_tissue=settings.min_tissue,
             shard=settings.shard,
             check=check,
+            max_tiles=max_tiles,
         )
         if on_progress is not None:
             on_progress(0, len(plan.tiles))
@@ -261,6 +276,20 @@ def _summary(
         "tiles": len(rows),
         "tissue_area_mm2": round(tissue_mm2, 4),
         **class_counts(rows, classes, model.policy.abstain_below),
+        "abstention_unit": abstention_unit(model),
+    }
+
+
+def abstention_unit(model: OnnxClassifier) -> dict[str, str] | None:
+    """What the card's abstention threshold was fitted per (``histolite calibrate``: one
+    validation image) and what slide inference compares it with (each tile's own confidence);
+    None when the card has no threshold."""
+    if model.policy.abstain_below is None:
+        return None
+    fitted = (model.card.get("abstention") or {}).get("unit")
+    return {
+        "fitted_per": str(fitted or "image (the card predates recording the unit)"),
+        "applied_per": "tile (each tile's own confidence)",
     }
 
 
@@ -268,7 +297,8 @@ def class_counts(
     rows: Sequence[TileRow], classes: Sequence[str], abstain_below: float | None = None
 ) -> dict[str, Any]:
     """The summary's counts: tiles per predicted class, their fractions, a note if none, and
-    the tiles under the model card's abstention threshold (None when it has none)."""
+    the tiles whose own confidence is under the model card's abstention threshold (None when
+    it has none; the threshold was fitted per image, see :func:`abstention_unit`)."""
     labels = [r.label(classes) for r in rows]
     counts = {c: labels.count(c) for c in classes}
     return {

@@ -159,10 +159,6 @@ class TileDataset:
         return self.root / "tiles.csv"
 
     @property
-    def uncertainty(self) -> Path:
-        return self.root / "uncertainty.png"
-
-    @property
     def summary(self) -> Path:
         return self.root / "summary.json"
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from histolite.errors import DataError
 from histolite.slide.reader import Slide, SlideError, SlideInfo, thumbnail
-from histolite.slide.tissue import box_fractions, tissue_mask
+from histolite.slide.tissue import box_fractions, summed_area, tissue_mask
 
 MASK_MPP = 8.0  # microns per mask pixel: 1.25x for a 20x scan, as TIAToolbox masks
 OVERVIEW_SIDE = 640  # the overview kept for heatmaps: their panels are at most this wide
@@ -94,22 +94,104 @@ def grid_boxes(
     return GridBoxes(indices, xs, ys, tissue, grid.size)
 
 
+class TileBudgetExceeded(DataError):
+    """A slide has more tissue tiles than its caller allows (``max_tiles``); raised while the
+    grid is walked, before the tiles of a too-large slide are held in memory.
+
+    Attributes:
+        limit: The ``max_tiles`` given.
+        found: Tissue tiles found when the walk stopped (more than ``limit``; the slide may
+            hold more still).
+    """
+
+    def __init__(self, message: str, limit: int, found: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.found = found
+
+
+# grid boxes looked at per step: a slide file may declare any size, so memory follows the
+# tissue tiles kept, not the grid (48 bytes a box at once: about 50 MB per step)
+TILE_CHUNK = 1 << 20
+
+
+def _tissue_span(grid: TileGrid, mask: np.ndarray, mask_scale: float) -> tuple[range, range]:
+    """The grid rows and columns whose boxes can touch the mask's tissue (one spare on each
+    side against rounding): every box outside them has a tissue fraction of 0."""
+    rows_with, columns_with = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not (rows_with.size and columns_with.size and grid.count):
+        return range(0), range(0)
+
+    def span(first: int, last: int, cells: int) -> range:
+        low = math.floor((first * mask_scale - grid.size) / grid.stride) - 1
+        high = math.ceil((last + 1) * mask_scale / grid.stride) + 1
+        return range(max(0, low), min(cells, high))
+
+    rows = span(int(rows_with[0]), int(rows_with[-1]), grid.rows)
+    columns = span(int(columns_with[0]), int(columns_with[-1]), grid.columns)
+    return rows, columns
+
+
 def tissue_tiles(
     grid: TileGrid,
     mask: np.ndarray,
     mask_scale: float,
     min_tissue: float,
     shard: tuple[int, int] = (0, 1),
+    *,
+    max_tiles: int | None = None,
+    check: Callable[[], None] | None = None,
 ) -> list[Tile]:
-    """Tiles of this shard whose tissue fraction reaches ``min_tissue``, in grid order."""
-    boxes = grid_boxes(grid, mask, mask_scale, shard)
-    keep = (boxes.tissue >= min_tissue) & (boxes.tissue > 0.0)
-    return [
-        Tile(int(i), int(x), int(y), grid.size, round(float(f), 4))
-        for i, x, y, f in zip(
-            boxes.index[keep], boxes.x[keep], boxes.y[keep], boxes.tissue[keep], strict=True
-        )
-    ]
+    """Tiles of this shard whose tissue fraction reaches ``min_tissue``, in grid order.
+
+    Only the rows and columns that can reach the mask's tissue are looked at, ``TILE_CHUNK``
+    boxes at a time, so the whole grid is never allocated.
+
+    Args:
+        grid: The slide's tile grid.
+        mask: Tissue mask at ``mask_scale`` level-0 pixels per mask pixel.
+        mask_scale: Level-0 pixels per mask pixel.
+        min_tissue: Smallest tissue fraction a kept tile has (and always some tissue).
+        shard: ``(I, N)``: only the tiles whose grid index is I modulo N.
+        max_tiles: Most tissue tiles allowed; more raise as soon as they are found.
+        check: Called before every chunk; may raise to stop the work (a time budget).
+
+    Raises:
+        TileBudgetExceeded: The shard has more than ``max_tiles`` tissue tiles.
+    """
+    if max_tiles is not None and max_tiles < 0:
+        raise ValueError(f"max_tiles must be at least 0, got {max_tiles}")
+    index, count = shard
+    rows, columns = _tissue_span(grid, mask, mask_scale)
+    boxes = len(rows) * len(columns)
+    table = summed_area(mask) if boxes else None
+    tiles: list[Tile] = []
+    for start in range(0, boxes, TILE_CHUNK):
+        if check is not None:
+            check()
+        flat = np.arange(start, min(boxes, start + TILE_CHUNK), dtype=np.int64)
+        row, column = np.divmod(flat, len(columns))
+        row += rows.start
+        column += columns.start
+        indices = row * grid.columns + column
+        mine = indices % count == index
+        indices, row, column = indices[mine], row[mine], column[mine]
+        xs, ys = column * grid.stride, row * grid.stride
+        tissue = box_fractions(mask, mask_scale, xs, ys, grid.size, table)
+        keep = (tissue >= min_tissue) & (tissue > 0.0)
+        found = len(tiles) + int(keep.sum())
+        if max_tiles is not None and found > max_tiles:  # before building this chunk's tiles
+            raise TileBudgetExceeded(
+                f"more than the {max_tiles} tissue tiles allowed ({found} tiles of "
+                f"{grid.size} level-0 pixels found before stopping)",
+                max_tiles,
+                found,
+            )
+        tiles += [
+            Tile(int(i), int(x), int(y), grid.size, round(float(f), 4))
+            for i, x, y, f in zip(indices[keep], xs[keep], ys[keep], tissue[keep], strict=True)
+        ]
+    return tiles
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -210,12 +292,15 @@ def plan_tissue_tiles(
     shard: tuple[int, int] = (0, 1),
     overview_side: int = OVERVIEW_SIDE,
     check: Callable[[], None] | None = None,
+    max_tiles: int | None = None,
 ) -> TissueTiles:
     """Read one overview, mask tissue at about ``MASK_MPP``, and keep the grid's tissue tiles.
 
     One read serves both the mask and the heatmap: the overview is read at the larger of the
     two sides and box-filtered down for the mask. A mask finer than ~8 um/px costs time (the
     mask is the slowest step of a small slide) without changing which tiles hold tissue.
+    ``check`` runs during the overview read and the grid walk; with ``max_tiles``, a slide
+    (shard) with more tissue tiles raises :class:`TileBudgetExceeded` before they are all held.
     """
     info = slide.info
     mask_side = thumbnail_side(info)
@@ -229,5 +314,12 @@ def plan_tissue_tiles(
         hole_um2=min(2000.0, tile_um**2 / 8),
     )
     grid = tile_grid(info, tile_um, overlap)
-    tiles = tissue_tiles(grid, mask, mask_scale, min_tissue, shard)
+    try:
+        tiles = tissue_tiles(
+            grid, mask, mask_scale, min_tissue, shard, max_tiles=max_tiles, check=check
+        )
+    except TileBudgetExceeded as exc:
+        raise TileBudgetExceeded(
+            f"{info.path}: the slide has {exc}", exc.limit, exc.found
+        ) from None
     return TissueTiles(overview, overview_scale, mask, mask_scale, grid, tiles)

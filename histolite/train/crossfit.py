@@ -9,17 +9,25 @@ gives an ensemble teacher (Hinton et al. 2015) for comparison.
 
 The run directory holds the K fold runs and what ties them together::
 
-    RUN/crossfit.json        folds, the group -> fold assignment, each fold's run and time
+    RUN/crossfit.json        folds, the group -> fold assignment, the classes, each fold's
+                             run and time
     RUN/split.csv            the student's split (train / val / test) the folds were cut from
+    RUN/split_report.json    how that split was made
     RUN/fold_0 ... fold_K-1  ordinary runs: fold k trained on training groups not in fold k,
                              validated on the shared validation split; test is untouched
 
 Validation and test images are in no teacher's training data, so the checks distillation runs
 against a single teacher hold for every fold.
+
+``--resume`` reads the split back from ``RUN/split.csv`` (never re-splits the data, which may
+have changed), refuses a changed ``crossfit`` section (the folds were drawn when the run
+started), skips finished folds, resumes a fold from its ``last.ckpt``, and restarts a fold that
+was stopped before its first checkpoint.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -30,14 +38,14 @@ import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from histolite.config import TrainConfig, dump_config
+from histolite.config import TrainConfig, dump_config, load_config
 from histolite.data.datasets import ImageDataset
 from histolite.data.folder import Sample
 from histolite.data.split_policy import Split, load_split
-from histolite.data.splits import SPLIT_NAMES, write_split_csv
+from histolite.data.splits import SPLIT_NAMES, read_split_csv, write_split_csv
 from histolite.errors import HistoliteError
 from histolite.fileio import read_json, write_json, write_text
-from histolite.runspec import RunDir, is_rank_zero
+from histolite.runspec import RunDir, RunSpec, is_rank_zero
 
 CROSSFIT_FILE = "crossfit.json"
 
@@ -127,46 +135,63 @@ def crossfit_run(
 ) -> Path:
     """Train ``cfg.crossfit.folds`` teachers into ``out/fold_*``; finished folds are kept.
 
-    The split is made once from ``cfg`` (or read back on resume), the folds are drawn from its
-    training groups, and each fold is an ordinary run on its :func:`fold_split`.
+    The split is made once from ``cfg`` (or read back from ``out/split.csv`` on resume), the
+    folds are drawn from its training groups, and each fold is an ordinary run on its
+    :func:`fold_split`.
+
+    Raises:
+        HistoliteError: ``out`` holds cross-fitted teachers and ``resume`` is not given; or on
+            resume, the ``crossfit`` section differs from the one the run started with, or the
+            saved split is missing.
     """
     from histolite.train.runner import train_run
 
     assert cfg.crossfit is not None
     out = Path(out)
+    files = RunDir(out)
     existing = Crossfit.load(out)
     if existing is not None and not resume:
         raise HistoliteError(
             f"{out} already holds cross-fitted teachers; pass --resume to finish them, or "
             "choose another --out"
         )
-    split = load_split(cfg.data, cfg.seed)  # deterministic: a resume makes the same split
     seed = cfg.crossfit.seed if cfg.crossfit.seed is not None else cfg.seed
     folds = cfg.crossfit.folds
-    assignment = existing.groups if existing else assign_folds(split.parts["train"], folds, seed)
-    record: dict[str, Any] = (
-        read_json(out / CROSSFIT_FILE)
-        if existing
-        else {
+    if existing is not None:
+        record: dict[str, Any] = read_json(out / CROSSFIT_FILE)
+        _require_same_crossfit(cfg, out, record)
+        split = saved_split(out, record, cfg)
+        record.setdefault("classes", list(split.classes))  # runs from before it was recorded
+        assignment = existing.groups
+    else:
+        split = load_split(cfg.data, cfg.seed)
+        assignment = assign_folds(split.parts["train"], folds, seed)
+        record = {
             "folds": folds,
             "seed": seed,
             "group_kind": split.report.get("group_kind"),
+            "classes": list(split.classes),  # the order of the classes, for a resume
             "groups": assignment,
             "runs": [f"fold_{k}" for k in range(folds)],
             "train_seconds": {},
         }
-    )
     if is_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
-        write_text(RunDir(out).config, dump_config(cfg))  # what --resume reads back
-        write_split_csv(RunDir(out).split_csv, split.as_images(), split.split_names())
+        write_text(files.config, dump_config(cfg))  # what --resume reads back
+        if existing is None:  # a resume keeps the split the folds were drawn from
+            write_split_csv(files.split_csv, split.as_images(), split.split_names())
+            write_json(files.split_report, split.report)
         write_json(out / CROSSFIT_FILE, record)
     for fold in range(folds):
         fold_out = out / f"fold_{fold}"
-        if RunDir(fold_out).train_summary.is_file():
+        fold_files = RunDir(fold_out)
+        if fold_files.train_summary.is_file():
             continue  # finished earlier
         started = time.perf_counter()
-        fold_resume = RunDir(fold_out).spec.is_file()
+        # run.json is written before the first epoch ends: only a checkpoint can be resumed
+        fold_resume = (fold_files.checkpoints / "last.ckpt").is_file()
+        if not fold_resume and fold_out.exists() and is_rank_zero():
+            shutil.rmtree(fold_out)  # stopped in its first epoch: start the fold again
         train_run(
             cfg,
             fold_out,
@@ -182,6 +207,63 @@ def crossfit_run(
     if is_rank_zero():
         write_json(out / CROSSFIT_FILE, record)
     return out
+
+
+def _require_same_crossfit(cfg: TrainConfig, out: Path, record: dict[str, Any]) -> None:
+    """Refuse a resume whose ``crossfit`` section differs from the one the run started with:
+    the folds were drawn once, and a changed count or seed would mix two assignments."""
+    assert cfg.crossfit is not None
+    changed = []
+    saved = RunDir(out).config
+    if saved.is_file():
+        before = load_config(saved, [], type(cfg), recipe=False).crossfit
+        now = cfg.crossfit.model_dump()
+        earlier = before.model_dump() if before is not None else {}
+        changed += [
+            f"crossfit.{key}: {earlier.get(key)!r} -> {now.get(key)!r}"
+            for key in sorted(set(now) | set(earlier))
+            if now.get(key) != earlier.get(key)
+        ]
+    seed = cfg.crossfit.seed if cfg.crossfit.seed is not None else cfg.seed
+    drawn = {"folds": cfg.crossfit.folds, "seed": seed}
+    changed += [
+        f"{key} of the folds: {record.get(key)!r} in {CROSSFIT_FILE} -> {value!r}"
+        for key, value in drawn.items()
+        if record.get(key) != value and not any(c.startswith(f"crossfit.{key}:") for c in changed)
+    ]
+    if changed:
+        raise HistoliteError(
+            f"--resume cannot change the crossfit section of {out} ({'; '.join(changed)}): the "
+            "folds were drawn when the run started; resume without that change, or start a new "
+            "run with another --out"
+        )
+
+
+def saved_split(out: Path, record: dict[str, Any], cfg: TrainConfig) -> Split:
+    """The split a cross-fitted run drew its folds from, read back from ``out/split.csv``.
+
+    Classes keep the run's order: from ``crossfit.json`` (runs since it records them), else
+    from a fold's ``run.json``, else as the data config gives them.
+    """
+    files = RunDir(out)
+    if not files.split_csv.is_file():
+        raise HistoliteError(
+            f"{files.split_csv}: missing; cannot resume the cross-fitted teachers without the "
+            "split their folds were drawn from"
+        )
+    classes: list[str] | None = record.get("classes")
+    if classes is None:
+        specs = [RunDir(out / run).spec for run in record.get("runs", [])]
+        started = [path.parent for path in specs if path.is_file()]
+        classes = (
+            list(RunSpec.load(started[0]).classes)
+            if started
+            else list(load_split(cfg.data, cfg.seed).classes)
+        )
+    table = read_split_csv(files.split_csv, classes=classes)
+    parts = {name: list(table.subset(name).samples) for name in SPLIT_NAMES}
+    report = read_json(files.split_report) if files.split_report.is_file() else {}
+    return Split(table.classes, parts, report, str(files.split_csv))
 
 
 def describe_folds(crossfit: Crossfit, samples: list[Sample]) -> str:

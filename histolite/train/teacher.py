@@ -21,6 +21,7 @@ from torch import Tensor
 
 from histolite.models import NormalizedClassifier
 from histolite.models.loading import model_state_from_checkpoint
+from histolite.runspec import RunDir
 
 ONNX_OPSET = 17
 
@@ -127,7 +128,7 @@ class CrossfitTeacher:
     def load(self, checkpoint: Path) -> None:
         """The same checkpoint (by name: last, best, epoch_NNN) of every fold teacher."""
         for teacher, folder in zip(self.teachers, self.fold_dirs, strict=True):
-            teacher.load(folder / "checkpoints" / checkpoint.name)
+            teacher.load(RunDir(folder).checkpoints / checkpoint.name)
 
     def __call__(self, x: Tensor, folds: Tensor | None = None) -> Tensor:
         if self.targets == "ensemble":

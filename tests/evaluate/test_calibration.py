@@ -205,6 +205,43 @@ def test_slides_and_the_service_carry_the_flags(
     assert answer["out_of_distribution"] in (True, False)
 
 
+def test_the_abstention_threshold_names_its_unit(
+    calibrated: Path, tmp_path: Path, synthetic_dir: Path
+) -> None:
+    """Fitted per validation image (patch runs: the mean of an image's patches), compared per
+    tile by slide inference: calibration.json, the card and the slide summary say so."""
+    from PIL import Image
+    from support import mosaic_slide
+
+    from histolite.evaluate.calibration import abstention_unit
+    from histolite.slide.inference import SlideSettings, classify_slide
+
+    assert abstention_unit(patch_level=False) == "image"
+    assert abstention_unit(patch_level=True) == "image (the mean of its patches' probabilities)"
+    assert abstention_unit(patch_level=True, bag=True).startswith("image (a bag")
+    run = tmp_path / "run"
+    shutil.copytree(calibrated, run)
+    calibrate_run(run, target=0.3, progress=False)  # a target every small run reaches
+    spec = json.loads((run / "calibration.json").read_text())
+    assert spec["abstain_below"] is not None and spec["abstention"]["unit"] == "image"
+    del spec["abstention"]["unit"]  # as calibrations fitted before the unit was recorded
+    (run / "calibration.json").write_text(json.dumps(spec))
+    export_run(run, tmp_path / "model", progress=False, parity_samples=8)
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert card["abstention"]["unit"] == "image"  # the run trained on whole tiles
+    model = OnnxClassifier(tmp_path / "model")
+    tiles = [np.asarray(Image.open(p)) for p in sorted(synthetic_dir.glob("*/*.png"))[:4]]
+    slide = mosaic_slide(tmp_path / "s.tif", [tiles[:2], tiles[2:]], mpp=0.5)
+    summary = classify_slide(slide, model, tmp_path / "out", SlideSettings(), progress=False)
+    assert summary["abstain_below"] == pytest.approx(spec["abstain_below"])
+    assert summary["abstention_unit"] == {
+        "fitted_per": "image",
+        "applied_per": "tile (each tile's own confidence)",
+    }
+    saved = json.loads((tmp_path / "out" / "s" / "summary.json").read_text())
+    assert saved["abstention_unit"] == summary["abstention_unit"]
+
+
 def test_bag_models_calibrate_their_bag_probabilities(tmp_path: Path, mosaic_bags: Path) -> None:
     """Attention MIL: the bag logits are scaled, the attention is left as it was."""
     from support import write_config

@@ -261,6 +261,49 @@ def test_patch_models_serve_the_gradcam_of_explain_py(workdir: Path, synthetic_d
     assert grid.values.min() == 0.0 and grid.values.max() == 1.0
 
 
+@pytest.mark.parametrize("method", ["temperature", "vector"])
+def test_calibrated_runs_export_with_their_gradcam(
+    workdir: Path, synthetic_dir: Path, tmp_path: Path, method: str
+) -> None:
+    """Calibration scales the logits after the classifier: the export keeps its ``cam``, and
+    every class's served map is the calibrated model's gradient Grad-CAM, sign included (a
+    negative vector scale turns the class's map over, as its gradient does)."""
+    import shutil
+
+    import torch
+
+    from histolite.evaluate.calibration import calibrate_run
+    from histolite.evaluate.explain import grad_cam
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(workdir / "run", run_dir)
+    calibrate_run(run_dir, method=method, progress=False)
+    spec = json.loads((run_dir / "calibration.json").read_text())
+    if method == "vector":
+        spec["scale"][1] = -abs(spec["scale"][1])  # what a vector fit may give a class
+        (run_dir / "calibration.json").write_text(json.dumps(spec))
+    else:
+        assert abs(spec["temperature"] - 1.0) > 1e-3  # the closed-form check used to fail
+    export_run(run_dir, tmp_path / "model", progress=False, parity_samples=16)
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert card["calibration"]["method"] == method
+    assert card["explanation"]["method"] == "gradcam", card["explanation"]
+    assert card["parity"]["gradcam_min_correlation"] > 0.9, card["parity"]
+    run = load_run(run_dir, device="cpu")
+    assert run.calibration is not None and list(run.calibration.scale) == spec["scale"]
+    served = OnnxClassifier(tmp_path / "model")
+    batch = served.to_batch([load_rgb(p) for p in sorted(synthetic_dir.glob("*/*.png"))[::8]])
+    (cams,) = served.session.run(["cam"], {served.input_name: batch})
+    layer = card["explanation"]["layer"]
+    for i in range(len(batch)):
+        for target in range(len(served.classes)):
+            reference, _ = grad_cam(run.model, torch.from_numpy(batch[i : i + 1]), target, layer)
+            top = cams[i, target].max()
+            mine = cams[i, target] / top if top > 0 else np.zeros_like(cams[i, target])
+            np.testing.assert_allclose(mine, reference.numpy(), atol=1e-4)
+    assert (cams[:, 1].max(axis=(1, 2)) > 0).any()  # class 1's maps are not all empty
+
+
 def test_models_without_a_pooling_head_export_and_serve_without_gradcam(
     workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,6 +20,7 @@ from histolite.slide.inference import (
 )
 from histolite.slide.pyramid import write_pyramidal_tiff
 from histolite.slide.reader import OpenSlideSlide, SlideError, TiffSlide, open_slide, read_region
+from histolite.slide.tiles import TileBudgetExceeded
 
 SVS = Path(__file__).resolve().parents[3] / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
 COLUMNS, ROWS = 6, 4
@@ -87,6 +88,24 @@ def test_geojson_is_a_qupath_feature_collection(
         assert props["classification"]["name"] == row["label"]
         probs = [props["measurements"][f"prob_{c}"] for c in model.classes]
         assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_tile_budget_refuses_the_slide_before_any_tile_is_read(
+    mosaic: tuple[Path, list], model: OnnxClassifier, tmp_path: Path
+) -> None:
+    """``max_tiles`` (a service's slide job budget) is checked while the grid is walked: a
+    slide over it is refused by name with nothing written; one at it is classified."""
+    path, _ = mosaic
+    settings = SlideSettings(min_tissue=0.01)
+    with pytest.raises(TileBudgetExceeded, match=r"mosaic\.tif: the slide has more than the 3 "):
+        classify_slide(path, model, tmp_path / "over", settings, progress=False, max_tiles=3)
+    assert not (tmp_path / "over").exists()
+    summary = classify_slide(path, model, tmp_path / "all", settings, progress=False)
+    assert summary["tiles"] > 3
+    at = classify_slide(
+        path, model, tmp_path / "at", settings, progress=False, max_tiles=summary["tiles"]
+    )
+    assert at["tiles"] == summary["tiles"]
 
 
 def test_blank_slide_gives_a_summary_not_a_crash(model: OnnxClassifier, tmp_path: Path) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +174,12 @@ def test_background_classes_cap_and_tissue_filter(
     again = cut_tiles([slide], notes, tmp_path / "again", settings, progress=False)
     assert [r["path"] for r in _rows(tmp_path / "again")] == [r["path"] for r in rows]
     assert again["per_class"] == summary["per_class"]
+    # two shards: the same tiles, and each drop (the cap's included) counted by one shard
+    for index in (0, 1):
+        shard = replace(settings, shard=(index, 2))
+        halves = cut_tiles([slide], notes, tmp_path / "sharded", shard, progress=False)
+    assert [r["path"] for r in _rows(tmp_path / "sharded")] == [r["path"] for r in rows]
+    assert halves["dropped"] == summary["dropped"]
 
 
 def test_a_tissue_threshold_drops_annotated_glass(
@@ -204,6 +213,7 @@ def test_shards_resume_and_settings_guard(
     )  # fmt: skip
     assert code == 0, err
     sharded = tmp_path / "sharded"
+    shard_dropped: Counter[str] = Counter()
     for index in (0, 1):
         code, out, err = run_cli(
             ["slide", "tiles", str(slide), "--annotations", str(notes), "--tile-um", "32",
@@ -212,7 +222,18 @@ def test_shards_resume_and_settings_guard(
         assert code == 0, err
         # after the first shard the listing is partial, and says so; the second completes it
         assert ("1 slide(s) not finished" in err) == (index == 0)
+        # each shard's line counts its own boxes' drops, not the whole slide's
+        line = next(x for x in out.splitlines() if x.startswith("case_a:"))
+        counts = line.partition("; dropped ")[2]
+        shard_dropped.update({why: int(n) for n, why in re.findall(r"(\d+) ([a-z ]+)", counts)})
     assert sorted(r["path"] for r in _rows(sharded)) == sorted(r["path"] for r in _rows(whole))
+    # the dropped counts add up over the shards to the unsharded ones (they were N times them)
+    whole_summary = json.loads((whole / "summary.json").read_text())
+    sharded_summary = json.loads((sharded / "summary.json").read_text())
+    assert whole_summary["dropped"] and whole_summary["dropped"]["partial"] > 0
+    assert sharded_summary["dropped"] == whole_summary["dropped"]
+    assert sharded_summary["slides"]["case_a"]["dropped"] == whole_summary["dropped"]
+    assert dict(shard_dropped) == whole_summary["dropped"]
     # a rerun finds every slide done and rewrites nothing
     tile = sharded / _rows(sharded)[0]["path"]
     before = tile.stat().st_mtime_ns

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,26 @@ def test_out_of_fold_rows_are_labelled_by_the_teacher_that_left_them_out(tmp_pat
         oof(torch.rand(2, 3, 8, 8))
 
 
+def test_fold_teachers_load_the_files_distillation_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One owner of the run layout: the checkpoint each fold teacher loads is the file
+    ``teacher_checkpoint_files`` checks for, wherever ``RunDir`` puts checkpoints."""
+    import histolite.runspec as runspec
+    from histolite.train.distill import teacher_checkpoint_files
+
+    monkeypatch.setattr(runspec, "CHECKPOINT_DIR", "weights")
+    write_json(tmp_path / "crossfit.json", {"folds": 3, "groups": {}, "seed": 0})
+    crossfit = Crossfit.load(tmp_path)
+    assert crossfit is not None
+    teachers = [_Constant(k) for k in range(3)]
+    oof = CrossfitTeacher(teachers, crossfit.fold_dirs, "out_of_fold")  # type: ignore[arg-type]
+    oof.load(Path("any/best.ckpt"))
+    loaded = [Path(t.loaded[0]) for t in teachers]
+    assert loaded == teacher_checkpoint_files(tmp_path, "best.ckpt")
+    assert loaded[0] == tmp_path / "fold_0" / "weights" / "best.ckpt"
+
+
 def test_the_early_teacher_is_chosen_on_validation(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -128,6 +149,82 @@ def test_each_fold_trains_without_its_groups(crossfit_teachers: Path, tmp_path: 
     per_fold = report["crossfit"]["per_fold"]
     assert [f["fold"] for f in per_fold] == [0, 1, 2] and report["n"] > 0
     assert report["crossfit"]["ensemble"].startswith("mean")
+
+
+def _copy_teachers(crossfit_teachers: Path, tmp_path: Path) -> Path:
+    """A copy to resume (split.csv paths are relative: the copy sits at the same depth)."""
+    out = tmp_path / "teachers"
+    shutil.copytree(crossfit_teachers, out)
+    return out
+
+
+def _stop_in_first_epoch(fold: Path) -> None:
+    """What a fold killed during its first epoch leaves: run files, no checkpoint yet."""
+    shutil.rmtree(fold / "checkpoints")
+    (fold / "train_summary.json").unlink()
+    assert (fold / "run.json").is_file()
+
+
+def test_resume_restarts_a_fold_stopped_before_its_first_checkpoint(
+    crossfit_teachers: Path, tmp_path: Path
+) -> None:
+    out = _copy_teachers(crossfit_teachers, tmp_path)
+    _stop_in_first_epoch(out / "fold_2")
+    kept = {k: (out / f"fold_{k}" / "checkpoints" / "last.ckpt").stat().st_mtime_ns for k in (0, 1)}
+    crossfit_run(resolve_config(None, [], out, resume=True), out, resume=True, progress=False)
+    assert (out / "fold_2" / "train_summary.json").is_file()
+    assert (out / "fold_2" / "checkpoints" / "last.ckpt").is_file()
+    summary = json.loads((out / "fold_2" / "train_summary.json").read_text())
+    assert summary["resumed"] is False  # started again, not resumed from nothing
+    for k, mtime in kept.items():  # finished folds are not trained again
+        assert (out / f"fold_{k}" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == mtime
+
+
+def test_resume_trains_on_the_saved_split_not_a_new_one(
+    crossfit_teachers: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data may have changed since the run started: a resume reads RUN/split.csv back."""
+    import histolite.train.crossfit as crossfit_module
+
+    out = _copy_teachers(crossfit_teachers, tmp_path)
+    _stop_in_first_epoch(out / "fold_1")
+    lines = (out / "split.csv").read_text().splitlines()
+    moved = next(i for i, line in enumerate(lines) if line.endswith(",val"))
+    lines[moved] = lines[moved][: -len("val")] + "test"  # a split load_split would not make
+    (out / "split.csv").write_text("\n".join(lines) + "\n")
+    saved = (out / "split.csv").read_bytes()
+
+    def no_new_split(*args: object) -> None:
+        raise AssertionError("a resume must not split the data again")
+
+    monkeypatch.setattr(crossfit_module, "load_split", no_new_split)
+    crossfit_run(resolve_config(None, [], out, resume=True), out, resume=True, progress=False)
+    assert (out / "split.csv").read_bytes() == saved  # not overwritten
+    moved_image = (out / lines[moved].split(",")[0]).resolve()
+    fold = read_split_csv(out / "fold_1" / "split.csv")
+    assert [name for s, name in fold.rows if s.path.resolve() == moved_image] == ["test"]
+    parent = read_split_csv(out / "split.csv")
+    crossfit = Crossfit.load(out)
+    assert crossfit is not None
+    expected = sorted(
+        str(s.path.resolve()) for s, n in parent.rows if n == "train" and crossfit.fold_of(s) != 1
+    )
+    assert sorted(str(s.path.resolve()) for s, n in fold.rows if n == "train") == expected
+
+
+def test_resume_refuses_a_changed_crossfit_section(crossfit_teachers: Path, tmp_path: Path) -> None:
+    out = _copy_teachers(crossfit_teachers, tmp_path)
+    _stop_in_first_epoch(out / "fold_2")
+    config = (out / "config.yaml").read_bytes()
+    for override, change in (
+        ("crossfit.folds=4", "crossfit.folds: 3 -> 4"),
+        ("crossfit.seed=7", "crossfit.seed: None -> 7"),
+    ):
+        cfg = resolve_config(None, [override], out, resume=True)
+        with pytest.raises(HistoliteError, match=rf"cannot change the crossfit section.*{change}"):
+            crossfit_run(cfg, out, resume=True, progress=False)
+    assert (out / "config.yaml").read_bytes() == config  # refused before anything was written
+    assert not (out / "fold_2" / "checkpoints").exists() and not (out / "fold_3").exists()
 
 
 def _student(tmp_path: Path, data: Path, **distill: object) -> DistillConfig:
