@@ -28,7 +28,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed
-	$(PIP) install -q '.[bench]'
+	$(PIP) install -q -e '.[all,dev,bench]'
 	$(PY) benchmarks/stain.py
 
 clean:
