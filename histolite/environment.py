@@ -301,20 +301,25 @@ def _default_facts(key: str) -> dict[str, Any]:
 
 
 def check_opencv_fast_path() -> Check:
-    """Ask the stain module itself whether uint8 CPU images go through OpenCV.
+    """Ask the shared Reinhard kernel whether uint8 images go through OpenCV.
 
-    The answer comes from ``histolite.stain.reinhard`` (the import it made), not from a second
-    ``import cv2`` here, which could succeed where the module's did not or the other way round.
+    The answer comes from ``histolite.stain.reinhard_uint8`` (the import it made, used by
+    training and by the runtime alike), not from a second ``import cv2`` here, which could
+    succeed where the module's did not or the other way round. No torch needed: serving and
+    slide installs use the same kernel.
     """
-    key, label, fix = "opencv_fast_path", "OpenCV Reinhard", install_hint("train")
-    if not _installed("torch"):
-        detail = "stain normalisation needs torch (not installed)"
-        return Check(key, label, False, detail, fix)
-    reinhard = importlib.import_module("histolite.stain.reinhard")
-    if reinhard.opencv_available():
-        detail = "uint8 CPU images go through OpenCV's Lab conversion"
+    key, label, fix = "opencv_fast_path", "OpenCV Reinhard", install_hint("serve")
+    kernel = importlib.import_module("histolite.stain.reinhard_uint8")
+    if kernel.opencv_available():
+        detail = (
+            "uint8 images go through OpenCV's Lab conversion, in training and when served "
+            "(served probabilities equal evaluate's)"
+        )
         return Check(key, label, True, detail)
-    detail = "cv2 does not import: uint8 images take the slower torch path"
+    detail = (
+        "cv2 does not import: training takes the slower torch path and serving the ONNX stain "
+        "graph (a few 8-bit levels from training's pixels)"
+    )
     return Check(key, label, False, detail, fix)
 
 

@@ -22,6 +22,19 @@ from histolite.fileio import atomic_path
 from histolite.runspec import PatchSpec
 
 
+def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
+    """An H x W x 3 uint8 image resized to size x size (Pillow bilinear, antialiased when
+    shrinking), uint8 out.
+
+    The one resize evaluation and serving share, so the runtime's input equals ``evaluate``'s
+    bit for bit (torchvision's antialiased uint8 resize differs from Pillow's by one level).
+    """
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+
+
 def patch_grid_shape(height: int, width: int, size: int, stride: int) -> tuple[int, int]:
     """(rows, cols) of the patch grid; (0, 0) when the image is smaller than one patch."""
     if size <= 0 or stride <= 0:

@@ -15,6 +15,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
+from histolite.data.patches import resize_square
+
 Transform = Callable[[Tensor], Tensor]
 
 
@@ -74,13 +76,28 @@ def build_train_transform(image_size: int, augment: Any) -> Transform:
     return v2.Compose(steps)
 
 
+class ServedResize(torch.nn.Module):
+    """Resize a (3, H, W) uint8 tensor exactly as the runtime does (``resize_square``).
+
+    Evaluation measures what is served: Pillow's bilinear resize rather than torchvision's,
+    which differs by up to one 8-bit level. Other input (float, batches) goes to torchvision.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, image: Tensor) -> Tensor:
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.device.type != "cpu":
+            return v2.functional.resize(image, [self.size, self.size], antialias=True)
+        if tuple(image.shape[-2:]) == (self.size, self.size):
+            return image
+        pixels = image.permute(1, 2, 0).numpy()
+        return torch.from_numpy(resize_square(pixels, self.size).copy()).permute(2, 0, 1)
+
+
 def build_eval_transform(image_size: int) -> Transform:
-    return v2.Compose(
-        [
-            v2.Resize((image_size, image_size), antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
+    return v2.Compose([ServedResize(image_size), v2.ToDtype(torch.float32, scale=True)])
 
 
 def compute_mean_std(

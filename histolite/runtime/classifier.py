@@ -2,16 +2,21 @@
 
 An exported model folder holds ``model.onnx`` and ``model.json`` (the model card), plus
 ``stain.onnx`` when the model normalises stain. Each patch goes through the training order:
-crop -> stain (``stain.onnx``, uint8, at the patch's own resolution) -> bilinear
-resize to the model's input -> ``model.onnx`` (float32 RGB in [0, 1], (N, 3, S, S)) -> class
-probabilities. Images larger than one patch are cut into the card's grid and the patch
-probabilities are averaged, which also gives a per-patch heatmap. Graphs with a ``cam`` output
-(``export.graph.CamServingGraph``) also give each image's Grad-CAM as a grid in image pixels.
+crop -> stain (uint8, at the patch's own resolution) -> bilinear resize to the model's input ->
+``model.onnx`` (float32 RGB in [0, 1], (N, 3, S, S)) -> class probabilities. Reinhard runs
+through the training path's own OpenCV kernel (``stain.reinhard_uint8``) when OpenCV is
+installed, so served probabilities equal ``evaluate``'s; ``stain.onnx`` (a few 8-bit levels
+apart) serves installs without OpenCV, and every other normaliser. Images larger than one patch
+are cut into the card's grid and the patch probabilities are averaged, which also gives a
+per-patch heatmap. Graphs with a ``cam`` output (``export.graph.CamServingGraph``) also give
+each image's Grad-CAM as a grid in image pixels.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,12 @@ from histolite.runtime.card import (
     require_current_calibration,
     verify_graphs,
 )
-from histolite.runtime.preprocess import crops_to_batch, grid_crops
+from histolite.runtime.preprocess import CropStain, crops_to_batch, grid_crops
+from histolite.stain.reinhard_uint8 import (
+    DEFAULT_BACKGROUND_LIGHTNESS,
+    ReinhardCrops,
+    opencv_available,
+)
 from histolite.uncertainty import UncertaintyPolicy, score
 
 DEFAULT_MAX_INSTANCES = 4096  # patches per bag when a card sets no bound (exports before 3)
@@ -114,6 +124,33 @@ class StainStep:
         return result
 
 
+def _stain_step(
+    card: dict[str, Any], open_graph: Callable[[], Any], max_batch: int, threads: int | None
+) -> tuple[CropStain | None, str | None]:
+    """The crops' stain step and its name: ``opencv``, ``onnx`` or None (no stain step).
+
+    Older exports carried Reinhard inside ``model.onnx``: their cards name no stain graph.
+    """
+    if card.get("stain_graph") is None:
+        return None, None
+    stain = card.get("stain") or {}
+    if stain.get("method") == "reinhard" and opencv_available():
+        return (
+            ReinhardCrops(
+                stain["mean"],
+                stain["std"],
+                ignore_background=bool(stain.get("ignore_background", False)),
+                background_lightness=float(
+                    stain.get("background_lightness", DEFAULT_BACKGROUND_LIGHTNESS)
+                ),
+                # as many threads as ONNX Runtime is given (its default: every core)
+                threads=threads or (os.cpu_count() or 1),
+            ),
+            "opencv",
+        )
+    return StainStep(open_graph(), max_batch), "onnx"
+
+
 class OnnxClassifier:
     """ONNX Runtime sessions shared by all requests (``run`` is thread-safe)."""
 
@@ -156,9 +193,9 @@ class OnnxClassifier:
             return _open_session(self.model_dir / name, options, providers)
 
         self.session = _open_session(path, options, providers)
-        # older exports carried Reinhard inside model.onnx; their cards name no stain graph
-        stain = side_graph("stain_graph", STAIN_FILE)
-        self.stain: StainStep | None = StainStep(stain, max_batch) if stain else None
+        self.stain, self.stain_kernel = _stain_step(
+            self.card, lambda: side_graph("stain_graph", STAIN_FILE), max_batch, threads
+        )
         # bag models since card format 3: patches in chunks through model.onnx, then this
         self.mil_head = side_graph("mil_head", MIL_HEAD_FILE)
         self.input_name = self.session.get_inputs()[0].name

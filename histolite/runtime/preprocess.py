@@ -8,9 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image
 
-from histolite.data.patches import bag_positions, grid_positions, patch_grid_shape
+from histolite.data.patches import bag_positions, grid_positions, patch_grid_shape, resize_square
 
 # uint8 H x W x 3 crops in, the same crops stain normalised out
 CropStain = Callable[[list[np.ndarray]], list[np.ndarray]]
@@ -25,10 +24,8 @@ def crops_to_batch(
         crops = stain(crops)
     batch = np.empty((len(crops), 3, input_size, input_size), dtype=np.float32)
     for i, crop in enumerate(crops):
-        image = Image.fromarray(np.ascontiguousarray(crop))
-        if image.size != (input_size, input_size):
-            image = image.resize((input_size, input_size), Image.Resampling.BILINEAR)
-        batch[i] = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        batch[i] = resize_square(crop, input_size).transpose(2, 0, 1)
+    batch /= 255.0
     return batch
 
 

@@ -14,18 +14,19 @@ def onnx_images_per_second(
 ) -> float:
     """Forward passes of the exported graphs on random input until ``min_seconds`` elapse.
 
-    The stain graph, when the model has one, runs on patch-size input first, as served; the
-    resize between the two graphs (PIL, outside ONNX) is not timed.
+    The stain step, when the model has one, runs on patch-size input first, as served (OpenCV
+    or ``stain.onnx``, whichever this install serves with); the resize between the stain step
+    and the model (PIL) is not timed.
     """
     rng = np.random.default_rng(0)
     size = model.input_size
     x = rng.random((batch_size, 3, size, size), dtype=np.float32)
     side = model.patch_size
-    patches = rng.integers(0, 256, (batch_size, 3, side, side), dtype=np.uint8)
+    patches = list(rng.integers(0, 256, (batch_size, side, side, 3), dtype=np.uint8))
 
     def step() -> None:
         if model.stain is not None:
-            model.stain.run(patches)
+            model.stain(patches)
         model.session.run(None, {model.input_name: x})
 
     step()

@@ -15,43 +15,24 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from histolite.errors import DataError
 from histolite.fileio import read_json, write_json
+from histolite.stain import reinhard_uint8
 from histolite.stain.colour import F_TO_LAB, LAB_OFFSET, LAB_TO_F, f_to_rgb, rgb_to_f, rgb_to_lab
-
-
-def _load_cv2() -> Any:
-    """OpenCV for the fast uint8 CPU path, or None; the torch path needs nothing extra.
-
-    Imported through a function so the type stays ``Any`` whichever OpenCV stubs are installed.
-    """
-    try:
-        import cv2
-    except ImportError:  # pragma: no cover - opencv-python-headless is in histolite[train]
-        return None
-    cv2.setNumThreads(1)  # images are spread over threads here; OpenCV's own pool only adds cost
-    return cv2
-
-
-_cv2: Any = _load_cv2()
+from histolite.stain.reinhard_uint8 import MIN_STD
 
 
 def opencv_available() -> bool:
     """Whether uint8 CPU images take the OpenCV fast path (asked by ``histolite info``).
 
-    Answers from the import this module already made, so the report cannot disagree with what
-    ``ReinhardNormalizer.__call__`` does.
+    Answers from the import ``reinhard_uint8`` already made, so the report cannot disagree with
+    what ``ReinhardNormalizer.__call__`` does.
     """
-    return _cv2 is not None
-
-
-# A flat (all-background) image has zero spread; this floor keeps the division finite.
-_MIN_STD = 1e-3
+    return reinhard_uint8.opencv_available()
 
 
 @dataclass(frozen=True)
@@ -157,7 +138,7 @@ class ReinhardNormalizer:
         if (
             images.dtype == torch.uint8
             and images.device.type == "cpu"
-            and _cv2 is not None
+            and reinhard_uint8.opencv_available()
             and not torch.jit.is_tracing()
             and images.ndim in (3, 4)
             and images.shape[-3] == 3
@@ -166,25 +147,14 @@ class ReinhardNormalizer:
         return self.torch_normalize(images)
 
     def _opencv_one(self, image: np.ndarray) -> np.ndarray:
-        """One H x W x 3 uint8 image through OpenCV's float CIELAB (it releases the GIL)."""
-        rgb = image.astype(np.float32)
-        rgb *= 1.0 / 255.0
-        lab = _cv2.cvtColor(rgb, _cv2.COLOR_RGB2Lab)
-        mask = None
-        if self.ignore_background:
-            mask = (lab[..., 0] < self.background_lightness).astype(np.uint8)
-            if not mask.any():  # no tissue: pass through unchanged
-                return image
-        mean, std = _cv2.meanStdDev(lab, mask=mask)
-        scale = np.asarray(self.target.std) / np.maximum(std.ravel(), _MIN_STD)
-        shift = np.asarray(self.target.mean) - mean.ravel() * scale
-        affine = np.hstack([np.diag(scale), shift[:, None]]).astype(np.float32)
-        normalised = _cv2.cvtColor(_cv2.transform(lab, affine), _cv2.COLOR_Lab2RGB)
-        np.clip(normalised, 0.0, 1.0, out=normalised)
-        result: np.ndarray = _cv2.convertScaleAbs(normalised, alpha=255.0)
-        if mask is not None:
-            result[mask == 0] = image[mask == 0]
-        return result
+        """One H x W x 3 uint8 image through the shared OpenCV kernel (it releases the GIL)."""
+        return reinhard_uint8.reinhard_uint8(
+            image,
+            self.target.mean,
+            self.target.std,
+            ignore_background=self.ignore_background,
+            background_lightness=self.background_lightness,
+        )
 
     def _opencv(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 CPU path: images spread over ``torch.get_num_threads()`` threads."""
@@ -238,7 +208,7 @@ class ReinhardNormalizer:
             target_std = torch.tensor(self.target.std, dtype=f.dtype, device=f.device)
         else:  # one target per image (B, 3) each: random-target augmentation
             target_mean, target_std = (t.to(dtype=f.dtype, device=f.device) for t in targets)
-        scale = target_std / lab_std.clamp_min(_MIN_STD)  # (n, 3)
+        scale = target_std / lab_std.clamp_min(MIN_STD)  # (n, 3)
         shift = target_mean - lab_mean * scale
         matrix = (to_f * scale[:, None, :]) @ to_lab  # to_f @ diag(scale) @ to_lab
         bias = (scale * offset + shift - offset) @ to_f.T

