@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -73,17 +74,23 @@ def test_thumbnail_of_a_single_level_slide_reads_bounded_blocks(
     )
     slide = open_slide(path)  # strips: tifffile; tiles: OpenSlide's generic-tiff
     sizes: list[int] = []
-    read_level = slide.read_level
 
-    def recording(level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        sizes.append(width * height)
-        return read_level(level, x, y, width, height)
+    def recording(read: Any) -> Any:
+        def read_box(level: int, x: int, y: int, width: int, height: int) -> Any:
+            sizes.append(width * height)
+            return read(level, x, y, width, height)
 
-    slide.read_level = recording  # type: ignore[method-assign]
+        return read_box
+
+    # OpenSlide's overview blocks stay PIL images (read_level_image); tifffile's are arrays
+    for name in ("read_level", "read_level_image"):
+        if hasattr(slide, name):
+            setattr(slide, name, recording(getattr(slide, name)))
     try:
         thumb, scale = thumbnail(slide, 512)
     finally:
         slide.close()
+    assert sizes, "no block was read through the reader"
     assert thumb.shape == (380, 512, 3) and scale == pytest.approx(3100 / 512)
     assert max(sizes) <= (THUMBNAIL_BLOCK + 8) ** 2 < level0.shape[0] * level0.shape[1] / 4
     whole = Image.fromarray(level0).resize((512, 380), Image.Resampling.BOX)
@@ -140,5 +147,27 @@ def test_tiles_past_the_end_of_a_truncated_pyramid_are_named(tmp_path: Path) -> 
     try:
         with pytest.raises(SlideError, match=r"cut\.tif: truncated or not a slide: tile \d+"):
             slide.read_level(0, 0, 0, 800, 600)
+    finally:
+        slide.close()
+
+
+def test_openslide_image_reads_equal_array_reads_inside_and_past_the_edge(tmp_path: Path) -> None:
+    """The overview's PIL path flattens transparency exactly as the array path does."""
+    path = tmp_path / "tiled.tif"
+    tifffile.imwrite(
+        path,
+        _gradient(600, 700),
+        photometric="rgb",
+        tile=(256, 256),
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+    )
+    slide = open_slide(path)
+    try:
+        assert slide.info.reader.startswith("openslide")
+        for box in ((0, 0, 300, 200), (650, 550, 120, 90)):  # opaque; half outside (transparent)
+            image = slide.read_level_image(0, *box)  # type: ignore[attr-defined]
+            assert image.mode == "RGB"
+            assert np.array_equal(np.asarray(image), slide.read_level(0, *box))
     finally:
         slide.close()
