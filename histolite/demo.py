@@ -77,7 +77,12 @@ def run_demo(
         runs.append(run_dir)
     print(f"[{steps}/{steps}] comparing all runs on the held-out slides")
     rows = compare_runs(
-        runs, split_csv, out / "compare", names=[n for n, _, _ in DEMO_STEPS], progress=progress
+        runs,
+        split_csv,
+        out / "compare",
+        names=[n for n, _, _ in DEMO_STEPS],
+        progress=progress,
+        speed_seconds=0.2 if quick else 1.0,  # quick runs check the pipeline, not the speed
     )
     for row in rows:
         row["train_seconds"] = round(train_seconds[row["name"]], 1)
