@@ -170,8 +170,8 @@ def extra_requirements() -> dict[str, list[Requirement]] | None:
 def _satisfies(version: str, specifier: str) -> bool | None:
     """Whether ``version`` meets ``specifier``; None when ``packaging`` cannot tell.
 
-    ``packaging`` is not a histolite dependency (it nearly always comes along with pip tools),
-    so without it the report says installed or not, never falsely "too old".
+    ``packaging`` is a declared dependency; should an install lack it anyway, the report says
+    installed or not, never falsely "too old".
     """
     if not specifier:
         return True
