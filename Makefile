@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # torch is capped at the versions on this machine's disk; a CPU-only machine may use any torch>=2.4.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# One pytest worker per core (pytest-xdist); TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= auto
 
 .PHONY: demo test lint format bench clean
 
@@ -20,7 +22,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/histolite info
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check histolite tests benchmarks

@@ -20,6 +20,21 @@ from histolite.data.synthetic import generate_synthetic_dataset
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
+# `make test` runs one pytest-xdist worker per core: each worker (and the processes it starts)
+# gets its share of the cores, not torch's default of one thread per core in every worker.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    import torch
+
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+    torch.set_num_threads(_THREADS)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` run first, so parallel workers never wait on one long tail."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
@@ -47,6 +62,14 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         classes=("tumor", "stroma", "lympho", "adipose"),
         progress=False,
     )
+
+
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Path:
+    """A small classifier trained on ``synthetic_dir`` and exported; shared, so never modify it."""
+    from support import export_small_model
+
+    return export_small_model(tmp_path_factory.mktemp("exported_model"), synthetic_dir)
 
 
 @pytest.fixture

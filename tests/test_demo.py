@@ -1,11 +1,14 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from histolite.demo import run_demo
 
 NAMES = ["teacher", "student", "student_kd", "student_multipart_kd"]
 
 
+@pytest.mark.slow
 def test_quick_demo_produces_the_table(tmp_path: Path) -> None:
     rows = run_demo(tmp_path / "demo", quick=True, progress=False)
     assert [r["name"] for r in rows] == NAMES

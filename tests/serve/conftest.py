@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from support import export_small_model, write_config
+from support import write_config
 
 from histolite.export.onnx import export_run
 from histolite.train import resolve_config
@@ -15,13 +15,12 @@ from histolite.train.mil import mil_run
 
 @pytest.fixture(scope="session")
 def repository(
-    tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path, mosaic_bags: Path
+    tmp_path_factory: pytest.TempPathFactory, exported_model: Path, mosaic_bags: Path
 ) -> Path:
     """tiles/1, tiles/2 and tiles/10 (one classifier), bags/1 (a MIL model), and junk."""
     root = tmp_path_factory.mktemp("repo")
-    model = export_small_model(root / "work", synthetic_dir)
     for version in ("1", "2", "10"):
-        shutil.copytree(model, root / "models" / "tiles" / version)
+        shutil.copytree(exported_model, root / "models" / "tiles" / version)
     config = write_config(
         root / "mil.yaml",
         mosaic_bags,

@@ -38,11 +38,9 @@ from histolite.serve.audit import export_audit_csv, verify_audit
 from histolite.serve.fetch import UrlFetcher, UrlFetchError
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Path:
-    from support import export_small_model
-
-    return export_small_model(tmp_path_factory.mktemp("harden"), synthetic_dir)
+@pytest.fixture(scope="session")
+def model_dir(exported_model: Path) -> Path:
+    return exported_model
 
 
 def _client(model_dir: Path, tmp_path: Path, **kw: object) -> TestClient:

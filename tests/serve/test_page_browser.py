@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import export_small_model
 
 from histolite.serve.app import ServeSettings, create_app
 
@@ -78,9 +77,8 @@ def _serve(model_dir: Path, root: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("browser")
-    yield from _serve(export_small_model(root, synthetic_dir), root)
+def server(tmp_path_factory: pytest.TempPathFactory, exported_model: Path) -> Iterator[str]:
+    yield from _serve(exported_model, tmp_path_factory.mktemp("browser"))
 
 
 @pytest.fixture(scope="module")

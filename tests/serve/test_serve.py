@@ -19,16 +19,15 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from support import export_small_model
 
 from histolite.serve.app import ServeSettings, create_app
 from histolite.serve.audit import export_audit_csv
 from histolite.serve.fetch import UrlFetcher, UrlFetchError, is_public_address
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Path:
-    return export_small_model(tmp_path_factory.mktemp("serve"), synthetic_dir)
+@pytest.fixture(scope="session")
+def model_dir(exported_model: Path) -> Path:
+    return exported_model
 
 
 def _client(model_dir: Path, tmp_path: Path, **settings: object) -> TestClient:

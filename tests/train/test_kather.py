@@ -27,6 +27,7 @@ def _subset(kather_dir: Path, root: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.kather
+@pytest.mark.slow
 def test_student_beats_chance_on_real_tiles(tmp_path: Path, kather_dir: Path) -> None:
     train_dir, test_dir = _subset(kather_dir, tmp_path / "kather")
     config = write_config(
