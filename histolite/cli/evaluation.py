@@ -51,6 +51,12 @@ def evaluate(
     if "image_level" in report:
         for method, metrics in report["image_level"].items():
             typer.echo(f"image-level ({method}): accuracy {metrics['accuracy']:.4f}")
+    out_of_fold = report.get("crossfit", {}).get("out_of_fold")
+    if out_of_fold is not None:
+        typer.echo(
+            f"out of fold (each training image by the fold model that never saw it): accuracy "
+            f"{out_of_fold['accuracy']:.4f} (n={out_of_fold['n']})"
+        )
     typer.echo(f"report written to {out}")
 
 

@@ -333,6 +333,7 @@ def evaluate_crossfit(
             "per_fold": per_fold,
             "fold_accuracy_mean": float(np.mean(accuracies)),
             "fold_accuracy_sd": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
+            "out_of_fold": _out_of_fold_accuracy(crossfit, samples, ensemble, probs),
         },
     )
     if leak is not None:
@@ -350,6 +351,24 @@ def evaluate_crossfit(
         ),
     )
     return report
+
+
+def _out_of_fold_accuracy(
+    crossfit: Crossfit, samples: list[Sample], ensemble: Predictions, fold_probs: list[np.ndarray]
+) -> dict[str, Any] | None:
+    """Accuracy on the cross-fitted training images, each predicted by the one fold model that
+    never trained on it: what out-of-fold distillation's targets are worth (None when ``data``
+    holds no training images). The ensemble's accuracy on them is inflated, this one is not."""
+    rows = [
+        (row, crossfit.groups[samples[index].group])
+        for row, index in enumerate(ensemble.image_index)
+        if samples[index].group in crossfit.groups
+    ]
+    if not rows:
+        return None
+    predicted = np.array([fold_probs[fold][row].argmax() for row, fold in rows])
+    truth = ensemble.labels[[row for row, _ in rows]]
+    return {"accuracy": float(np.mean(predicted == truth)), "n": len(rows)}
 
 
 def _crossfit_training_rows(crossfit: Crossfit, samples: list[Sample]) -> Overlap:

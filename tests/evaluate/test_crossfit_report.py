@@ -19,7 +19,7 @@ from histolite.evaluate.inference import predict
 from histolite.evaluate.report import evaluate_run
 from histolite.models.loading import load_run
 from histolite.train import resolve_config
-from histolite.train.crossfit import crossfit_run
+from histolite.train.crossfit import Crossfit, crossfit_run
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,29 @@ def test_training_images_are_counted_and_warned_about(teachers: Path, tmp_path: 
         teachers, teachers / "split.csv", tmp_path / "val", split="val", progress=False
     )
     assert clean["training_images_evaluated"] == 0 and "warning" not in clean
+    assert clean["crossfit"]["out_of_fold"] is None  # no validation image is in a fold
+
+
+def test_training_images_are_scored_by_the_fold_that_left_them_out(
+    teachers: Path, tmp_path: Path
+) -> None:
+    """What out-of-fold distillation's targets are worth, next to the inflated ensemble."""
+    train = list(read_split_csv(teachers / "split.csv").subset("train").samples)
+    with pytest.warns(LeakageWarning):
+        report = evaluate_run(
+            teachers, teachers / "split.csv", tmp_path / "train", split="train", progress=False
+        )
+    crossfit = Crossfit.load(teachers)
+    assert crossfit is not None
+    folds = [load_run(teachers / f"fold_{k}") for k in range(crossfit.folds)]
+    probs = [predict(fold, train, progress=False).probs for fold in folds]
+    right = [
+        probs[crossfit.fold_of(sample)][i].argmax()
+        == folds[0].spec.classes.index(sample.class_name)
+        for i, sample in enumerate(train)
+    ]
+    assert set(map(crossfit.fold_of, train)) == set(range(crossfit.folds))
+    assert report["crossfit"]["out_of_fold"] == {"accuracy": np.mean(right), "n": len(train)}
 
 
 def test_metadata_is_written_beside_the_report(teachers: Path, tmp_path: Path) -> None:
