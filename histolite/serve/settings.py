@@ -99,7 +99,7 @@ class ServeSettings(BaseSettings):
         default=2,
         ge=1,
         description="images decoded and classified at once per worker; others wait. Peak memory "
-        "is about 75 MB + this x 8 bytes x max_pixels (benchmarks/decode_memory.py)",
+        "is about 110 MB + this x 8 bytes x max_pixels (benchmarks/decode_memory.py)",
     )
 
     @field_validator(
