@@ -17,5 +17,9 @@ class ConfigError(HistoliteError):
     """A config file or override is malformed or names an unknown key or value."""
 
 
+class HistoliteWarning(UserWarning):
+    """Something the user should know about their data or run; the CLI prints it plainly."""
+
+
 class ModelError(HistoliteError):
     """An unknown model name, or weights that do not fit the model."""

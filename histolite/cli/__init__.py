@@ -48,10 +48,10 @@ def _show_warning(
     file: object = None,
     line: str | None = None,
 ) -> None:
-    """Leakage warnings are for people, not developers: no source line, hard to miss."""
-    from histolite.data.splits import LeakageWarning
+    """Histolite's warnings are for people, not developers: no source line, hard to miss."""
+    from histolite.errors import HistoliteWarning
 
-    if issubclass(category, LeakageWarning):
+    if issubclass(category, HistoliteWarning):
         typer.secho(f"WARNING: {message}", fg="yellow", bold=True, err=True)
         return
     _default_show_warning(message, category, filename, lineno, file, line)  # type: ignore[arg-type]

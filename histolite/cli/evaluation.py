@@ -57,6 +57,12 @@ def evaluate(
             f"out of fold (each training image by the fold model that never saw it): accuracy "
             f"{out_of_fold['accuracy']:.4f} (n={out_of_fold['n']})"
         )
+        seen = out_of_fold.get("class_seen", {})
+        if seen.get("n", out_of_fold["n"]) < out_of_fold["n"] and seen.get("accuracy") is not None:
+            typer.echo(
+                f"  of which {out_of_fold['n'] - seen['n']} images of classes their fold model "
+                f"never trained on; on the other {seen['n']}: accuracy {seen['accuracy']:.4f}"
+            )
     typer.echo(f"report written to {out}")
 
 

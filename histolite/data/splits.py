@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from histolite.data.folder import LabelledImages, Sample
-from histolite.errors import DataError
+from histolite.errors import DataError, HistoliteWarning
 from histolite.fileio import atomic_path
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -365,5 +365,5 @@ def read_split_csv(path: str | Path, classes: Sequence[str] | None = None) -> Sp
     return SplitTable(classes=tuple(names), rows=tuple(rows))
 
 
-class LeakageWarning(UserWarning):
+class LeakageWarning(HistoliteWarning):
     """An image-level split of data whose patients are known: test accuracy will be inflated."""

@@ -39,7 +39,7 @@ from histolite.fileio import atomic_path, write_json
 from histolite.models.loading import LoadedRun, load_run
 from histolite.runinfo import fingerprint_files, run_metadata
 from histolite.runspec import RunDir
-from histolite.train.crossfit import Crossfit
+from histolite.train.crossfit import Crossfit, classes_unseen
 
 
 def load_eval_samples(
@@ -358,7 +358,11 @@ def _out_of_fold_accuracy(
 ) -> dict[str, Any] | None:
     """Accuracy on the cross-fitted training images, each predicted by the one fold model that
     never trained on it: what out-of-fold distillation's targets are worth (None when ``data``
-    holds no training images). The ensemble's accuracy on them is inflated, this one is not."""
+    holds no training images). The ensemble's accuracy on them is inflated, this one is not.
+
+    ``class_seen`` leaves out the images whose fold model never trained on their class (all of
+    its training groups in that fold): out-of-fold distillation learns those from their labels.
+    """
     rows = [
         (row, crossfit.groups[samples[index].group])
         for row, index in enumerate(ensemble.image_index)
@@ -368,7 +372,21 @@ def _out_of_fold_accuracy(
         return None
     predicted = np.array([fold_probs[fold][row].argmax() for row, fold in rows])
     truth = ensemble.labels[[row for row, _ in rows]]
-    return {"accuracy": float(np.mean(predicted == truth)), "n": len(rows)}
+    training = [samples[i] for i in ensemble.image_index if samples[i].group in crossfit.groups]
+    unseen = classes_unseen(training, crossfit.groups, crossfit.folds)
+    folds = [fold for _, fold in rows]
+    seen = np.array(
+        [int(y) not in unseen.get(k, ()) for k, y in zip(folds, truth, strict=True)], dtype=bool
+    )
+    correct = predicted == truth
+    return {
+        "accuracy": float(np.mean(correct)),
+        "n": len(rows),
+        "class_seen": {
+            "accuracy": float(np.mean(correct[seen])) if seen.any() else None,
+            "n": int(seen.sum()),
+        },
+    }
 
 
 def _crossfit_training_rows(crossfit: Crossfit, samples: list[Sample]) -> Overlap:

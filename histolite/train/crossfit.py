@@ -19,6 +19,13 @@ The run directory holds the K fold runs and what ties them together::
 Validation and test images are in no teacher's training data, so the checks distillation runs
 against a single teacher hold for every fold.
 
+A class whose training groups all fall in one fold (a class with one training source image,
+such as Kather 2016's 08_EMPTY under a grouped split) is absent from that fold's training data:
+its out-of-fold teacher has never seen the class and cannot label it. The run records such
+classes (``classes_unseen`` in ``crossfit.json``) and warns when the folds are drawn;
+out-of-fold distillation trains those images on their labels alone
+(:data:`NO_OUT_OF_FOLD_TEACHER`).
+
 ``--resume`` reads the split back from ``RUN/split.csv`` (never re-splits the data, which may
 have changed), refuses a changed ``crossfit`` section (the folds were drawn when the run
 started), skips finished folds, resumes a fold from its ``last.ckpt``, and restarts a fold that
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +51,12 @@ from histolite.data.datasets import ImageDataset
 from histolite.data.folder import Sample
 from histolite.data.split_policy import Split, load_split
 from histolite.data.splits import SPLIT_NAMES, read_split_csv, write_split_csv
-from histolite.errors import HistoliteError
+from histolite.errors import HistoliteError, HistoliteWarning
 from histolite.fileio import read_json, write_json, write_text
 from histolite.runspec import RunDir, RunSpec, is_rank_zero
 
 CROSSFIT_FILE = "crossfit.json"
+NO_OUT_OF_FOLD_TEACHER = -1  # the image's out-of-fold teacher never saw its class
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,50 @@ def assign_folds(samples: list[Sample], folds: int, seed: int) -> dict[str, int]
     return assignment
 
 
+def classes_unseen(
+    samples: list[Sample], assignment: dict[str, int], folds: int
+) -> dict[int, list[int]]:
+    """Fold -> the classes of ``samples`` its teacher never trains on (sorted, only folds with
+    some): every training group of such a class was left out by that fold."""
+    labels_by_fold: list[set[int]] = [set() for _ in range(folds)]
+    for sample in samples:
+        labels_by_fold[assignment[sample.group]].add(sample.label)
+    everything = set().union(*labels_by_fold)
+    unseen = {}
+    for fold in range(folds):
+        trained_on = set().union(*(labels_by_fold[k] for k in range(folds) if k != fold))
+        if everything - trained_on:
+            unseen[fold] = sorted(everything - trained_on)
+    return unseen
+
+
+def describe_unseen(
+    unseen: dict[int, list[int]], classes: list[str] | tuple[str, ...], samples: list[Sample]
+) -> list[str]:
+    """One readable line per fold whose teacher misses a class, with the images it concerns."""
+    lines = []
+    for fold, labels in unseen.items():
+        for label in labels:
+            images = sum(1 for s in samples if s.label == label)
+            lines.append(
+                f"fold {fold} holds every training group of class {classes[label]!r}, so its "
+                f"teacher never sees that class; out-of-fold distillation learns its {images} "
+                "training images from their labels alone (ensemble targets are unaffected)"
+            )
+    return lines
+
+
+def out_of_fold_teachers(crossfit: Crossfit, samples: list[Sample]) -> list[int]:
+    """Each sample's out-of-fold teacher, or :data:`NO_OUT_OF_FOLD_TEACHER` where that teacher
+    never trained on the sample's class (it would label the image with a wrong class)."""
+    folds = [crossfit.fold_of(s) for s in samples]
+    unseen = classes_unseen(samples, crossfit.groups, crossfit.folds)
+    return [
+        NO_OUT_OF_FOLD_TEACHER if s.label in unseen.get(fold, ()) else fold
+        for s, fold in zip(samples, folds, strict=True)
+    ]
+
+
 def fold_split(split: Split, assignment: dict[str, int], fold: int) -> Split:
     """The split fold ``fold`` trains on: the training groups of every other fold, the same
     validation and test images; fold ``fold``'s training images are in none of its parts."""
@@ -172,10 +225,17 @@ def crossfit_run(
             "group_kind": split.report.get("group_kind"),
             "classes": list(split.classes),  # the order of the classes, for a resume
             "groups": assignment,
+            "classes_unseen": {
+                str(fold): [split.classes[label] for label in labels]
+                for fold, labels in classes_unseen(split.parts["train"], assignment, folds).items()
+            },
             "runs": [f"fold_{k}" for k in range(folds)],
             "train_seconds": {},
         }
     if is_rank_zero():
+        unseen = classes_unseen(split.parts["train"], assignment, folds)
+        for line in describe_unseen(unseen, split.classes, split.parts["train"]):
+            warnings.warn(line, HistoliteWarning, stacklevel=2)
         out.mkdir(parents=True, exist_ok=True)
         write_text(files.config, dump_config(cfg))  # what --resume reads back
         if existing is None:  # a resume keeps the split the folds were drawn from

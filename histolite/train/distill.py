@@ -23,7 +23,7 @@ from histolite.data.datasets import ImageDataset
 from histolite.data.overlap import describe_overlap, find_overlap
 from histolite.data.split_policy import Split, load_split
 from histolite.data.splits import LeakageWarning, read_split_csv
-from histolite.errors import HistoliteError
+from histolite.errors import HistoliteError, HistoliteWarning
 from histolite.fileio import read_json, write_json
 from histolite.models.loading import (
     load_run,
@@ -31,7 +31,13 @@ from histolite.models.loading import (
 )
 from histolite.models.tta import dihedral_log_probabilities
 from histolite.runspec import RunDir, RunSpec, checkpoint_path, is_rank_zero
-from histolite.train.crossfit import Crossfit, FoldTagged
+from histolite.train.crossfit import (
+    Crossfit,
+    FoldTagged,
+    classes_unseen,
+    describe_unseen,
+    out_of_fold_teachers,
+)
 from histolite.train.data import ImageDataModule, PreparedData, build_stain, stain_spec
 from histolite.train.losses import DistillationLoss, Mix
 from histolite.train.module import ClassifierModule, module_options, resize_batch
@@ -199,29 +205,39 @@ class DistillModule(ClassifierModule):
     def training_loss(
         self, x: Tensor, y: Tensor, mix: Mix | None, folds: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
+        rows = None
+        student_logits = self(x)
         with torch.no_grad():
             teacher_x = x
             if x.shape[-1] != self.teacher_image_size or x.shape[-2] != self.teacher_image_size:
                 teacher_x = resize_batch(x, self.teacher_image_size)
             if isinstance(self.teacher, CrossfitTeacher):
-                teacher_logits = self.teacher(teacher_x, folds)
+                rows = self.teacher.labelled_rows(folds)
+                if rows is not None and not bool(rows.any()):  # labels alone for all of them
+                    teacher_logits = torch.zeros_like(student_logits.detach())
+                else:
+                    teacher_logits = self.teacher(teacher_x, folds)
             elif self.teacher_tta:
                 teacher_logits = dihedral_log_probabilities(self.teacher, teacher_x)
             else:
                 teacher_logits = self.teacher(teacher_x)
-        student_logits = self(x)
         shown = y if mix is None or mix.lam >= 0.5 else mix.other
-        self._log_teacher_metrics(student_logits, teacher_logits, shown)
-        return self.kd(student_logits, teacher_logits, y, mix), student_logits
+        self._log_teacher_metrics(student_logits, teacher_logits, shown, rows)
+        return self.kd(student_logits, teacher_logits, y, mix, rows), student_logits
 
     def _log_teacher_metrics(
-        self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor
+        self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor, rows: Tensor | None
     ) -> None:
-        """How good the guide is on these augmented batches, and how closely the student follows.
+        """How good the guide is on these augmented batches, and how closely the student follows
+        (over the images that have a teacher).
 
         A teacher far less accurate here than on its own validation set points at a
         preprocessing mismatch between the two runs.
         """
+        if rows is not None:
+            student_logits, teacher_logits, y = student_logits[rows], teacher_logits[rows], y[rows]
+        if len(y) == 0:
+            return
         teacher_pred = teacher_logits.argmax(dim=1)
         self.log_epoch_mean("teacher_train_acc", (teacher_pred == y).float().mean(), len(y))
         agreement = (student_logits.detach().argmax(dim=1) == teacher_pred).float().mean()
@@ -387,6 +403,21 @@ def _require_crossfit_settings(cfg: DistillConfig, teacher_dir: Path) -> None:
         )
 
 
+def _label_only_classes(plan: DistillPlan, cfg: DistillConfig, split: Split) -> list[str]:
+    """Classes whose out-of-fold teacher never saw them (learnt from labels alone), warned
+    about; empty for ensemble targets and single teachers."""
+    crossfit = plan.crossfit
+    if crossfit is None or cfg.distill.crossfit_targets != "out_of_fold":
+        return []
+    train = split.parts["train"]
+    for sample in train:
+        crossfit.fold_of(sample)  # a clear error for a group the folds do not know
+    unseen = classes_unseen(train, crossfit.groups, crossfit.folds)
+    for line in describe_unseen(unseen, split.classes, train):
+        warnings.warn(line, HistoliteWarning, stacklevel=3)
+    return sorted({split.classes[label] for labels in unseen.values() for label in labels})
+
+
 def _build_teacher(
     plan: DistillPlan, cfg: DistillConfig, runtime: str, channels_last: bool
 ) -> Teacher:
@@ -463,7 +494,7 @@ def _shared_view_datamodule(
         )
         crossfit = plan.crossfit
         if crossfit is not None:  # each training image carries the fold that left it out
-            folds = [crossfit.fold_of(s) for s in prepared.splits["train"]]
+            folds = out_of_fold_teachers(crossfit, prepared.splits["train"])
             assert isinstance(module.train_set, ImageDataset)
             module.train_set = FoldTagged(module.train_set, folds)
         return module
@@ -496,6 +527,7 @@ def distill_run(
         raise HistoliteError(
             f"teacher {plan.teacher_dir} does not fit this student:\n  " + "\n  ".join(problems)
         )
+    label_only = _label_only_classes(plan, cfg, split)
     if announce is not None:
         announce(describe_plan(plan.intervals))
     if is_rank_zero():
@@ -514,5 +546,6 @@ def distill_run(
             "teacher_model": plan.teacher_spec.model_name,
             "distill_mode": cfg.distill.mode,
             "crossfit_targets": cfg.distill.crossfit_targets if plan.crossfit else None,
+            "crossfit_label_only_classes": label_only,
         },
     )

@@ -29,15 +29,25 @@ def mixed_cross_entropy(
     return mix.lam * loss + (1.0 - mix.lam) * other
 
 
-def kd_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def kd_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    rows: Tensor | None = None,
+) -> Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch (Hinton et al. 2015).
 
     The T^2 factor keeps the soft-target gradients on the same scale as the hard-label ones
-    whatever the temperature.
+    whatever the temperature. ``rows`` (bool, one per image) keeps the images that have a
+    teacher; the others add 0, so each image's weight does not depend on its batch.
     """
     log_student = F.log_softmax(student_logits / temperature, dim=1)
     log_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
-    kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+    if rows is None:
+        kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+    else:
+        per_image = F.kl_div(log_student, log_teacher, reduction="none", log_target=True).sum(1)
+        kl = (per_image * rows.to(per_image.dtype)).sum() / len(per_image)
     return kl * temperature**2
 
 
@@ -65,7 +75,10 @@ class DistillationLoss(nn.Module):
         teacher_logits: Tensor,
         target: Tensor,
         mix: Mix | None = None,
+        teacher_rows: Tensor | None = None,
     ) -> Tensor:
+        """``teacher_rows`` (bool per image, None: all) marks the images with a teacher's
+        target; the others contribute their cross-entropy only."""
         ce = mixed_cross_entropy(student_logits, target, mix, self.label_smoothing)
-        kd = kd_divergence(student_logits, teacher_logits, self.temperature)
+        kd = kd_divergence(student_logits, teacher_logits, self.temperature, teacher_rows)
         return self.ce_weight * ce + self.kd_weight * kd

@@ -130,7 +130,15 @@ class CrossfitTeacher:
         for teacher, folder in zip(self.teachers, self.fold_dirs, strict=True):
             teacher.load(RunDir(folder).checkpoints / checkpoint.name)
 
+    def labelled_rows(self, folds: Tensor | None) -> Tensor | None:
+        """Which images of a batch get a teacher's target (None: all of them); out of fold,
+        those whose teacher never saw their class (fold ``-1``) learn from their labels alone."""
+        if self.targets == "ensemble" or folds is None:
+            return None
+        return folds >= 0
+
     def __call__(self, x: Tensor, folds: Tensor | None = None) -> Tensor:
+        """Teacher logits for ``x``; out of fold, rows without a teacher (fold ``-1``) are 0."""
         if self.targets == "ensemble":
             probs = torch.stack([torch.softmax(t(x).float(), dim=1) for t in self.teachers])
             return torch.log(probs.mean(dim=0).clamp_min(1e-12))
@@ -138,10 +146,13 @@ class CrossfitTeacher:
             raise ValueError("out-of-fold targets need each image's fold")
         logits: Tensor | None = None
         for fold in torch.unique(folds).tolist():
+            if fold < 0:
+                continue
             rows = folds == fold
             out = self.teachers[int(fold)](x[rows])
             if logits is None:
                 logits = out.new_zeros((len(x), out.shape[1]))
             logits[rows] = out
-        assert logits is not None
+        if logits is None:
+            raise ValueError("no image of this batch has an out-of-fold teacher")
         return logits

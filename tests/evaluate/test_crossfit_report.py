@@ -77,7 +77,37 @@ def test_training_images_are_scored_by_the_fold_that_left_them_out(
         for i, sample in enumerate(train)
     ]
     assert set(map(crossfit.fold_of, train)) == set(range(crossfit.folds))
-    assert report["crossfit"]["out_of_fold"] == {"accuracy": np.mean(right), "n": len(train)}
+    assert report["crossfit"]["out_of_fold"] == {
+        "accuracy": np.mean(right),
+        "n": len(train),
+        "class_seen": {"accuracy": np.mean(right), "n": len(train)},  # every slide, every class
+    }
+
+
+def test_images_of_a_class_their_fold_never_saw_are_reported_apart(tmp_path: Path) -> None:
+    """Out-of-fold distillation learns those from labels: ``class_seen`` is what it uses."""
+    from histolite.data.folder import Sample
+    from histolite.evaluate.inference import Predictions
+    from histolite.evaluate.report import _out_of_fold_accuracy
+
+    samples = [
+        Sample(Path(f"{group}_{i}.png"), label, str(label), group)
+        for group, label in (("a", 0), ("b", 0), ("c", 1))
+        for i in range(2)
+    ]  # class 1 has one group, in fold 1: fold 1's model never trained on it
+    crossfit = Crossfit(tmp_path, 2, {"a": 0, "b": 1, "c": 1}, seed=0)
+    fold_probs = [
+        np.array([[0.9, 0.1], [0.2, 0.8], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1]]),
+        np.array([[0.1, 0.9], [0.1, 0.9], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1]]),
+    ]  # samples 0-1 (fold 0): one right; 2-3 (fold 1): right; 4-5 (fold 1, class 1): wrong
+    ensemble = Predictions(
+        probs=np.mean(fold_probs, axis=0),
+        labels=np.array([s.label for s in samples]),
+        image_index=np.arange(6),
+        patch_level=False,
+    )
+    result = _out_of_fold_accuracy(crossfit, samples, ensemble, fold_probs)
+    assert result == {"accuracy": 3 / 6, "n": 6, "class_seen": {"accuracy": 3 / 4, "n": 4}}
 
 
 def test_metadata_is_written_beside_the_report(teachers: Path, tmp_path: Path) -> None:

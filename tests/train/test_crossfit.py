@@ -19,8 +19,17 @@ from histolite.errors import HistoliteError
 from histolite.evaluate.report import evaluate_run
 from histolite.fileio import write_json
 from histolite.train import resolve_config
-from histolite.train.crossfit import Crossfit, assign_folds, crossfit_run
+from histolite.train.crossfit import (
+    NO_OUT_OF_FOLD_TEACHER,
+    Crossfit,
+    assign_folds,
+    classes_unseen,
+    crossfit_run,
+    describe_unseen,
+    out_of_fold_teachers,
+)
 from histolite.train.distill import distill_run, early_checkpoint
+from histolite.train.losses import DistillationLoss
 from histolite.train.teacher import CrossfitTeacher
 
 SLIDE = r"^(slide\d+)_"  # the synthetic tiles' source slide
@@ -44,6 +53,24 @@ def test_folds_hold_whole_groups_and_spread_each_class() -> None:
     assert assign_folds(_samples(groups), folds=5, seed=0) == assignment  # seeded
     with pytest.raises(HistoliteError, match="3 training groups cannot make 5 folds"):
         assign_folds(_samples({"a": (0, 2), "b": (1, 2), "c": (0, 2)}), folds=5, seed=0)
+
+
+def test_a_class_in_one_fold_only_has_no_out_of_fold_teacher(tmp_path: Path) -> None:
+    """Kather's 08_EMPTY has one training source image: the fold that holds it trains a teacher
+    that never sees the class, which must not label it (it named another class for all 412)."""
+    samples = _samples({"a": (0, 3), "b": (0, 2), "c": (1, 4), "d": (0, 2), "e": (1, 1)})
+    assignment = {"a": 0, "b": 1, "c": 1, "d": 2, "e": 1}  # every group of class 1 in fold 1
+    assert classes_unseen(samples, assignment, folds=3) == {1: [1]}
+    crossfit = Crossfit(tmp_path, 3, assignment, seed=0)
+    expected = [0] * 3 + [1] * 2 + [NO_OUT_OF_FOLD_TEACHER] * 4 + [2] * 2
+    assert out_of_fold_teachers(crossfit, samples) == [*expected, NO_OUT_OF_FOLD_TEACHER]
+    (line,) = describe_unseen({1: [1]}, ["tumour", "empty"], samples)
+    assert "fold 1" in line and "'empty'" in line and "5 training images" in line
+    spread = {**assignment, "e": 0}  # class 1 in two folds: each fold's teacher saw one group
+    assert classes_unseen(samples, spread, folds=3) == {}
+    assert NO_OUT_OF_FOLD_TEACHER not in out_of_fold_teachers(
+        Crossfit(tmp_path, 3, spread, 0), samples
+    )
 
 
 class _Constant:
@@ -79,6 +106,37 @@ def test_out_of_fold_rows_are_labelled_by_the_teacher_that_left_them_out(tmp_pat
     assert torch.allclose(targets, expected.expand(2, -1), atol=1e-6)
     with pytest.raises(ValueError, match="need each image's fold"):
         oof(torch.rand(2, 3, 8, 8))
+
+
+def test_images_without_an_out_of_fold_teacher_learn_from_their_labels(tmp_path: Path) -> None:
+    teachers = [_Constant(k) for k in range(3)]
+    folders = [tmp_path / f"fold_{k}" for k in range(3)]
+    oof = CrossfitTeacher(teachers, folders, "out_of_fold")  # type: ignore[arg-type]
+    folds = torch.tensor([1, -1, 2, -1])
+    rows = oof.labelled_rows(folds)
+    assert rows is not None and rows.tolist() == [True, False, True, False]
+    teacher = oof(torch.rand(4, 3, 8, 8), folds)
+    assert teacher[rows].argmax(dim=1).tolist() == [1, 2] and not teacher[~rows].any()
+    with pytest.raises(ValueError, match="no image of this batch"):
+        oof(torch.rand(2, 3, 8, 8), torch.tensor([-1, -1]))
+    ensemble = CrossfitTeacher(teachers, folders, "ensemble")  # type: ignore[arg-type]
+    assert ensemble.labelled_rows(folds) is None  # the mean of all K labels every image
+    # the loss: a row without a teacher gets exactly its cross-entropy gradient, the others
+    # exactly the full loss's, as if each were alone in the batch
+    loss = DistillationLoss(ce_weight=0.5, kd_weight=1.0, temperature=2.0)
+    student = torch.randn(4, 3, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 1])
+    loss(student, teacher, y, None, rows).backward()
+    assert student.grad is not None
+    for i in range(4):
+        alone = student.detach()[i : i + 1].clone().requires_grad_(True)
+        if rows[i]:
+            part = loss(alone, teacher[i : i + 1], y[i : i + 1])
+        else:
+            part = 0.5 * torch.nn.functional.cross_entropy(alone, y[i : i + 1])
+        part.backward()
+        assert alone.grad is not None
+        assert torch.allclose(student.grad[i] * 4, alone.grad[0], atol=1e-6)
 
 
 def test_fold_teachers_load_the_files_distillation_checks(
@@ -142,6 +200,7 @@ def test_each_fold_trains_without_its_groups(crossfit_teachers: Path, tmp_path: 
             assert ours == sorted(str(s.path.resolve()) for s, n in parent.rows if n == name)
     record = json.loads((crossfit_teachers / "crossfit.json").read_text())
     assert set(record["train_seconds"]) == {"0", "1", "2"} and record["total_train_seconds"] > 0
+    assert record["classes_unseen"] == {}  # every synthetic slide holds every class
     report = evaluate_run(
         crossfit_teachers, crossfit_teachers / "split.csv", tmp_path / "eval", split="val",
         progress=False,
@@ -268,6 +327,47 @@ def test_distillation_from_cross_fitted_teachers(
         assert sorted(folds) == expected and len(set(folds)) == 3
     meta = json.loads((run / "metadata.json").read_text())
     assert meta["crossfit_targets"] == targets
+
+
+def test_a_class_its_fold_never_saw_is_distilled_from_labels(
+    crossfit_teachers: Path,
+    synthetic_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wiring from the folds to the loss: images of a class their out-of-fold teacher never
+    trained on are tagged, never sent to a teacher, warned about and recorded. Every synthetic
+    slide holds every class, so fold 0 is made to have "never seen" class 0."""
+    import histolite.train.crossfit as crossfit_module
+    import histolite.train.distill as distill_module
+    from histolite.errors import HistoliteWarning
+
+    def fold_0_missed_class_0(*args: object) -> dict[int, list[int]]:
+        return {0: [0]}
+
+    monkeypatch.setattr(crossfit_module, "classes_unseen", fold_0_missed_class_0)
+    monkeypatch.setattr(distill_module, "classes_unseen", fold_0_missed_class_0)
+    tags: list[int] = []
+    real = CrossfitTeacher.__call__
+
+    def spy(self: CrossfitTeacher, x: torch.Tensor, folds: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
+        assert folds is not None
+        tags.extend(folds.tolist())
+        return real(self, x, folds)
+
+    monkeypatch.setattr(CrossfitTeacher, "__call__", spy)
+    cfg = _student(tmp_path, synthetic_dir)
+    with pytest.warns(HistoliteWarning, match=r"fold 0 holds every training group of class"):
+        run = distill_run(cfg, crossfit_teachers, tmp_path / "run", progress=False)
+    crossfit = Crossfit.load(crossfit_teachers)
+    assert crossfit is not None
+    split = load_split(cfg.data, cfg.seed)
+    train = split.parts["train"]
+    label_only = [s for s in train if s.label == 0 and crossfit.fold_of(s) == 0]
+    assert label_only and tags.count(NO_OUT_OF_FOLD_TEACHER) == len(label_only)
+    assert len(tags) == len(train)
+    meta = json.loads((run / "metadata.json").read_text())
+    assert meta["crossfit_label_only_classes"] == [split.classes[0]]
 
 
 def test_what_cross_fitted_teachers_cannot_do_is_refused(
