@@ -58,10 +58,15 @@ def evaluate(
             f"{out_of_fold['accuracy']:.4f} (n={out_of_fold['n']})"
         )
         seen = out_of_fold.get("class_seen", {})
-        if seen.get("n", out_of_fold["n"]) < out_of_fold["n"] and seen.get("accuracy") is not None:
+        if seen.get("n", out_of_fold["n"]) < out_of_fold["n"]:
+            rest = (
+                f"; on the other {seen['n']}: accuracy {seen['accuracy']:.4f}"
+                if seen.get("accuracy") is not None
+                else ""
+            )
             typer.echo(
                 f"  of which {out_of_fold['n'] - seen['n']} images of classes their fold model "
-                f"never trained on; on the other {seen['n']}: accuracy {seen['accuracy']:.4f}"
+                f"never trained on{rest}"
             )
     typer.echo(f"report written to {out}")
 

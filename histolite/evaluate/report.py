@@ -39,7 +39,7 @@ from histolite.fileio import atomic_path, write_json
 from histolite.models.loading import LoadedRun, load_run
 from histolite.runinfo import fingerprint_files, run_metadata
 from histolite.runspec import RunDir
-from histolite.train.crossfit import Crossfit, classes_unseen
+from histolite.train.crossfit import Crossfit
 
 
 def load_eval_samples(
@@ -372,11 +372,11 @@ def _out_of_fold_accuracy(
         return None
     predicted = np.array([fold_probs[fold][row].argmax() for row, fold in rows])
     truth = ensemble.labels[[row for row, _ in rows]]
-    training = [samples[i] for i in ensemble.image_index if samples[i].group in crossfit.groups]
-    unseen = classes_unseen(training, crossfit.groups, crossfit.folds)
-    folds = [fold for _, fold in rows]
+    unseen = crossfit.classes_unseen()
+    names = [samples[ensemble.image_index[row]].class_name for row, _ in rows]
     seen = np.array(
-        [int(y) not in unseen.get(k, ()) for k, y in zip(folds, truth, strict=True)], dtype=bool
+        [name not in unseen.get(fold, ()) for (_, fold), name in zip(rows, names, strict=True)],
+        dtype=bool,
     )
     correct = predicted == truth
     return {

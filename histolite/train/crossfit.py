@@ -86,6 +86,23 @@ class Crossfit:
                 "(the same data, split settings and data.split_seed)"
             ) from None
 
+    def classes_unseen(self) -> dict[int, list[str]]:
+        """Fold -> the names of the classes its teacher never trained on, from the training
+        rows of the run's own split (what the fold models were trained on, not the images a
+        caller happens to hold)."""
+        path = RunDir(self.root).split_csv
+        if not path.is_file():
+            raise HistoliteError(
+                f"{path}: missing; the cross-fitted run's split says which classes each fold "
+                "trained on"
+            )
+        table = read_split_csv(path)
+        train = [s for s, name in table.rows if name == "train"]
+        for sample in train:
+            self.fold_of(sample)  # a clear error for a group the folds do not know
+        unseen = classes_unseen(train, self.groups, self.folds)
+        return {fold: [table.classes[label] for label in labels] for fold, labels in unseen.items()}
+
     @classmethod
     def load(cls, root: str | Path) -> Crossfit | None:
         """The cross-fitted run at ``root``, or None if it is an ordinary run."""
@@ -142,16 +159,15 @@ def classes_unseen(
     return unseen
 
 
-def describe_unseen(
-    unseen: dict[int, list[int]], classes: list[str] | tuple[str, ...], samples: list[Sample]
-) -> list[str]:
-    """One readable line per fold whose teacher misses a class, with the images it concerns."""
+def describe_unseen(unseen: dict[int, list[str]], samples: list[Sample]) -> list[str]:
+    """One readable line per fold whose teacher misses a class (by name), with the number of
+    ``samples`` (the training images) it concerns."""
     lines = []
-    for fold, labels in unseen.items():
-        for label in labels:
-            images = sum(1 for s in samples if s.label == label)
+    for fold, names in unseen.items():
+        for name in names:
+            images = sum(1 for s in samples if s.class_name == name)
             lines.append(
-                f"fold {fold} holds every training group of class {classes[label]!r}, so its "
+                f"fold {fold} holds every training group of class {name!r}, so its "
                 f"teacher never sees that class; out-of-fold distillation learns its {images} "
                 "training images from their labels alone (ensemble targets are unaffected)"
             )
@@ -162,9 +178,9 @@ def out_of_fold_teachers(crossfit: Crossfit, samples: list[Sample]) -> list[int]
     """Each sample's out-of-fold teacher, or :data:`NO_OUT_OF_FOLD_TEACHER` where that teacher
     never trained on the sample's class (it would label the image with a wrong class)."""
     folds = [crossfit.fold_of(s) for s in samples]
-    unseen = classes_unseen(samples, crossfit.groups, crossfit.folds)
+    unseen = crossfit.classes_unseen()
     return [
-        NO_OUT_OF_FOLD_TEACHER if s.label in unseen.get(fold, ()) else fold
+        NO_OUT_OF_FOLD_TEACHER if s.class_name in unseen.get(fold, ()) else fold
         for s, fold in zip(samples, folds, strict=True)
     ]
 
@@ -233,8 +249,11 @@ def crossfit_run(
             "train_seconds": {},
         }
     if is_rank_zero():
-        unseen = classes_unseen(split.parts["train"], assignment, folds)
-        for line in describe_unseen(unseen, split.classes, split.parts["train"]):
+        unseen = {
+            fold: [split.classes[label] for label in labels]
+            for fold, labels in classes_unseen(split.parts["train"], assignment, folds).items()
+        }
+        for line in describe_unseen(unseen, split.parts["train"]):
             warnings.warn(line, HistoliteWarning, stacklevel=2)
         out.mkdir(parents=True, exist_ok=True)
         write_text(files.config, dump_config(cfg))  # what --resume reads back

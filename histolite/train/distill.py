@@ -31,13 +31,7 @@ from histolite.models.loading import (
 )
 from histolite.models.tta import dihedral_log_probabilities
 from histolite.runspec import RunDir, RunSpec, checkpoint_path, is_rank_zero
-from histolite.train.crossfit import (
-    Crossfit,
-    FoldTagged,
-    classes_unseen,
-    describe_unseen,
-    out_of_fold_teachers,
-)
+from histolite.train.crossfit import Crossfit, FoldTagged, describe_unseen, out_of_fold_teachers
 from histolite.train.data import ImageDataModule, PreparedData, build_stain, stain_spec
 from histolite.train.losses import DistillationLoss, Mix
 from histolite.train.module import ClassifierModule, module_options, resize_batch
@@ -206,21 +200,22 @@ class DistillModule(ClassifierModule):
         self, x: Tensor, y: Tensor, mix: Mix | None, folds: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         rows = None
-        student_logits = self(x)
+        teacher_logits: Tensor | None = None
         with torch.no_grad():
             teacher_x = x
             if x.shape[-1] != self.teacher_image_size or x.shape[-2] != self.teacher_image_size:
                 teacher_x = resize_batch(x, self.teacher_image_size)
             if isinstance(self.teacher, CrossfitTeacher):
                 rows = self.teacher.labelled_rows(folds)
-                if rows is not None and not bool(rows.any()):  # labels alone for all of them
-                    teacher_logits = torch.zeros_like(student_logits.detach())
-                else:
+                if rows is None or bool(rows.any()):  # else labels alone for all of them
                     teacher_logits = self.teacher(teacher_x, folds)
             elif self.teacher_tta:
                 teacher_logits = dihedral_log_probabilities(self.teacher, teacher_x)
             else:
                 teacher_logits = self.teacher(teacher_x)
+        student_logits = self(x)
+        if teacher_logits is None:  # masked out of the KD term: any value will do
+            teacher_logits = torch.zeros_like(student_logits.detach())
         shown = y if mix is None or mix.lam >= 0.5 else mix.other
         self._log_teacher_metrics(student_logits, teacher_logits, shown, rows)
         return self.kd(student_logits, teacher_logits, y, mix, rows), student_logits
@@ -409,13 +404,18 @@ def _label_only_classes(plan: DistillPlan, cfg: DistillConfig, split: Split) -> 
     crossfit = plan.crossfit
     if crossfit is None or cfg.distill.crossfit_targets != "out_of_fold":
         return []
-    train = split.parts["train"]
-    for sample in train:
-        crossfit.fold_of(sample)  # a clear error for a group the folds do not know
-    unseen = classes_unseen(train, crossfit.groups, crossfit.folds)
-    for line in describe_unseen(unseen, split.classes, train):
-        warnings.warn(line, HistoliteWarning, stacklevel=3)
-    return sorted({split.classes[label] for labels in unseen.values() for label in labels})
+    unseen = crossfit.classes_unseen()
+    names = sorted({name for names in unseen.values() for name in names})
+    if names and cfg.distill.ce_weight <= 0:
+        raise HistoliteError(
+            f"distill.ce_weight {cfg.distill.ce_weight}: the images of {names} have no "
+            "out-of-fold teacher (their fold holds every training group of the class) and "
+            "learn from their labels alone, which needs distill.ce_weight > 0"
+        )
+    if is_rank_zero():
+        for line in describe_unseen(unseen, split.parts["train"]):
+            warnings.warn(line, HistoliteWarning, stacklevel=3)
+    return names
 
 
 def _build_teacher(

@@ -96,6 +96,11 @@ def test_images_of_a_class_their_fold_never_saw_are_reported_apart(tmp_path: Pat
         for i in range(2)
     ]  # class 1 has one group, in fold 1: fold 1's model never trained on it
     crossfit = Crossfit(tmp_path, 2, {"a": 0, "b": 1, "c": 1}, seed=0)
+    lines = [
+        "path,label,group,split",
+        *(f"{s.path},{s.class_name},{s.group},train" for s in samples),
+    ]
+    (tmp_path / "split.csv").write_text("\n".join(lines) + "\n")  # what the folds trained on
     fold_probs = [
         np.array([[0.9, 0.1], [0.2, 0.8], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1]]),
         np.array([[0.1, 0.9], [0.1, 0.9], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1]]),

@@ -44,6 +44,15 @@ def _samples(groups: dict[str, tuple[int, int]]) -> list[Sample]:
     ]
 
 
+def _crossfit_on(root: Path, train: list[Sample], assignment: dict[str, int]) -> Crossfit:
+    """A cross-fitted run folder with ``train`` as its split's training rows (no models)."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["path,label,group,split"]
+    lines += [f"{s.path},{s.class_name},{s.group},train" for s in train]
+    (root / "split.csv").write_text("\n".join(lines) + "\n")
+    return Crossfit(root, max(assignment.values()) + 1, assignment, seed=0)
+
+
 def test_folds_hold_whole_groups_and_spread_each_class() -> None:
     groups = {f"g{i:02d}": (i % 3, 5 + i % 4) for i in range(30)}
     assignment = assign_folds(_samples(groups), folds=5, seed=0)
@@ -61,16 +70,19 @@ def test_a_class_in_one_fold_only_has_no_out_of_fold_teacher(tmp_path: Path) -> 
     samples = _samples({"a": (0, 3), "b": (0, 2), "c": (1, 4), "d": (0, 2), "e": (1, 1)})
     assignment = {"a": 0, "b": 1, "c": 1, "d": 2, "e": 1}  # every group of class 1 in fold 1
     assert classes_unseen(samples, assignment, folds=3) == {1: [1]}
-    crossfit = Crossfit(tmp_path, 3, assignment, seed=0)
+    crossfit = _crossfit_on(tmp_path / "run", samples, assignment)
+    assert crossfit.classes_unseen() == {1: ["1"]}  # by name, from the run's own split
     expected = [0] * 3 + [1] * 2 + [NO_OUT_OF_FOLD_TEACHER] * 4 + [2] * 2
     assert out_of_fold_teachers(crossfit, samples) == [*expected, NO_OUT_OF_FOLD_TEACHER]
-    (line,) = describe_unseen({1: [1]}, ["tumour", "empty"], samples)
-    assert "fold 1" in line and "'empty'" in line and "5 training images" in line
+    # judged by what the folds trained on, not by the images asked about
+    assert out_of_fold_teachers(crossfit, samples[:5]) == [0, 0, 0, 1, 1]
+    assert out_of_fold_teachers(crossfit, samples[5:9]) == [NO_OUT_OF_FOLD_TEACHER] * 4
+    (line,) = describe_unseen({1: ["1"]}, samples)
+    assert "fold 1" in line and "class '1'" in line and "5 training images" in line
     spread = {**assignment, "e": 0}  # class 1 in two folds: each fold's teacher saw one group
     assert classes_unseen(samples, spread, folds=3) == {}
-    assert NO_OUT_OF_FOLD_TEACHER not in out_of_fold_teachers(
-        Crossfit(tmp_path, 3, spread, 0), samples
-    )
+    spread_run = _crossfit_on(tmp_path / "spread", samples, spread)
+    assert NO_OUT_OF_FOLD_TEACHER not in out_of_fold_teachers(spread_run, samples)
 
 
 class _Constant:
@@ -338,25 +350,33 @@ def test_a_class_its_fold_never_saw_is_distilled_from_labels(
     """The wiring from the folds to the loss: images of a class their out-of-fold teacher never
     trained on are tagged, never sent to a teacher, warned about and recorded. Every synthetic
     slide holds every class, so fold 0 is made to have "never seen" class 0."""
-    import histolite.train.crossfit as crossfit_module
-    import histolite.train.distill as distill_module
     from histolite.errors import HistoliteWarning
 
-    def fold_0_missed_class_0(*args: object) -> dict[int, list[int]]:
-        return {0: [0]}
+    cfg = _student(tmp_path, synthetic_dir)
+    classes = load_split(cfg.data, cfg.seed).classes
 
-    monkeypatch.setattr(crossfit_module, "classes_unseen", fold_0_missed_class_0)
-    monkeypatch.setattr(distill_module, "classes_unseen", fold_0_missed_class_0)
+    def fold_0_missed_class_0(self: Crossfit) -> dict[int, list[str]]:
+        return {0: [classes[0]]}
+
+    monkeypatch.setattr(Crossfit, "classes_unseen", fold_0_missed_class_0)
     tags: list[int] = []
+    masks: list[bool] = []
     real = CrossfitTeacher.__call__
+    real_loss = DistillationLoss.forward
 
     def spy(self: CrossfitTeacher, x: torch.Tensor, folds: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
         assert folds is not None
         tags.extend(folds.tolist())
         return real(self, x, folds)
 
+    def loss_spy(self: DistillationLoss, *args, **kwargs):  # type: ignore[no-untyped-def]
+        rows = args[4] if len(args) > 4 else kwargs.get("teacher_rows")
+        assert rows is not None
+        masks.extend(rows.tolist())
+        return real_loss(self, *args, **kwargs)
+
     monkeypatch.setattr(CrossfitTeacher, "__call__", spy)
-    cfg = _student(tmp_path, synthetic_dir)
+    monkeypatch.setattr(DistillationLoss, "forward", loss_spy)
     with pytest.warns(HistoliteWarning, match=r"fold 0 holds every training group of class"):
         run = distill_run(cfg, crossfit_teachers, tmp_path / "run", progress=False)
     crossfit = Crossfit.load(crossfit_teachers)
@@ -366,6 +386,11 @@ def test_a_class_its_fold_never_saw_is_distilled_from_labels(
     label_only = [s for s in train if s.label == 0 and crossfit.fold_of(s) == 0]
     assert label_only and tags.count(NO_OUT_OF_FOLD_TEACHER) == len(label_only)
     assert len(tags) == len(train)
+    assert masks == [tag != NO_OUT_OF_FOLD_TEACHER for tag in tags]  # the loss got the mask
+    cfg.distill.ce_weight = 0.0  # those images would learn nothing: refused
+    with pytest.raises(HistoliteError, match=r"needs distill\.ce_weight > 0"):
+        distill_run(cfg, crossfit_teachers, tmp_path / "no_labels", progress=False)
+    assert not (tmp_path / "no_labels").exists()
     meta = json.loads((run / "metadata.json").read_text())
     assert meta["crossfit_label_only_classes"] == [split.classes[0]]
 
