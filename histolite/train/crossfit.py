@@ -241,18 +241,15 @@ def crossfit_run(
             "group_kind": split.report.get("group_kind"),
             "classes": list(split.classes),  # the order of the classes, for a resume
             "groups": assignment,
-            "classes_unseen": {
-                str(fold): [split.classes[label] for label in labels]
-                for fold, labels in classes_unseen(split.parts["train"], assignment, folds).items()
-            },
             "runs": [f"fold_{k}" for k in range(folds)],
             "train_seconds": {},
         }
+    unseen = {
+        fold: [split.classes[label] for label in labels]
+        for fold, labels in classes_unseen(split.parts["train"], assignment, folds).items()
+    }
+    record["classes_unseen"] = {str(fold): names for fold, names in unseen.items()}
     if is_rank_zero():
-        unseen = {
-            fold: [split.classes[label] for label in labels]
-            for fold, labels in classes_unseen(split.parts["train"], assignment, folds).items()
-        }
         for line in describe_unseen(unseen, split.parts["train"]):
             warnings.warn(line, HistoliteWarning, stacklevel=2)
         out.mkdir(parents=True, exist_ok=True)
