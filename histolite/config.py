@@ -7,7 +7,8 @@ One YAML file describes one experiment. ``--set a.b=value`` overrides take YAML 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,7 +22,11 @@ class _Strict(BaseModel):
 
 
 class StainConfig(_Strict):
-    method: Literal["reinhard", "macenko"] = "reinhard"
+    """Stain normalisation of every image before the model sees it (training and serving)."""
+
+    method: Literal["reinhard", "macenko"] = Field(
+        default="reinhard", description="Reinhard (Lab statistics) or Macenko (stain vectors)"
+    )
     target: str = Field(
         description="reference image, or the JSON `histolite stain fit` saves (Lab statistics "
         "or stain vectors)"
@@ -37,19 +42,32 @@ class StainConfig(_Strict):
 
 
 class PatchConfig(_Strict):
-    size: int = Field(gt=0)
+    """A grid of square patches cut from each image."""
+
+    size: int = Field(gt=0, description="patch side in pixels of the source image")
     stride: int | None = Field(default=None, gt=0, description="defaults to size (no overlap)")
-    min_tissue: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_tissue: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="patches with less tissue than this are dropped"
+    )
 
     def spec(self) -> PatchSpec:
         return PatchSpec(self.size, self.stride, self.min_tissue)
 
 
 class DataConfig(_Strict):
-    dataset: str = "folder"
-    root: str | None = None
-    split_csv: str | None = None
-    image_size: int = Field(default=112, ge=8)
+    """Where the images are, how they are split, and what is done to them before the model."""
+
+    dataset: str = Field(
+        default="folder",
+        description="registry name (`histolite data list`): its file layout, classes and groups",
+    )
+    root: str | None = Field(default=None, description="`ROOT/<class>/<image>` folders")
+    split_csv: str | None = Field(
+        default=None,
+        description="instead of root: a split CSV (path,label,group,split) from `histolite data "
+        "split`",
+    )
+    image_size: int = Field(default=112, ge=8, description="images (or patches) resized to this")
     mpp: float | None = Field(
         default=None,
         gt=0.0,
@@ -58,8 +76,12 @@ class DataConfig(_Strict):
             "recorded in the model card so slides are tiled at the training magnification"
         ),
     )
-    val_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
-    test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    val_fraction: float = Field(
+        default=0.15, ge=0.0, lt=1.0, description="share of root held out for validation"
+    )
+    test_fraction: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="share of root held out for test"
+    )
     split_by: Literal["auto", "stratified", "group"] = Field(
         default="auto",
         description=(
@@ -97,10 +119,18 @@ class DataConfig(_Strict):
     magnification: Literal[40, 100, 200, 400] | None = Field(
         default=None, description="BreakHis: keep one magnification"
     )
-    split_seed: int | None = None
+    split_seed: int | None = Field(
+        default=None,
+        description="seed of the split (default: the run's seed); fix it so runs with other "
+        "seeds share one split, as distillation requires",
+    )
     batch_size: int = Field(default=64, ge=1)
-    num_workers: int = Field(default=2, ge=0)
-    skip_unreadable: bool = False
+    num_workers: int = Field(default=2, ge=0, description="data-loading processes")
+    skip_unreadable: bool = Field(
+        default=False,
+        description="train without unreadable files (listed in RUN/skipped_files.json) instead "
+        "of stopping",
+    )
     normalize: Literal["train", "imagenet", "model", "none"] = Field(
         default="train",
         description=(
@@ -108,12 +138,18 @@ class DataConfig(_Strict):
             "(model), or none"
         ),
     )
-    mean_std_samples: int = Field(default=2000, ge=1)
+    mean_std_samples: int = Field(
+        default=2000, ge=1, description="normalize=train: training images the mean/std is from"
+    )
     stain: StainConfig | None = None
-    patches: PatchConfig | None = None
+    patches: PatchConfig | None = Field(
+        default=None, description="train and evaluate on grid patches of each image"
+    )
 
 
 class ColorJitterConfig(_Strict):
+    """torchvision ColorJitter strengths on training images."""
+
     brightness: float = Field(default=0.0, ge=0.0)
     contrast: float = Field(default=0.0, ge=0.0)
     saturation: float = Field(default=0.0, ge=0.0)
@@ -121,10 +157,14 @@ class ColorJitterConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    hflip: bool = True
-    vflip: bool = False
-    rot90: bool = False
-    rotation_degrees: float = Field(default=0.0, ge=0.0, le=180.0)
+    """Random changes to training images (never to validation or test)."""
+
+    hflip: bool = Field(default=True, description="random horizontal flips")
+    vflip: bool = Field(default=False, description="random vertical flips")
+    rot90: bool = Field(default=False, description="random multiples of 90 degrees")
+    rotation_degrees: float = Field(
+        default=0.0, ge=0.0, le=180.0, description="random rotation up to this many degrees"
+    )
     color_jitter: ColorJitterConfig | None = None
     crop_scale: tuple[float, float] | None = Field(
         default=None,
@@ -159,28 +199,47 @@ class AugmentConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: str = "resnet8"
-    pretrained: bool = False
-    weights: str | None = None
-    head: Literal["default", "breakhis"] = "default"
-    head_dropout: float = Field(default=0.4, ge=0.0, lt=1.0)
+    """The network (`histolite models list`)."""
+
+    name: str = Field(default="resnet8", description="histolite, timm or torchvision name")
+    pretrained: bool = Field(
+        default=False,
+        description="ImageNet weights: installed offline for tf_efficientnet_lite0/1/2, else a "
+        "download",
+    )
+    weights: str | None = Field(
+        default=None, description="a local weights file (safetensors / state dict, never unpickled)"
+    )
+    head: Literal["default", "breakhis"] = Field(
+        default="default",
+        description="breakhis: FC 256 -> ReLU -> dropout -> FC 100 -> ReLU -> dropout -> FC n",
+    )
+    head_dropout: float = Field(
+        default=0.4, ge=0.0, lt=1.0, description="dropout of the breakhis head"
+    )
 
 
 class OptimizerConfig(_Strict):
+    """The optimiser of every trainable parameter."""
+
     name: Literal["adam", "adamw", "adamax", "sgd"] = "adam"
-    lr: float = Field(default=1e-3, gt=0.0)
+    lr: float = Field(default=1e-3, gt=0.0, description="peak learning rate")
     weight_decay: float = Field(default=0.0, ge=0.0)
-    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    nesterov: bool = False
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="sgd only")
+    nesterov: bool = Field(default=False, description="sgd only")
 
 
 class SchedulerConfig(_Strict):
+    """How the learning rate changes over the epochs."""
+
     name: Literal["none", "step", "exponential", "plateau", "cosine", "cosine_restarts"] = "none"
     step_size: int = Field(default=10, ge=1, description="step: epochs between decays")
     gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="step/exponential decay factor")
     factor: float = Field(default=0.1, gt=0.0, lt=1.0, description="plateau: decay factor")
     patience: int = Field(default=3, ge=0, description="plateau: epochs without improvement")
-    min_lr: float = Field(default=0.0, ge=0.0)
+    min_lr: float = Field(
+        default=0.0, ge=0.0, description="cosine, cosine_restarts, plateau: the lowest rate"
+    )
     warmup_epochs: int = Field(
         default=0,
         ge=0,
@@ -214,16 +273,24 @@ class SchedulerConfig(_Strict):
 
 
 class TrainerConfig(_Strict):
+    """The training loop (Lightning): length, hardware, checkpoints."""
+
     max_epochs: int = Field(default=10, ge=1)
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    num_nodes: int = Field(default=1, ge=1)
-    strategy: str = "auto"
-    precision: str = "32-true"
-    deterministic: bool = False
-    log_every_n_steps: int = Field(default=10, ge=1)
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
-    monitor: Literal["val_acc", "val_loss"] = "val_acc"
+    accelerator: str = Field(default="auto", description="Lightning: cpu, gpu, auto")
+    devices: int | str = Field(default="auto", description="Lightning: e.g. 2 or auto (DDP)")
+    num_nodes: int = Field(default=1, ge=1, description="Lightning: nodes for multi-node DDP")
+    strategy: str = Field(default="auto", description="Lightning: e.g. ddp")
+    precision: str = Field(default="32-true", description="Lightning: e.g. 16-mixed on a GPU")
+    deterministic: bool = Field(
+        default=False, description="deterministic kernels: reproducible, slower"
+    )
+    log_every_n_steps: int = Field(default=10, ge=1, description="metrics logging interval")
+    label_smoothing: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing"
+    )
+    monitor: Literal["val_acc", "val_loss"] = Field(
+        default="val_acc", description="what ranks epochs for best.ckpt"
+    )
     final_model: Literal["best_val", "last_epoch"] = Field(
         default="best_val",
         description=(
@@ -232,11 +299,15 @@ class TrainerConfig(_Strict):
             "rank epochs (a few hundred correlated tiles)"
         ),
     )
-    progress_bar: bool = True
+    progress_bar: bool = Field(default=True, description="also --no-progress on the CLI")
     channels_last: bool = Field(
         default=True, description="NHWC memory format: ~1.7x faster convolutions on CPU"
     )
-    limit_train_batches: float | int | None = None
+    limit_train_batches: float | int | None = Field(
+        default=None,
+        description="Lightning: train on this many batches (int) or this share (float) per "
+        "epoch; for smoke runs",
+    )
     checkpoint_every: int | None = Field(
         default=5,
         ge=1,
@@ -250,10 +321,14 @@ class TrainerConfig(_Strict):
 class DistillSection(_Strict):
     """Knowledge distillation from a teacher run."""
 
-    mode: Literal["vanilla", "multipart"] = "vanilla"
-    temperature: float = Field(default=4.0, gt=0.0)
-    kd_weight: float = Field(default=0.5, ge=0.0)
-    ce_weight: float = Field(default=1.0, ge=0.0)
+    mode: Literal["vanilla", "multipart"] = Field(
+        default="vanilla",
+        description="vanilla: one teacher checkpoint; multipart: the teacher's scheduled "
+        "checkpoints in turn",
+    )
+    temperature: float = Field(default=4.0, gt=0.0, description="softens both distributions")
+    kd_weight: float = Field(default=0.5, ge=0.0, description="weight of the KL term (x T^2)")
+    ce_weight: float = Field(default=1.0, ge=0.0, description="weight of the label term")
     teacher_checkpoint: str = Field(
         default="last",
         description="vanilla: which teacher checkpoint (last = the final teacher, best, a file "
@@ -319,7 +394,11 @@ class MILConfig(_Strict):
 class TrainConfig(_Strict):
     """One supervised experiment."""
 
-    seed: int = 42
+    seed: int = Field(
+        default=42,
+        description="seeds weights, augmentation and data order (and the split, unless "
+        "data.split_seed is set)",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -371,6 +450,8 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
+        elif isinstance(err.get("input"), dict):  # a section's own check: the rule says it all
+            lines.append(f"  {key}: {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)
@@ -456,3 +537,83 @@ def _anchor_stain_target(data: dict[str, Any], folder: Path) -> None:
 def dump_config(config: BaseModel) -> str:
     """The resolved config as YAML (what a run actually used)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type as a reader of the YAML sees it (``int``, ``a | b``, ``section``)."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return " \\| ".join(str(choice) for choice in get_args(annotation))
+    if origin in (Union, UnionType):
+        names = [_type_name(arg) for arg in get_args(annotation) if arg is not type(None)]
+        optional = type(None) in get_args(annotation)
+        return " \\| ".join(names) + (" \\| null" if optional else "")
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    if origin is not None:
+        return str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _sections(annotation: Any) -> list[type[BaseModel]]:
+    members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else ()
+    return [
+        member
+        for member in (members or (annotation,))
+        if isinstance(member, type) and issubclass(member, BaseModel)
+    ]
+
+
+def _first_line(section: type[BaseModel]) -> str:
+    return (section.__doc__ or "").strip().split("\n")[0]
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _section_table(prefix: str, section: type[BaseModel]) -> list[str]:
+    """One section's Markdown, then each of its subsections', depth first."""
+    title = prefix.rstrip(".") or "top level"
+    lines = ["", f"## `{title}`", ""]
+    if prefix and _first_line(section):
+        lines += [_first_line(section), ""]
+    lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+    nested: list[tuple[str, type[BaseModel]]] = []
+    for name, field in section.model_fields.items():
+        sections = _sections(field.annotation)
+        if field.is_required():
+            default = "required"
+        else:
+            value = field.get_default(call_default_factory=True)
+            default = (
+                "(section)"
+                if isinstance(value, BaseModel)
+                else f"`{yaml.safe_dump(value, default_flow_style=True).strip()}`"
+            )
+            default = _cell(default.replace("\n...", ""))
+        meaning = field.description or (_first_line(sections[0]) if sections else "")
+        lines.append(
+            f"| `{prefix}{name}` | {_type_name(field.annotation)} | {default} | {_cell(meaning)} |"
+        )
+        nested += [(f"{prefix}{name}.", sub) for sub in sections]
+    for sub_prefix, sub in nested:
+        lines += _section_table(sub_prefix, sub)
+    return lines
+
+
+def config_reference(model: type[BaseModel] = TrainConfig) -> str:
+    """Every key of the experiment config as a Markdown table per section, from the models.
+
+    Generated rather than written so the reference cannot drift from what the loader accepts;
+    ``docs/config.md`` is this text, and a test keeps it so.
+    """
+    lines = [
+        "# Config reference",
+        "",
+        "Every key `histolite train` and `histolite distill` read, generated from the typed "
+        "config by `histolite config reference > docs/config.md` (do not edit by hand). "
+        "Unknown keys are errors. `histolite config show RECIPE --set key=value` prints a "
+        "recipe resolved with every default, without training.",
+    ]
+    return "\n".join(lines + _section_table("", model)) + "\n"

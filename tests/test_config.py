@@ -1,9 +1,17 @@
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 from support import REPO_ROOT
 
-from histolite.config import TrainConfig, apply_overrides, dump_config, load_config
+from histolite.config import (
+    TrainConfig,
+    apply_overrides,
+    config_reference,
+    dump_config,
+    load_config,
+)
 from histolite.errors import ConfigError
 
 RECIPES = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -88,3 +96,43 @@ def test_bad_values_and_malformed_yaml(tmp_path: Path) -> None:
         apply_overrides({}, ["no_equals_sign"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_sections_own_check_prints_its_rule_not_the_whole_input(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\nmodel: {name: resnet8}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "(top level): set data.root" in message and "resnet8" not in message
+
+
+def _keys(section: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for name, value in section.items():
+        keys.add(prefix + name)
+        if isinstance(value, dict):
+            keys |= _keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def test_the_config_reference_is_current_and_names_every_key() -> None:
+    reference = config_reference()
+    written = (REPO_ROOT / "docs" / "config.md").read_text(encoding="utf-8")
+    assert written == reference, "docs/config.md is stale: histolite config reference > it"
+    # every key of every shipped recipe is in the reference, with its dotted name
+    for path in RECIPES:
+        for key in _keys(yaml.safe_load(path.read_text(encoding="utf-8"))):
+            assert f"| `{key}` |" in reference, (path.name, key)
+    assert "| `distill.crossfit_targets` | out_of_fold \\| ensemble | `out_of_fold` |" in reference
+    assert "| `data.stain.target` | str | required |" in reference
+
+
+def test_the_readmes_config_block_uses_real_keys() -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## Config format.*?```yaml\n(.*?)```", readme, re.S)
+    assert block is not None
+    documented = _keys(yaml.safe_load(block.group(1)))
+    unknown = [key for key in sorted(documented) if f"| `{key}` |" not in config_reference()]
+    assert not unknown, f"README's config block names keys the loader rejects: {unknown}"
+    assert {"distill.crossfit_targets", "crossfit", "trainer.checkpoint_every"} <= documented

@@ -17,7 +17,17 @@ from histolite.errors import HistoliteError
 
 # Importing a command module registers its commands; `histolite --help` lists them in this
 # order, which follows the data's path.
-for _module in ("data", "training", "evaluation", "deploy", "slide", "models", "stain", "info"):
+for _module in (
+    "data",
+    "training",
+    "evaluation",
+    "deploy",
+    "slide",
+    "models",
+    "stain",
+    "config",
+    "info",
+):
     importlib.import_module(f"histolite.cli.{_module}")
 
 __all__ = ["app", "main"]

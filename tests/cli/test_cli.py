@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 from support import write_config
 
@@ -239,3 +240,27 @@ def test_bad_input_gives_one_clear_error(
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True)
     return path
+
+
+def test_config_show_prints_the_resolved_recipe_and_refuses_bad_keys(
+    run_cli: Callable[[list[str]], tuple[int, str, str]],
+) -> None:
+    from support import REPO_ROOT
+
+    from histolite.config import TrainConfig
+
+    recipe = str(REPO_ROOT / "configs" / "kather2016_student_kd_crossfit.yaml")
+    code, out, _ = run_cli(
+        ["config", "show", recipe, "--set", "data.root=/data/kather", "--set", "seed=3"]
+    )
+    assert code == 0
+    shown = TrainConfig.model_validate(yaml.safe_load(out))  # the output is a loadable config
+    assert shown.seed == 3 and shown.data.root == "/data/kather"
+    assert shown.distill is not None and shown.distill.crossfit_targets == "out_of_fold"
+    assert "teacher_runtime: auto" in out  # defaults the recipe leaves out are filled in
+
+    code, _, err = run_cli(["config", "show", recipe, "--set", "distill.temp=3"])
+    assert code != 0 and "distill.temp: unknown key" in err
+
+    code, out, _ = run_cli(["config", "reference"])
+    assert code == 0 and out.startswith("# Config reference") and "`crossfit.folds`" in out
