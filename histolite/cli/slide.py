@@ -19,20 +19,23 @@ def slide_infer(
     model: Path = typer.Option(..., "--model", help="Exported model folder (histolite export)."),
     out: Path = typer.Option(..., "--out", help="Output folder; one OUT/<stem>/ per slide."),
     tile_um: float | None = typer.Option(
-        None, "--tile-um", help="Tile side in microns (default: the model card's training tile)."
+        None,
+        "--tile-um",
+        min=1.0,
+        help="Tile side in microns (default: the model card's training tile).",
     ),
     overlap: float = typer.Option(0.0, help="Overlap between tiles, a fraction in [0, 1)."),
     min_tissue: float = typer.Option(
         0.5, "--min-tissue", help="Classify tiles with at least this tissue fraction."
     ),
-    batch_size: int = typer.Option(32, "--batch-size", help="Tiles per model call."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Tiles per model call."),
     mpp: float | None = typer.Option(
         None, "--mpp", help="Microns per pixel, for slides whose files do not record it."
     ),
     shard: str = typer.Option(
         "0/1", "--shard", help="I/N: classify the I-th of N disjoint shares of every slide."
     ),
-    threads: int | None = typer.Option(None, help="ONNX Runtime threads."),
+    threads: int | None = typer.Option(None, min=1, help="ONNX Runtime threads."),
     device: str = typer.Option("auto", help="auto (CUDA when ONNX Runtime has it), cpu or cuda."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -146,13 +149,15 @@ def slide_features_command(
         True, help="ImageNet weights (offline for tf_efficientnet_lite0/1/2)."
     ),
     weights: Path | None = typer.Option(None, help="A local weights file for the backbone."),
-    tile_um: float = typer.Option(112.0, "--tile-um", help="Tile side in microns."),
-    tile_px: int = typer.Option(224, "--tile-px", help="Tile side in pixels fed to the backbone."),
+    tile_um: float = typer.Option(112.0, "--tile-um", min=1.0, help="Tile side in microns."),
+    tile_px: int = typer.Option(
+        224, "--tile-px", min=16, help="Tile side in pixels fed to the backbone."
+    ),
     min_tissue: float = typer.Option(0.5, "--min-tissue", help="Least tissue fraction per tile."),
     mpp: float | None = typer.Option(
         None, "--mpp", help="Microns per pixel, if the file lacks it."
     ),
-    batch_size: int = typer.Option(32, "--batch-size", help="Tiles per forward pass."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Tiles per forward pass."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Cache per-tile embeddings of slides (slide bags for attention MIL).
@@ -221,10 +226,13 @@ def slide_tiles(
         help="QuPath GeoJSON / ASAP XML: one file (one slide), or a folder of "
         "<slide-stem>.geojson|.json|.xml files.",
     ),
-    tile_um: float = typer.Option(..., "--tile-um", help="Tile side in microns."),
+    tile_um: float = typer.Option(..., "--tile-um", min=1.0, help="Tile side in microns."),
     out: Path = typer.Option(..., "--out", help="Dataset folder: OUT/<class>/<tile>.png."),
     tile_px: int | None = typer.Option(
-        None, "--tile-px", help="Saved tile side in pixels (default: --tile-um at 0.5 um/px)."
+        None,
+        "--tile-px",
+        min=16,
+        help="Saved tile side in pixels (default: --tile-um at 0.5 um/px).",
     ),
     min_coverage: float = typer.Option(
         0.9, "--min-coverage", help="Keep a tile when this fraction lies in one class's region."
@@ -245,7 +253,10 @@ def slide_tiles(
         "as named). Classes left out still count as annotated (never background).",
     ),
     max_per_class: int | None = typer.Option(
-        None, "--max-per-class-per-slide", help="Keep at most this many tiles per class per slide."
+        None,
+        "--max-per-class-per-slide",
+        min=1,
+        help="Keep at most this many tiles per class per slide.",
     ),
     background: str | None = typer.Option(
         None, "--background", help="Class for tissue tiles outside every annotation."

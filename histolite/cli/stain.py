@@ -69,7 +69,7 @@ def stain_normalize(
         "--slide-tiles",
         help="Inputs are slides: write their tissue tiles of this many microns (PNG).",
     ),
-    tile_px: int = typer.Option(224, "--tile-px", help="Slide tiles: side in pixels."),
+    tile_px: int = typer.Option(224, "--tile-px", min=16, help="Slide tiles: side in pixels."),
     preview: int = typer.Option(
         8, help="Images in preview.png (before above, after below); 0 for none."
     ),

@@ -12,8 +12,9 @@ at least ``background_min_tissue`` tissue become that class.
 Everything that can be wrong with the input (slides without microns per pixel, unreadable or
 unmatched annotation files, regions outside the slide, unknown or unsafe class names, a dataset
 folder made with other settings) is found before the first tile is written. Tiles are written
-atomically and each finished slide (or shard of it) leaves a progress file, so a rerun skips
-what is done; ``tiles.csv`` and ``summary.json`` are rewritten from the progress files at the
+atomically and each finished slide (or shard of it) leaves a progress file naming what it was
+cut from, so a rerun skips what is done and re-cuts a slide whose file or annotations changed;
+``tiles.csv`` and ``summary.json`` are rewritten from every progress file in the folder at the
 end of every run. The folder layout is :class:`~histolite.slide.layout.TileDataset`.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import re
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -33,8 +35,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from histolite.data.registry import SLIDE_TILE_COLUMNS
-from histolite.errors import DataError
-from histolite.fileio import atomic_path, read_json, write_json
+from histolite.errors import DataError, HistoliteWarning
+from histolite.fileio import atomic_path, file_sha256, read_json, write_json
 from histolite.slide.annotations import (
     Reason,
     SlideAnnotations,
@@ -411,6 +413,84 @@ def require_same_settings(dataset: TileDataset, settings: TileCutSettings) -> No
         )
 
 
+def slide_source(prepared: AnnotatedSlide) -> dict[str, Any]:
+    """What a slide's tiles are cut from; a progress record with another source is stale.
+
+    The slide is known by its size (a moved or copied file is the same slide), the annotations
+    by their content: an edited annotation file must re-cut, not resume.
+    """
+    return {
+        "slide": str(prepared.path.resolve()),
+        "slide_bytes": prepared.path.stat().st_size,
+        "annotations_sha256": file_sha256(prepared.annotations.source),
+    }
+
+
+def _progress_files(dataset: TileDataset, stem: str) -> list[Path]:
+    """Every progress record of one slide: unsharded and each shard of any shard count."""
+    folder = dataset.root / ".progress"
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(re.escape(stem) + r"(\.\d+-of-\d+)?\.json")
+    return sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name))
+
+
+def _stale_records(
+    dataset: TileDataset, stem: str, source: Mapping[str, Any]
+) -> list[tuple[Path, dict[str, Any]]]:
+    """This slide's progress records cut from an older file or other annotations.
+
+    Raises:
+        DataError: the records are of another slide that shares this one's name; tiles are
+            split by slide name, so two slides in one dataset cannot share one.
+    """
+    stale = []
+    for path in _progress_files(dataset, stem):
+        record = read_json(path)
+        earlier = record.get("source")
+        if earlier is None or earlier == source:  # None: written before sources were recorded
+            continue
+        if (
+            earlier.get("slide") != source["slide"]
+            and earlier.get("slide_bytes") != source["slide_bytes"]
+        ):
+            raise DataError(
+                f"{dataset.root}: already holds tiles of a slide named '{stem}' cut from "
+                f"{earlier.get('slide')}; {source['slide']} is another slide with the same "
+                "name. Tiles are split by slide name, so two slides cannot share one: rename "
+                "one, or cut into another --out folder"
+            )
+        stale.append((path, record))
+    return stale
+
+
+def _delete_stale(
+    dataset: TileDataset, stem: str, stale: list[tuple[Path, dict[str, Any]]]
+) -> None:
+    """Delete stale tiles before re-cutting: left on disk, ``train`` would read old labels."""
+    tiles = 0
+    for path, record in stale:
+        for row in record.get("rows", []):
+            (dataset.root / row["path"]).unlink(missing_ok=True)
+            tiles += 1
+        path.unlink(missing_ok=True)  # a parallel shard may have removed it already
+    warnings.warn(
+        f"{stem}: the slide file or its annotations changed since the earlier cut; its {tiles} "
+        "earlier tile(s) were deleted and it is cut again",
+        HistoliteWarning,
+        stacklevel=3,
+    )
+
+
+def _recorded_stems(dataset: TileDataset) -> list[str]:
+    """Slides with a progress record in the dataset, from this run or earlier ones."""
+    folder = dataset.root / ".progress"
+    if not folder.is_dir():
+        return []
+    names = (p.name for p in folder.glob("*.json") if p.name != "settings.json")
+    return sorted({re.sub(r"(\.\d+-of-\d+)?\.json$", "", name) for name in names})
+
+
 def cut_tiles(
     slides: Sequence[Path],
     annotations: Path,
@@ -427,17 +507,27 @@ def cut_tiles(
     dataset = TileDataset(out)
     prepared = prepare_slides(slides, annotations, settings)
     require_same_settings(dataset, settings)
+    sources = [slide_source(item) for item in prepared]
+    # every name clash is refused before any tile is deleted or written
+    stale = [
+        _stale_records(dataset, item.path.stem, source)
+        for item, source in zip(prepared, sources, strict=True)
+    ]
     write_json(dataset.root / ".progress" / "settings.json", settings.fingerprint())
-    for item in prepared:
+    for item, source, old in zip(prepared, sources, stale, strict=True):
+        if old:
+            _delete_stale(dataset, item.path.stem, old)
         cut = _finished(dataset, item.path.stem, settings, settings.shard)
         resumed = cut is not None
         if cut is None:
             cut = cut_slide(item, settings, dataset, progress=progress)
-            record = {"settings": settings.fingerprint(), **asdict(cut)}
+            record = {"settings": settings.fingerprint(), "source": source, **asdict(cut)}
             write_json(dataset.progress(item.path.stem, settings.shard), record)
         if report is not None:
             report(cut, resumed)
-    return write_listing(dataset, [p.path.stem for p in prepared], settings)
+    # the listing covers every slide in the folder: earlier runs' tiles are trained on too
+    stems = sorted({*_recorded_stems(dataset), *(p.path.stem for p in prepared)})
+    return write_listing(dataset, stems, settings)
 
 
 _SHARD_PROGRESS = re.compile(r"\.\d+-of-(\d+)\.json$")
@@ -448,11 +538,10 @@ def _complete_cuts(dataset: TileDataset, stem: str, settings: TileCutSettings) -
     whole = _finished(dataset, stem, settings, (0, 1))
     if whole is not None:
         return [whole]
-    folder = dataset.root / ".progress"
     counts = sorted(
         {
             int(match[1])
-            for path in folder.glob(f"{stem}.*-of-*.json")
+            for path in _progress_files(dataset, stem)
             if (match := _SHARD_PROGRESS.search(path.name))
         }
     )

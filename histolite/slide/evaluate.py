@@ -27,7 +27,7 @@ import numpy as np
 import shapely
 
 from histolite.errors import DataError
-from histolite.fileio import atomic_path, read_json, write_json
+from histolite.fileio import atomic_path, file_sha256, read_json, write_json
 from histolite.slide.annotations import (
     Reason,
     SlideAnnotations,
@@ -93,6 +93,12 @@ def score_slide(
         raise DataError(f"{outputs.summary}: not final (the slide is still being classified?)")
     if summary.get("shard", {}).get("count", 1) != 1 and summary["shard"].get("index") is not None:
         raise DataError(f"{slide_dir}: one shard of a slide; merge the shards first")
+    recorded = (summary.get("outputs_sha256") or {}).get("tiles.csv")
+    if recorded is not None and file_sha256(outputs.tiles_csv) != recorded:
+        raise DataError(
+            f"{outputs.tiles_csv}: not the file {outputs.summary.name} records (changed, or "
+            "re-written by a run that did not finish); classify the slide again"
+        )
     classes: list[str] = list(summary["classes"])
     slide = Path(summary["slide"])
     origin = summary.get("origin") or (0, 0)

@@ -39,7 +39,7 @@ from histolite.errors import DataError, HistoliteError
 from histolite.fileio import atomic_path, file_sha256, read_json, write_json
 from histolite.runtime.card import card_identity
 from histolite.runtime.classifier import OnnxClassifier
-from histolite.slide.layout import HASHED_OUTPUTS, BatchOutputs, SlideOutputs
+from histolite.slide.layout import HASHED_OUTPUTS, BatchOutputs, SlideOutputs, outputs_match
 from histolite.slide.outputs import (
     TileRow,
     render_heatmap,
@@ -188,6 +188,8 @@ def classify_slide(
         if on_progress is not None:
             on_progress(0, len(plan.tiles))
         outputs.root.mkdir(parents=True, exist_ok=True)
+        # a crash below must not leave an earlier run's summary beside this run's files
+        outputs.summary.unlink(missing_ok=True)
         write_mask(outputs.mask, plan.mask)
         masked = time.perf_counter()
         rows = _classify_with_progress(
@@ -256,7 +258,7 @@ def _summary(
     classes = list(model.classes)
     tissue_mm2 = mm2(float(plan.mask.sum()) * plan.mask_scale**2, info.mpp)
     return {
-        "slide": str(path),
+        "slide": str(path.resolve()),  # merge and evaluate may run from another folder
         "reader": info.reader,
         "width": info.width,
         "height": info.height,
@@ -324,7 +326,7 @@ def write_slide_outputs(
     """GeoJSON, and for a whole slide (not one shard of it) the heatmap; summary.json is the
     caller's, written last."""
     classes = summary["classes"]
-    write_geojson(outputs.geojson, rows, classes)
+    write_geojson(outputs.geojson, rows, classes, summary.get("origin") or (0, 0))
     if partial:
         return
     counts = ", ".join(f"{c} {n}" for c, n in summary["class_counts"].items() if n)
@@ -413,7 +415,7 @@ def _completed_shard(
     same = (
         "total" in summary.get("timings_s", {})
         and outputs_match(outputs, summary)
-        and summary.get("slide") == str(path)
+        and summary.get("slide") == str(path.resolve())
         # the graphs' hashes too: a retrained model re-exported under the same name and version
         and all(summary.get(k) == v for k, v in model_identity(model).items())
         and summary.get("classes") == list(model.classes)
@@ -425,12 +427,3 @@ def _completed_shard(
         and (summary.get("mpp") == settings.mpp if given_mpp else settings.mpp is None)
     )
     return summary if same else None
-
-
-def outputs_match(outputs: SlideOutputs, summary: dict[str, Any]) -> bool:
-    """Whether the folder's hashed outputs are the files ``summary`` recorded."""
-    hashes = summary.get("outputs_sha256") or {}
-    try:
-        return all(file_sha256(outputs.hashed(n)) == hashes.get(n) for n in HASHED_OUTPUTS)
-    except OSError:
-        return False

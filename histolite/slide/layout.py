@@ -24,6 +24,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from histolite.fileio import file_sha256
 
 HASHED_OUTPUTS = ("tiles.csv", "tissue_mask.png")  # summary.json's outputs_sha256
 SHARD_FOLDER = re.compile(r"^(\d+)-of-(\d+)$")
@@ -166,3 +169,12 @@ class TileDataset:
         index, count = shard
         suffix = "" if count == 1 else f".{index}-of-{count}"
         return self.root / ".progress" / f"{stem}{suffix}.json"
+
+
+def outputs_match(outputs: SlideOutputs, summary: dict[str, Any]) -> bool:
+    """Whether the folder's hashed outputs are the files ``summary`` recorded."""
+    hashes = summary.get("outputs_sha256") or {}
+    try:
+        return all(file_sha256(outputs.hashed(n)) == hashes.get(n) for n in HASHED_OUTPUTS)
+    except OSError:
+        return False

@@ -131,11 +131,19 @@ def write_tiles_csv(path: Path, rows: Iterable[TileRow], classes: Sequence[str])
             writer.writerow(tile_line(row, classes))
 
 
-def geojson(rows: Sequence[TileRow], classes: Sequence[str]) -> dict[str, Any]:
-    """A FeatureCollection of tile polygons that QuPath imports as classified tiles."""
+def geojson(
+    rows: Sequence[TileRow], classes: Sequence[str], origin: Sequence[int] = (0, 0)
+) -> dict[str, Any]:
+    """A FeatureCollection of tile polygons that QuPath imports as classified tiles.
+
+    Tiles are placed in OpenSlide's level-0 frame; QuPath measures from the corner of the
+    slide's bounds (``origin``, non-zero on MIRAX and other bounded slides), so it is
+    subtracted, mirroring what reading annotations adds.
+    """
     features = []
+    dx, dy = int(origin[0]), int(origin[1])
     for row in rows:
-        x, y, s = row.x, row.y, row.size
+        x, y, s = row.x - dx, row.y - dy, row.size
         best = int(np.argmax(row.probabilities))
         features.append(
             {
@@ -163,9 +171,11 @@ def geojson(rows: Sequence[TileRow], classes: Sequence[str]) -> dict[str, Any]:
     return {"type": "FeatureCollection", "features": features}
 
 
-def write_geojson(path: Path, rows: Sequence[TileRow], classes: Sequence[str]) -> None:
+def write_geojson(
+    path: Path, rows: Sequence[TileRow], classes: Sequence[str], origin: Sequence[int] = (0, 0)
+) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(geojson(rows, classes)), encoding="utf-8")
+        tmp.write_text(json.dumps(geojson(rows, classes, origin)), encoding="utf-8")
 
 
 def _probability_colours(values: np.ndarray) -> np.ndarray:

@@ -158,6 +158,14 @@ def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
 _APERIO_MPP = re.compile(r"\bMPP\s*=\s*([0-9.]+)")
 
 
+# Microns per pixel a slide file may record: 0.05 (beyond 100x optics) to 16 (a 0.6x overview).
+# Outside it the value is a mislabelled unit or an editor's dpi, and tiles would be cut at a
+# physical size hundreds of times off, silently.
+_RECORDED_MPP_RANGE = (0.05, 16.0)
+# Inch-based resolution coarser than this is a desktop dpi (2400 dpi = 10.6 µm), not a scan.
+_MAX_INCH_MPP = 5.0
+
+
 def mpp_from_resolution(unit: Any, x_resolution: Any) -> float | None:
     """Microns per pixel from TIFF XResolution (pixels per unit) and ResolutionUnit."""
     try:
@@ -169,7 +177,10 @@ def mpp_from_resolution(unit: Any, x_resolution: Any) -> float | None:
     microns = {2: 25400.0, 3: 10000.0, "inch": 25400.0, "centimeter": 10000.0}.get(unit)
     if microns is None or pixels_per_unit <= 1.0:  # 1 pixel per inch: no resolution recorded
         return None
-    return microns / pixels_per_unit
+    mpp = microns / pixels_per_unit
+    if microns == 25400.0 and mpp > _MAX_INCH_MPP:
+        return None  # a desktop dpi (72, 300, 600 ...) written by an image editor, not a scanner
+    return mpp
 
 
 def _check_mpp(
@@ -177,12 +188,22 @@ def _check_mpp(
 ) -> tuple[float, str]:
     if override is not None:
         if not 0.01 <= override <= 100:
-            raise SlideError(f"{path}: --mpp {override} is not a plausible microns per pixel")
+            raise SlideError(
+                f"{path}: --mpp {override} is not a plausible microns per pixel "
+                "(expected 0.01-100, e.g. 0.25 for 40x or 0.5 for 20x scans)"
+            )
         return override, "given (--mpp)"
-    if mpp is None or not 0.01 <= mpp <= 100:
+    low, high = _RECORDED_MPP_RANGE
+    if mpp is None:
         raise SlideError(
             f"{path}: the file records no usable microns per pixel; pass --mpp (e.g. 0.25 for "
             "40x or 0.5 for 20x scans) so tiles are cut at the right physical size"
+        )
+    if not low <= mpp <= high:
+        raise SlideError(
+            f"{path}: the file's {source} give {mpp:g} microns per pixel, outside the {low:g}-"
+            f"{high:g} a slide scan can have; pass --mpp with the scan's real value (e.g. 0.25 "
+            "for 40x or 0.5 for 20x scans)"
         )
     return mpp, source
 
@@ -204,10 +225,18 @@ class OpenSlideSlide:
             self._slide = openslide.OpenSlide(str(path))
         except Exception as exc:  # OpenSlideError, OpenSlideUnsupportedFormatError
             raise SlideError(f"{path}: OpenSlide cannot open it ({exc})") from exc
+        try:
+            self.info = self._describe(path, mpp)
+        except BaseException:
+            self._slide.close()  # a refused slide must not keep its file open
+            raise
+
+    def _describe(self, path: Path, mpp: float | None) -> SlideInfo:
         props = self._slide.properties
         found: float | None = None
         source = ""
-        if props.get("openslide.mpp-x"):
+        # generic-tiff's mpp-x is the TIFF resolution tags, which image editors fill with a dpi
+        if props.get("openslide.mpp-x") and props.get("openslide.vendor") != "generic-tiff":
             found, source = float(props["openslide.mpp-x"]), "openslide.mpp-x"
         else:
             found = mpp_from_resolution(
@@ -216,7 +245,7 @@ class OpenSlideSlide:
             source = "TIFF resolution tags"
         value, source = _check_mpp(path, found, source, mpp)
         width, height = self._slide.dimensions
-        self.info = SlideInfo(
+        return SlideInfo(
             path=path,
             width=width,
             height=height,
@@ -267,6 +296,18 @@ class TiffSlide:
 
         try:
             self._tif = tifffile.TiffFile(str(path))
+        except Exception as exc:
+            raise SlideError(
+                f"{path}: truncated or not a slide: not a readable TIFF ({exc})"
+            ) from exc
+        try:
+            self.info = self._describe(path, mpp)
+        except BaseException:
+            self._tif.close()  # a refused slide must not keep its file open
+            raise
+
+    def _describe(self, path: Path, mpp: float | None) -> SlideInfo:
+        try:
             series = [
                 s
                 for s in self._tif.series
@@ -277,6 +318,7 @@ class TiffSlide:
             main = max(series, key=lambda s: int(np.prod(s.levels[0].shape[:2])))
             # tifffile types pages as page-or-frame-or-None; slides have real pages
             self._pages: list[Any] = [level.pages[0] for level in main.levels]
+            self._series_index = list(self._tif.series).index(main)
         except SlideError:
             raise
         except Exception as exc:
@@ -291,7 +333,7 @@ class TiffSlide:
             dims.append((int(shape[1]), int(shape[0])))
         found, source = self._mpp()
         value, source = _check_mpp(path, found, source, mpp)
-        self.info = SlideInfo(
+        return SlideInfo(
             path=path,
             width=dims[0][0],
             height=dims[0][1],
@@ -309,8 +351,16 @@ class TiffSlide:
         if match:
             return float(match.group(1)), "Aperio description"
         if self._tif.is_ome and self._tif.ome_metadata:
-            size = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', self._tif.ome_metadata)
-            size_unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', self._tif.ome_metadata)
+            # one <Pixels> per OME image, in series order: read the one of the series chosen,
+            # not a label or macro image declared before it
+            pixels = re.findall(r"<(?:\w+:)?Pixels\b[^>]*>", self._tif.ome_metadata)
+            tag = (
+                pixels[self._series_index]
+                if self._series_index < len(pixels)
+                else self._tif.ome_metadata
+            )
+            size = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tag)
+            size_unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tag)
             if size and (size_unit is None or size_unit.group(1) in ("µm", "um", "micron")):
                 return float(size.group(1)), "OME-XML PhysicalSizeX"
         unit = page.tags.get("ResolutionUnit")

@@ -264,3 +264,24 @@ def test_config_show_prints_the_resolved_recipe_and_refuses_bad_keys(
 
     code, out, _ = run_cli(["config", "reference"])
     assert code == 0 and out.startswith("# Config reference") and "`crossfit.folds`" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (
+            ["slide", "infer", "s.svs", "--model", "m", "--out", "o", "--batch-size", "0"],
+            "--batch-size",
+        ),
+        (["slide", "features", "s.svs", "--out", "o", "--tile-px", "0"], "--tile-px"),
+        (["slide", "tiles", "s.svs", "--tile-um", "0", "--out", "o"], "--tile-um"),
+    ],
+)
+def test_out_of_range_slide_options_are_refused_before_any_work(
+    args: list[str], option: str, run_cli: Callable[[list[str]], tuple[int, str, str]]
+) -> None:
+    """A zero batch or tile size once crashed mid-batch with a bare ZeroDivisionError."""
+    code, _, err = run_cli(args)
+    assert code == 2
+    assert f"Invalid value for '{option}'" in err and "greater than or equal" in err
+    assert "Traceback" not in err

@@ -22,6 +22,7 @@ from histolite.slide.annotations import (
     read_annotations,
     unmatched_annotation_files,
 )
+from histolite.slide.outputs import TileRow, write_geojson
 
 
 def square(x: float, y: float, size: float) -> list[list[float]]:
@@ -216,6 +217,25 @@ def test_offset_is_added_to_geojson_coordinates(tmp_path: Path) -> None:
     assert annotations.regions["Tumor"].area == 9600
     hole = shapely.box(1040, 540, 1060, 560)
     assert annotations.regions["Tumor"].intersection(hole).area == 0
+
+
+def test_written_tiles_round_trip_through_the_same_offset(tmp_path: Path) -> None:
+    """Tiles go out in QuPath's frame (minus the bounds origin) and read back where they were."""
+    rows = [
+        TileRow(0, 1064, 532, 128, 1.0, (0.9, 0.1)),
+        TileRow(1, 1192, 532, 128, 1.0, (0.2, 0.8)),
+    ]
+    path = tmp_path / "tiles.geojson"
+    write_geojson(path, rows, ["Tumor", "Stroma"], origin=(1000, 500))
+    collection = json.loads(path.read_text())
+    first = collection["features"][0]["geometry"]["coordinates"][0]
+    assert first[0] == [64, 32] and first[2] == [192, 160]
+    for tile in collection["features"]:  # as if a pathologist kept the tiles as annotations
+        tile["properties"]["objectType"] = "annotation"
+    path.write_text(json.dumps(collection))
+    back = read_annotations(path, offset=(1000.0, 500.0))
+    assert back.regions["Tumor"].bounds == (1064.0, 532.0, 1192.0, 660.0)
+    assert back.regions["Stroma"].bounds == (1192.0, 532.0, 1320.0, 660.0)
 
 
 def test_a_bow_tie_is_repaired_and_degenerate_rings_are_skipped(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from histolite.errors import DataError
+from histolite.fileio import file_sha256
 from histolite.slide.evaluate import evaluate_slides
 from histolite.slide.outputs import TileRow, write_tiles_csv
 
@@ -57,6 +58,7 @@ def _inferred(out: Path, stem: str, predict: Callable[[int], str]) -> Path:
         "overlap": 0.0,
         "shard": {"index": 0, "count": 1},
         "timings_s": {"total": 1.0},
+        "outputs_sha256": {"tiles.csv": file_sha256(folder / "tiles.csv")},
     }
     (folder / "summary.json").write_text(json.dumps(summary))
     return folder
@@ -133,4 +135,14 @@ def test_a_shard_or_unfinished_folder_is_refused(tmp_path: Path) -> None:
     summary["timings_s"] = {}
     (folder / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(DataError, match="not final"):
+        evaluate_slides([folder], tmp_path / "notes", tmp_path / "report")
+
+
+def test_tiles_not_the_ones_the_summary_records_are_refused(tmp_path: Path) -> None:
+    """A crashed re-run leaves new tiles beside the old summary: scoring them would mix runs."""
+    folder = _inferred(tmp_path / "infer", "s1", _columns)
+    _notes(tmp_path / "notes", "s1")
+    text = (folder / "tiles.csv").read_text()
+    (folder / "tiles.csv").write_text(text.replace("0.9", "0.8", 1))
+    with pytest.raises(DataError, match=r"s1/tiles\.csv: not the file summary\.json records"):
         evaluate_slides([folder], tmp_path / "notes", tmp_path / "report")

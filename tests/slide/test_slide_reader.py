@@ -171,3 +171,65 @@ def test_openslide_image_reads_equal_array_reads_inside_and_past_the_edge(tmp_pa
             assert np.array_equal(np.asarray(image), slide.read_level(0, *box))
     finally:
         slide.close()
+
+
+@pytest.mark.parametrize(
+    ("unit", "resolution", "why"),
+    [
+        ("INCH", 300.0, "no usable microns per pixel"),  # an image editor's 300 dpi: 84.7 µm/px
+        ("CENTIMETER", 100.0, "give 100 microns per pixel, outside the 0.05-16"),
+    ],
+)
+def test_a_resolution_no_scanner_records_asks_for_mpp(
+    unit: str, resolution: float, why: str, tmp_path: Path
+) -> None:
+    """A flat TIFF's dpi would cut 1-pixel tiles and scale them up, silently; refuse it."""
+    path = tmp_path / "photo.tif"
+    tifffile.imwrite(
+        path,
+        _gradient(256, 256),
+        photometric="rgb",
+        tile=(64, 64),
+        resolution=(resolution, resolution),
+        resolutionunit=unit,
+    )
+    with pytest.raises(SlideError, match=rf"photo\.tif: .*{why}.*pass --mpp"):
+        open_slide(path)
+    slide = open_slide(path, mpp=0.5)
+    try:
+        assert slide.info.mpp == 0.5 and slide.info.mpp_source == "given (--mpp)"
+    finally:
+        slide.close()
+
+
+def test_ome_scale_is_read_from_the_chosen_image_not_a_label_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "label_first.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(
+            _gradient(64, 64),
+            photometric="rgb",
+            metadata={"axes": "YXS", "Name": "label", "PhysicalSizeX": 10.0},
+        )
+        tif.write(
+            _gradient(512, 384),
+            tile=(128, 128),
+            photometric="rgb",
+            metadata={"axes": "YXS", "Name": "tissue", "PhysicalSizeX": 0.25},
+        )
+    slide = TiffSlide(path)
+    try:
+        assert (slide.info.width, slide.info.mpp) == (384, pytest.approx(0.25))
+    finally:
+        slide.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_a_refused_slide_does_not_keep_its_file_open(tmp_path: Path) -> None:
+    path = tmp_path / "no_mpp.tif"
+    tifffile.imwrite(path, _gradient(256, 256), tile=(64, 64), photometric="rgb")
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    for _ in range(10):
+        for reader in (open_slide, TiffSlide):
+            with pytest.raises(SlideError, match="pass --mpp"):
+                reader(path)
+    assert len(list(Path("/proc/self/fd").iterdir())) == before

@@ -18,7 +18,7 @@ from PIL import Image
 
 from histolite.config import DataConfig
 from histolite.data.split_policy import load_split
-from histolite.errors import DataError
+from histolite.errors import DataError, HistoliteWarning
 from histolite.slide.dataset import TileCutSettings, cut_tiles
 from histolite.slide.pyramid import write_pyramidal_tiff
 from histolite.slide.reader import SlideError
@@ -248,6 +248,61 @@ def test_shards_resume_and_settings_guard(
          "--out", str(whole), "--no-progress"]
     )  # fmt: skip
     assert code != 0 and "other settings" in err and "tile_um" in err
+
+
+def test_edited_annotations_recut_and_a_same_named_slide_is_refused(
+    annotated: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Resume once matched slides by name only: edits were ignored and old labels stayed."""
+    slide, notes = annotated
+    settings = TileCutSettings(tile_um=32.0, tile_px=64, min_tissue=0.0)
+    out = tmp_path / "ds"
+    cut_tiles([slide], notes, out, settings, progress=False)
+    first = {r["path"]: r["class"] for r in _rows(out)}
+    assert "Necrosis" in first.values()
+    # the pathologist relabels necrosis as tumour
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    collection = _annotations()
+    for feature in collection["features"]:
+        if feature["properties"].get("classification", {}).get("name") == "Necrosis":
+            feature["properties"]["classification"]["name"] = "Tumor"
+    (edited / "case_a.geojson").write_text(json.dumps(collection))
+    with pytest.warns(HistoliteWarning, match="annotations changed.*deleted and it is cut again"):
+        summary = cut_tiles([slide], edited, out, settings, progress=False)
+    second = {r["path"]: r["class"] for r in _rows(out)}
+    assert "Necrosis" not in second.values() and summary["tiles"] == len(second)
+    on_disk = {p.relative_to(out).as_posix() for p in out.glob("*/*.png")}
+    assert on_disk == set(second)  # no necrosis tile left for `train` to read
+    # another slide with the same name (other pixels, other size) into the same folder
+    other = tmp_path / "site_b" / "case_a.tif"
+    level0 = np.full((HEIGHT, WIDTH, 3), 245, np.uint8)
+    level0[: HEIGHT // 2, : WIDTH // 2] = PINK
+    write_pyramidal_tiff(other, level0, MPP, levels=1, tile=128)
+    with pytest.raises(DataError, match=r"slide named 'case_a' cut from .*another slide"):
+        cut_tiles([other], edited, out, settings, progress=False)
+    assert {p.relative_to(out).as_posix() for p in out.glob("*/*.png")} == on_disk
+
+
+def test_the_listing_keeps_slides_cut_by_earlier_runs(
+    annotated: tuple[Path, Path], tmp_path: Path
+) -> None:
+    slide, notes = annotated
+    second = tmp_path / "slides" / "case_b.tif"
+    second.parent.mkdir()
+    second.write_bytes(slide.read_bytes())
+    (notes_b := tmp_path / "notes").mkdir()
+    (notes_b / "case_b.geojson").write_text((notes / "case_a.geojson").read_text())
+    settings = TileCutSettings(tile_um=32.0, tile_px=64, min_tissue=0.0)
+    out = tmp_path / "ds"
+    first = cut_tiles([slide], notes, out, settings, progress=False)
+    summary = cut_tiles([second], notes_b, out, settings, progress=False)
+    assert sorted(summary["slides"]) == ["case_a", "case_b"]
+    assert summary["tiles"] == 2 * first["tiles"] == len(list(out.glob("*/*.png")))
+    assert Counter(r["slide"] for r in _rows(out)) == {
+        "case_a": first["tiles"],
+        "case_b": first["tiles"],
+    }
 
 
 def test_first_shard_alone_lists_the_slide_as_pending(
