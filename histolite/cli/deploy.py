@@ -70,11 +70,11 @@ def serve(
     port: int = typer.Option(8000, help="Port."),
     workers: int = typer.Option(1, help="Worker processes (each loads its own ONNX sessions)."),
     api_key: str | None = typer.Option(None, help=H("api_key")),
-    audit_db: Path | None = typer.Option(None, help=H("audit_db")),
-    audit_key_file: Path | None = typer.Option(None, help=H("audit_key_file")),
+    audit_db: str | None = typer.Option(None, help=H("audit_db")),
+    audit_key_file: str | None = typer.Option(None, help=H("audit_key_file")),
     threads: int | None = typer.Option(None, help=H("threads")),
-    slide_root: Path | None = typer.Option(None, help=H("slide_root")),
-    jobs_dir: Path | None = typer.Option(None, help=H("jobs_dir")),
+    slide_root: str | None = typer.Option(None, help=H("slide_root")),
+    jobs_dir: str | None = typer.Option(None, help=H("jobs_dir")),
     docs: bool | None = typer.Option(None, "--docs", help=H("docs")),
     open_metadata: bool | None = typer.Option(None, "--open-metadata", help=H("open_metadata")),
     max_pixels: int | None = typer.Option(None, "--max-pixels", help=H("max_pixels")),
@@ -103,9 +103,10 @@ def serve(
 
     from histolite.config import format_validation_error
     from histolite.errors import ConfigError
-    from histolite.serve.protocol import bounded_protocol
+    from histolite.serve.protocol import PROTOCOL_PATH
     from histolite.serve.repository import load_repository
 
+    # paths stay strings until the settings see them: typer makes '' (off) into Path('.')
     given: dict[str, Any] = {
         "model_dir": model_dir,
         "api_key": api_key,
@@ -144,7 +145,7 @@ def serve(
     uvicorn.run(
         "histolite.serve.app:create_app_from_env",
         factory=True,
-        http=bounded_protocol(settings.head_timeout),  # closes connections dribbling a head
+        http=PROTOCOL_PATH,  # closes connections dribbling a head; timeout from to_env()
         host=host,
         port=port,
         workers=workers,

@@ -51,6 +51,14 @@ def evaluate(
     if "image_level" in report:
         for method, metrics in report["image_level"].items():
             typer.echo(f"image-level ({method}): accuracy {metrics['accuracy']:.4f}")
+    at_threshold = report["calibration"].get("at_threshold")
+    if at_threshold is not None:
+        accuracy = at_threshold["accuracy_answered"]
+        typer.echo(
+            f"abstaining below {report['calibration']['abstain_below']:.3f} (fitted on "
+            f"validation): answers {at_threshold['answered']} of {at_threshold['n']} images"
+            + (f", accuracy {accuracy:.4f} on them" if accuracy is not None else "")
+        )
     out_of_fold = report.get("crossfit", {}).get("out_of_fold")
     if out_of_fold is not None:
         typer.echo(

@@ -87,6 +87,13 @@ about 1,400:1 even if blank (Pillow's blank white JPEGs measure 256:1 at 4:4:4, 
 MAX_JPEG_MARKERS = 10_000
 """Marker segments walked in one JPEG (ICC and XMP chunks make hundreds at most)."""
 
+MAX_PNG_CHUNKS = 50_000
+"""Chunks walked in one PNG upload: Pillow spends about 6 us on each, even an empty one (0.3 s
+at this bound); encoders write image data in 8-64 KB chunks, so a 25 MB PNG has a few thousand."""
+
+MAX_PNG_ANCILLARY = 1_000
+"""PNG chunks besides image data (text, ICC, time, ...): real files carry a handful."""
+
 MAX_TIFF_SEGMENTS = 100_000
 """Strips or tiles decoded one by one in an uploaded TIFF: tifffile spends about 12 us on each
 (1.2 s at this bound), and a crafted file of one-pixel strips would hold millions."""
@@ -456,10 +463,37 @@ def _check_png(data: bytes, name: str | Path, limits: DecodeLimits) -> tuple[int
             f"{name}: grayscale image (PNG colour type {colour_type}); H&E classifiers need RGB "
             "colour images"
         )
+    _check_png_chunks(data, name)
     return width, height
 
 
+def _check_png_chunks(data: bytes, name: str | Path) -> None:
+    """Refuse a PNG padded with chunks: each costs Pillow time however small it is."""
+    position, chunks, ancillary = 8, 0, 0
+    while position + 8 <= len(data):
+        kind = data[position + 4 : position + 8]
+        chunks += 1
+        ancillary += kind != b"IDAT"
+        if chunks > MAX_PNG_CHUNKS or ancillary > MAX_PNG_ANCILLARY:
+            raise DecodeBudgetExceeded(
+                f"{name}: a PNG of more than {MAX_PNG_CHUNKS:,} chunks, or more than "
+                f"{MAX_PNG_ANCILLARY:,} besides image data; encoders write a few thousand at "
+                "most, and each costs decoding time"
+            )
+        if kind == b"IEND":
+            return
+        position += 12 + int.from_bytes(data[position : position + 4], "big")
+
+
 # ---------------------------------------------------------------- TIFF
+def _has_second_page(tif: Any) -> bool:
+    try:
+        tif.pages[1]
+    except IndexError:
+        return False
+    return True
+
+
 _TIFF_RGB, _TIFF_PALETTE, _TIFF_YCBCR = 2, 3, 6
 _TIFF_GRAYSCALE = {0: "MINISWHITE", 1: "MINISBLACK"}
 _TIFF_JPEG = 7
@@ -736,10 +770,8 @@ def _read_tiff(
             # width x height from the tags, whatever the layout (planar data is (C, H, W))
             height, width = int(page.imagelength), int(page.imagewidth)
             _check_pixels(label, height, width, limits.max_pixels if limits else None)
-            if len(tif.pages) > 1:
-                raise MultiFrameImage(
-                    f"{label}: a TIFF of {len(tif.pages)} pages; send one image per file"
-                )
+            if _has_second_page(tif):  # len(pages) would walk a crafted chain of millions
+                raise MultiFrameImage(f"{label}: a TIFF of several pages; send one image per file")
             kind = _check_tiff_layout(page, label)
             if limits is not None:
                 _check_tiff_costs(tif, page, label, limits, kind)

@@ -144,6 +144,14 @@ def calibrate_run(
     if preds.logits is None:
         raise HistoliteError(f"{run_dir}: the model gave no logits to calibrate")
     logits, labels = preds.logits.astype(np.float64), preds.labels
+    if np.all(np.argmax(logits, axis=1) == labels):
+        # the likelihood then keeps rising as the scaling sharpens: T would collapse towards 0
+        # wherever the optimiser stops, and every answer would read 1.0
+        raise HistoliteError(
+            f"{run_dir}: all {len(labels)} validation images are classified right, so there is "
+            "no error to calibrate against (the fitted temperature would collapse to 0); "
+            "calibrate with a larger or harder validation split (data.val_fraction)"
+        )
     temperature, scale, bias = fit_scaling(logits, labels, method)
     scaled = logits * np.asarray(scale) + np.asarray(bias)
     before = per_image(preds, softmax(logits), logits)

@@ -142,7 +142,38 @@ def build_report(
                 truth, [r.mean_probability for r in images], classes
             ),
         }
+    threshold = report["calibration"].get("abstain_below")
+    if threshold is not None:
+        report["calibration"]["at_threshold"] = abstention_on(preds, images, samples, threshold)
     return report
+
+
+def abstention_on(
+    preds: Predictions,
+    images: list[ImageLevelPrediction] | None,
+    samples: list[Sample],
+    threshold: float,
+) -> dict[str, Any]:
+    """Coverage and accuracy of the answered images at the validation-fitted threshold.
+
+    The threshold was chosen on validation, so on held-out images both numbers move; this is
+    what the served model will do. One row per image, as served (patch probabilities averaged).
+    """
+    if images is not None:
+        probs = np.stack([r.mean_probs for r in images])
+        labels = np.array([samples[r.image_index].label for r in images])
+    else:
+        probs, labels = preds.probs, preds.labels
+    answered = probs.max(axis=1) >= threshold  # the service abstains below it
+    right = probs.argmax(axis=1) == labels
+    n_answered = int(answered.sum())
+    return {
+        "unit": "image",
+        "n": len(labels),
+        "answered": n_answered,
+        "coverage": n_answered / len(labels) if len(labels) else None,
+        "accuracy_answered": float(right[answered].mean()) if n_answered else None,
+    }
 
 
 def _calibration_note(run: LoadedRun) -> dict[str, Any]:

@@ -108,8 +108,8 @@ def parse_url(url: str) -> tuple[SplitResult, str, int]:
         raise UrlFetchError(f"URL {url[:200]!r} has no host", 422)
     if len(host) > 253 or any(len(label) > 63 for label in host.split(".")):
         raise UrlFetchError(f"malformed URL: host name {host[:80]!r}... is too long", 422)
-    try:
-        host.encode("idna")
+    try:  # the ASCII (punycode) name is what DNS, the Host header and TLS's SNI carry
+        host = host.encode("idna").decode("ascii")
     except UnicodeError as exc:
         raise UrlFetchError(f"malformed URL: host {host[:80]!r} is not a valid name", 422) from exc
     try:  # what httpx will be asked to request: control characters, lone surrogates

@@ -2,28 +2,43 @@
 
 uvicorn times out idle keep-alive connections, but not a client that sends a request's line and
 headers a byte at a time (slowloris): every such connection is held forever. Here a connection
-that is not inside a request gets ``HEAD_TIMEOUT_S`` to deliver a complete request head, from
-its first byte (or from connecting), else it is closed. Bodies are bounded by the app
-(``middleware.BodyLimit``: size, and time between chunks).
+that is not inside a request gets ``HISTOLITE_HEAD_TIMEOUT`` seconds (``--head-timeout``) to
+deliver a complete request head, from its first byte (or from connecting), else it is closed.
+Bodies are bounded by the app (``middleware.BodyLimit``: size, and time between chunks).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from histolite.serve.settings import ENV_PREFIX
+
 HEAD_TIMEOUT_S = 10.0
+HEAD_TIMEOUT_ENV = f"{ENV_PREFIX}HEAD_TIMEOUT"
+# uvicorn is given the class by import path: with --workers N it pickles its config for the
+# worker processes, and each worker imports the class (and reads the timeout) itself
+PROTOCOL_PATH = "histolite.serve.protocol:BoundedH11Protocol"
+
+
+def head_timeout_from_env() -> float:
+    """``HISTOLITE_HEAD_TIMEOUT`` (as ``ServeSettings.to_env`` writes it), else the default."""
+    try:
+        value = float(os.environ.get(HEAD_TIMEOUT_ENV) or HEAD_TIMEOUT_S)
+    except ValueError:
+        return HEAD_TIMEOUT_S
+    return value if value > 0 else HEAD_TIMEOUT_S
 
 
 class BoundedH11Protocol(H11Protocol):
     """:class:`H11Protocol` that closes connections slow to send a request head."""
 
-    head_timeout_s = HEAD_TIMEOUT_S
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.head_timeout_s = head_timeout_from_env()
         self._head_deadline: asyncio.TimerHandle | None = None
 
     def _in_request(self) -> bool:
@@ -57,8 +72,3 @@ class BoundedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
-
-
-def bounded_protocol(head_timeout_s: float) -> type[BoundedH11Protocol]:
-    """The protocol class with its own head deadline (uvicorn takes a class, not an instance)."""
-    return type("BoundedH11Protocol", (BoundedH11Protocol,), {"head_timeout_s": head_timeout_s})

@@ -460,3 +460,55 @@ def test_the_configured_pixel_limit_applies_rather_than_pillows(decodes: list[st
     with pytest.raises(DecodeAttempted):
         decode_rgb(_png_header(10000, 9500), "big.png", max_pixels=100_000_000)
     assert decodes == ["pillow load"]
+
+
+def _png_chunk(kind: bytes, data: bytes = b"") -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+@pytest.mark.parametrize(("kind", "count"), [(b"abCd", 1_001), (b"IDAT", 50_001)])
+def test_png_padded_with_chunks_is_refused_before_decoding(
+    kind: bytes, count: int, decodes: list[str]
+) -> None:
+    """2 million empty chunks in a 24 MB upload cost Pillow 12 s inside a prediction slot."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 100, 150)).save(buffer, "PNG")
+    png = buffer.getvalue()
+    padded = png[:33] + _png_chunk(kind) * count + png[33:]  # after IHDR (8 + 25 bytes)
+    with pytest.raises(DecodeBudgetExceeded, match=r"x\.png: a PNG of more than 50,000 chunks"):
+        decode_rgb(padded, "x.png")
+    assert decodes == []
+
+
+def test_png_with_a_few_text_chunks_decodes() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 100, 150)).save(buffer, "PNG")
+    png = buffer.getvalue()
+    few = png[:33] + _png_chunk(b"tEXt", b"a\0b") * 20 + png[33:]
+    assert decode_rgb(few, "few.png").shape == (16, 16, 3)
+
+
+def test_tiff_page_count_is_not_walked_to_refuse_a_second_page(
+    decodes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """len(pages) walked a crafted chain of 4 million empty pages for 8 s before refusing."""
+
+    def walk_all(pages: object) -> int:
+        raise AssertionError("every page was walked to count them")
+
+    monkeypatch.setattr(tifffile.TiffPages, "__len__", walk_all)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.full((16, 16, 3), 200, np.uint8), photometric="rgb")
+    data = bytearray(buffer.getvalue())
+    first = struct.unpack_from("<I", data, 4)[0]
+    next_field = first + 2 + 12 * struct.unpack_from("<H", data, first)[0]
+    start = len(data) + len(data) % 2
+    data += b"\0" * (start - len(data))
+    struct.pack_into("<I", data, next_field, start)
+    pages = 1_000
+    for i in range(pages):  # empty directories, each pointing at the next
+        data += struct.pack("<HI", 0, start + 6 * (i + 1) if i + 1 < pages else 0)
+    with pytest.raises(UnsupportedImage, match=r"chain\.tif: a TIFF of several pages"):
+        decode_rgb(bytes(data), "chain.tif", max_pixels=60_000_000)
+    assert decodes == []

@@ -86,6 +86,18 @@ def test_calibration_is_fitted_on_validation_and_applied_by_evaluate(
         assert key in report["calibration_metrics"] and key in report["calibration_ci95"]
     assert (tmp_path / "eval" / "reliability.png").is_file()
     assert (tmp_path / "eval" / "accuracy_coverage.png").is_file()
+    # the validation-fitted abstention threshold, applied to the held-out images as served
+    assert spec.abstain_below is not None
+    rows = predict(load_run(calibrated), test, progress=False)
+    index = np.unique(rows.image_index)
+    per_image = np.stack([rows.probs[rows.image_index == i].mean(axis=0) for i in index])
+    labels = np.array([test[i].label for i in index])
+    answered = per_image.max(axis=1) >= spec.abstain_below
+    at = report["calibration"]["at_threshold"]
+    assert (at["n"], at["answered"]) == (len(index), int(answered.sum()))
+    if answered.any():
+        right = per_image.argmax(axis=1) == labels
+        assert at["accuracy_answered"] == pytest.approx(right[answered].mean())
 
 
 def test_export_serves_the_calibrated_probabilities(calibrated: Path, tmp_path: Path) -> None:
@@ -140,6 +152,29 @@ def test_calibrate_needs_a_validation_split(calibrated: Path, tmp_path: Path) ->
     rows = (run / "split.csv").read_text().splitlines()
     (run / "split.csv").write_text("\n".join(r for r in rows if not r.endswith(",val")) + "\n")
     with pytest.raises(HistoliteError, match=r"no validation images.*never on test"):
+        calibrate_run(run, progress=False)
+
+
+def test_calibration_without_validation_errors_is_refused(
+    calibrated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every validation answer right the NLL falls as T -> 0: T once stopped at 0.16 and
+    every served answer read 1.0, so abstention meant nothing."""
+    from dataclasses import replace
+
+    import histolite.evaluate.calibration as calibration
+
+    real = calibration.predict
+
+    def all_right(*args: object, **kwargs: object) -> object:
+        preds = real(*args, **kwargs)  # type: ignore[arg-type]
+        logits = np.eye(preds.probs.shape[1])[preds.labels] * 3.0
+        return replace(preds, logits=logits)
+
+    run = tmp_path / "run"
+    shutil.copytree(calibrated, run)
+    monkeypatch.setattr(calibration, "predict", all_right)
+    with pytest.raises(HistoliteError, match=r"validation images are classified right"):
         calibrate_run(run, progress=False)
 
 

@@ -201,21 +201,23 @@ def test_a_body_trickling_under_the_stall_timeout_is_cut_off_in_all(
     assert [kwargs["total_timeout"] for kwargs in wired] == [7.5]
 
 
-def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(repository: Path, tmp_path: Path) -> None:
+def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(
+    repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Slowloris: uvicorn held a connection that dribbled its headers for as long as it liked."""
     import uvicorn
 
-    from histolite.serve.protocol import BoundedH11Protocol
+    from histolite.serve.protocol import PROTOCOL_PATH
 
-    class Quick(BoundedH11Protocol):
-        head_timeout_s = 0.5
-
-    app = create_app(ServeSettings(model_dir=repository, audit_db=None))
+    settings = ServeSettings(model_dir=repository, audit_db=None, head_timeout=0.5)
+    for name, value in settings.to_env().items():  # as `histolite serve` hands them on
+        monkeypatch.setenv(name, value)
+    app = create_app(settings)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, http=Quick, log_level="warning")
+        uvicorn.Config(app, host="127.0.0.1", port=port, http=PROTOCOL_PATH, log_level="warning")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -245,6 +247,22 @@ def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(repository: Path, tmp_p
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_the_service_config_pickles_for_worker_processes() -> None:
+    """`serve --workers 2` crashed: uvicorn pickles its config, and a class made with type()
+    does not pickle."""
+    import pickle
+
+    import uvicorn
+
+    from histolite.serve.protocol import PROTOCOL_PATH, BoundedH11Protocol
+
+    config = uvicorn.Config(
+        "histolite.serve.app:create_app_from_env", factory=True, http=PROTOCOL_PATH, workers=2
+    )
+    restored = pickle.loads(pickle.dumps(config))
+    assert uvicorn.importer.import_from_string(restored.http) is BoundedH11Protocol
 
 
 def _slide_service(repository: Path, tmp_path: Path, **settings: object) -> TestClient:

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from fastapi.testclient import TestClient
@@ -105,3 +106,44 @@ def test_unrequestable_urls_through_the_api_are_audited_422s(
     with sqlite3.connect(tmp_path / "audit.db") as db:
         outcomes = [row[0] for row in db.execute("SELECT outcome FROM audit ORDER BY id")]
     assert outcomes == ["rejected 422"] * len(UNREQUESTABLE)
+
+
+class _ServeImage(BaseHTTPRequestHandler):
+    hosts: ClassVar[list[str | None]] = []
+
+    def do_GET(self) -> None:
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 100, 150)).save(buffer, "PNG")
+        _ServeImage.hosts.append(self.headers.get("Host"))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(buffer.getvalue())))
+        self.end_headers()
+        self.wfile.write(buffer.getvalue())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_an_international_host_name_is_asked_for_in_punycode() -> None:
+    """The Unicode name went into the Host header and failed with UnicodeEncodeError."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ServeImage)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    asked: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return ["127.0.0.1"]
+
+    try:
+        port = server.server_address[1]
+        fetcher = UrlFetcher(timeout=5, allow_private=True, resolver=resolver)
+        data = asyncio.run(fetcher.fetch(f"http://bücher.test:{port}/a.png"))
+    finally:
+        server.shutdown()
+    assert data.startswith(b"\x89PNG")
+    assert asked == ["xn--bcher-kva.test"] and _ServeImage.hosts == [f"xn--bcher-kva.test:{port}"]

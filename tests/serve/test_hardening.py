@@ -333,6 +333,29 @@ def test_a_failed_batch_is_audited_once_with_its_outcome(
     assert rows[1][2] == rows[2][2] == good.json()["request_id"]
 
 
+def test_empty_path_options_turn_the_feature_off(
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    run_cli: Callable[[list[str]], tuple[int, str, str]],
+) -> None:
+    """typer made --slide-root '' into Path('.'): slide jobs over the working directory."""
+    import os
+
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
+    monkeypatch.chdir(tmp_path)
+    for field in ServeSettings.model_fields:  # serve exports them all; undone after the test
+        monkeypatch.delenv(f"HISTOLITE_{field.upper()}", raising=False)
+    args = ["serve", str(model_dir), "--audit-db", "", "--slide-root", "", "--jobs-dir", ""]
+    code, _, err = run_cli(args)
+    assert code == 0, err
+    for name in ("AUDIT_DB", "SLIDE_ROOT", "JOBS_DIR"):
+        assert os.environ[f"HISTOLITE_{name}"] == "", name
+    assert not (tmp_path / "histolite_audit.sqlite").exists()
+
+
 def _audited(model_dir: Path, tmp_path: Path, synthetic_dir: Path, n: int = 5) -> Path:
     with _client(model_dir, tmp_path) as c:
         for _ in range(n):
