@@ -153,6 +153,7 @@ def serve(
         proxy_headers=forwarded_allow_ips is not None,
         forwarded_allow_ips=forwarded_allow_ips,
         timeout_graceful_shutdown=shutdown_timeout,
+        limit_concurrency=settings.max_connections,  # more: 503, before any body is read
     )
 
 

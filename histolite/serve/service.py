@@ -21,7 +21,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from histolite.data.images import decode_rgb
+from histolite.data.images import ImageTooLarge, decode_rgb
 from histolite.errors import DataError
 from histolite.runtime.cam import CamGrid
 from histolite.serve.audit import AuditLog, AuditUnavailable, Entry, load_audit_key
@@ -136,11 +136,26 @@ class PredictionService:
         raise ClientError(415, "send multipart/form-data (field 'files') or JSON {\"url\": ...}")
 
     def classify(
-        self, entry: ModelEntry, data: bytes, filename: str | None, client: str | None
+        self,
+        entry: ModelEntry,
+        data: bytes,
+        filename: str | None,
+        client: str | None,
+        pixels_left: int | None = None,
     ) -> dict[str, Any]:
+        """One image's answer; ``pixels_left`` of the request's budget bound its size too."""
         started = time.perf_counter()
+        limit = self.settings.max_pixels
+        if pixels_left is not None and pixels_left < limit:
+            if pixels_left < 1:
+                raise ClientError(413, self._request_budget_message(filename))
+            limit = pixels_left
         try:
-            pixels = decode_rgb(data, filename or "upload", max_pixels=self.settings.max_pixels)
+            pixels = decode_rgb(data, filename or "upload", max_pixels=limit)
+        except ImageTooLarge as exc:
+            if limit < self.settings.max_pixels:  # refused by the request's budget, not its own
+                raise ClientError(413, f"{self._request_budget_message(filename)} ({exc})") from exc
+            raise ClientError(client_status(exc), str(exc)) from exc
         except DataError as exc:
             raise ClientError(client_status(exc), str(exc)) from exc
         classes = entry.model.classes
@@ -196,6 +211,13 @@ class PredictionService:
         result["time_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return result
 
+    def _request_budget_message(self, filename: str | None) -> str:
+        total = self.settings.max_request_pixels
+        return (
+            f"{filename or 'upload'}: the request's images together exceed {total:,} pixels "
+            "(HISTOLITE_MAX_REQUEST_PIXELS); send them in several requests"
+        )
+
     async def predict(self, request: Request, entry: ModelEntry) -> JSONResponse:
         """Classify every image of the request, then audit the request as one unit.
 
@@ -207,12 +229,20 @@ class PredictionService:
         request_id = uuid.uuid4().hex
         try:
             items = await self.read_images(request)
-            results = [
-                await anyio.to_thread.run_sync(
-                    self.classify, entry, data, name, client, limiter=self._prediction_slots()
+            results = []
+            pixels_left = self.settings.max_request_pixels
+            for data, name in items:
+                result = await anyio.to_thread.run_sync(
+                    self.classify,
+                    entry,
+                    data,
+                    name,
+                    client,
+                    pixels_left,
+                    limiter=self._prediction_slots(),
                 )
-                for data, name in items
-            ]
+                pixels_left -= result["image_size"]["height"] * result["image_size"]["width"]
+                results.append(result)
         except ClientError as exc:
             await run_in_threadpool(self._audit_rejected, request_id, client, entry, exc)
             request.scope[AUDITED] = True
@@ -240,14 +270,16 @@ class PredictionService:
             request.scope[AUDITED] = True
         for result in results:
             self.metrics.observe_prediction(result["class"])
-        # plain JSON types already: skip FastAPI's jsonable_encoder pass over the patch grid
-        return JSONResponse(
+        # plain JSON types already: skip FastAPI's jsonable_encoder pass over the patch grid,
+        # and render in a thread: a fine patch grid of a large image is megabytes of JSON
+        return await run_in_threadpool(
+            JSONResponse,
             {
                 "request_id": request_id,
                 "model": entry.name,
                 "model_version": entry.version,
                 "predictions": results,
-            }
+            },
         )
 
     def _audit_rejected(

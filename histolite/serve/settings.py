@@ -44,6 +44,19 @@ class ServeSettings(BaseSettings):
     max_pixels: int = Field(
         default=60_000_000, ge=1, description="largest image accepted (width x height), else 413"
     )
+    max_request_pixels: int = Field(
+        default=120_000_000,
+        ge=1,
+        description="pixels of all the images of one request together, else 413: bounds the "
+        "work one request holds a prediction slot for (16 images of the largest size would be "
+        "minutes)",
+    )
+    max_connections: int = Field(
+        default=64,
+        ge=1,
+        description="open connections and requests per worker, else 503 (uploads are read into "
+        "memory before they wait for a slot: at most this x max_request_bytes)",
+    )
     url_timeout: float = Field(default=10.0, gt=0, description="seconds for an image URL fetch")
     allow_private_urls: bool = Field(
         default=False, description="fetch URLs on private addresses (loopback tests only)"

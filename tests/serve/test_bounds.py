@@ -16,6 +16,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -415,3 +416,36 @@ def test_refusals_the_routes_cannot_see_are_audited(
     outcomes = [outcome for outcome, _ in rows]
     assert "rejected 413" in outcomes and "rejected 404" in outcomes and "error 500" in outcomes
     assert not any("/no/such/path" in (detail or "") for _, detail in rows)
+
+
+def test_a_request_s_images_share_one_pixel_budget(repository: Path, tmp_path: Path) -> None:
+    """Each image was bounded alone: 16 of the largest in one request held a slot for minutes."""
+    settings = ServeSettings(
+        model_dir=repository, audit_db=tmp_path / "audit.db", max_request_pixels=2 * 64 * 64 + 10
+    )
+    rng = np.random.default_rng(0)
+    tile = _png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    files = [("files", (f"t{i}.png", tile, "image/png")) for i in range(3)]
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/v1/predict", files=files[:2]).status_code == 200
+        refused = client.post("/v1/predict", files=files)
+    assert refused.status_code == 413
+    detail = refused.json()["detail"]
+    assert detail.startswith("t2.png: the request's images together exceed 8,202 pixels")
+    assert "HISTOLITE_MAX_REQUEST_PIXELS" in detail
+    assert _audit_rows(tmp_path)[-1][0] == "rejected 413"
+
+
+def test_serve_bounds_connections_per_worker(
+    repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Any
+) -> None:
+    import uvicorn
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: seen.update(kw))
+    for field in ServeSettings.model_fields:  # serve exports them all; undone after the test
+        monkeypatch.delenv(f"HISTOLITE_{field.upper()}", raising=False)
+    monkeypatch.setenv("HISTOLITE_MAX_CONNECTIONS", "12")
+    code, _, err = run_cli(["serve", str(repository), "--audit-db", ""])
+    assert code == 0, err
+    assert seen["limit_concurrency"] == 12

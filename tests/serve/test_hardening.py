@@ -550,7 +550,7 @@ def test_animations_and_multi_page_files_are_refused() -> None:
         decode_rgb(buffer.getvalue(), "anim.png")
     pages = io.BytesIO()
     tifffile.imwrite(pages, np.zeros((2, 16, 16, 3), np.uint8), photometric="rgb")
-    with pytest.raises(UnsupportedImage, match="2 pages"):
+    with pytest.raises(UnsupportedImage, match="a TIFF of several pages"):
         decode_rgb(pages.getvalue(), "pages.tif")
 
 
