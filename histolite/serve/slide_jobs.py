@@ -72,6 +72,10 @@ class JobBudgetExceeded(HistoliteError):
     """A job went over its time or tile budget (it fails, and is not run again)."""
 
 
+class ServiceStopping(HistoliteError):
+    """The service is shutting down: the running job stops and is queued for the next start."""
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -162,6 +166,7 @@ class SlideJobs:
         self.root = settings.slide_root.resolve()
         settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._pool = ThreadPoolExecutor(
             max_workers=settings.max_running, thread_name_prefix="slide-job"
         )
@@ -338,6 +343,13 @@ class SlideJobs:
         """The worker: every outcome ends the job, done or failed, and audited."""
         try:
             self._work(job_id)
+        except ServiceStopping:
+            # a graceful stop (a deploy) is not a crash: not an attempt, queued for next start
+            with self._lock:
+                job = self._jobs[job_id]
+                job.update(status="queued", attempts=max(int(job.get("attempts", 1)) - 1, 0))
+                with contextlib.suppress(OSError):
+                    self._save(job)
         except Exception as exc:  # anything at all: a job must never stay "running"
             reason = self._public(_one_line(exc))
             with self._lock:
@@ -351,12 +363,24 @@ class SlideJobs:
             self.refresh_disk_bytes()  # its results are written: the gauge follows
 
     def _work(self, job_id: str) -> None:
+        if self._stopping.is_set():
+            raise ServiceStopping("the service is stopping")
+        # the quota was checked on submit, but jobs queued together may fill it since
+        used = self.refresh_disk_bytes()
+        if used >= self.settings.disk_quota_bytes:
+            raise JobBudgetExceeded(
+                f"slide job results use {used / 1e6:.0f} MB of their "
+                f"{self.settings.disk_quota_bytes / 1e6:.0f} MB quota; submit it again once "
+                "older results expire"
+            )
         attempts = int(self._snapshot(job_id).get("attempts", 0)) + 1
         job = self._update(job_id, status="running", started=_now(), attempts=attempts)
         entry = self.repository.get(job["model"], job["version"])
         deadline = time.monotonic() + self.settings.max_seconds
 
         def check() -> None:
+            if self._stopping.is_set():
+                raise ServiceStopping("the service is stopping")
             if time.monotonic() > deadline:
                 raise JobBudgetExceeded(
                     f"the job ran past its {self.settings.max_seconds:g} s budget"
@@ -504,4 +528,6 @@ class SlideJobs:
         ]
 
     def close(self) -> None:
+        """Stop: queued jobs stay queued on disk, a running one stops at its next check."""
+        self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)

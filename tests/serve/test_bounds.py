@@ -449,3 +449,57 @@ def test_serve_bounds_connections_per_worker(
     code, _, err = run_cli(["serve", str(repository), "--audit-db", ""])
     assert code == 0, err
     assert seen["limit_concurrency"] == 12
+
+
+def test_jobs_queued_together_cannot_fill_the_disk_past_the_quota(
+    repository: Path, tmp_path: Path, synthetic_dir: Path
+) -> None:
+    """The quota was checked on submit only: 8 queued jobs could each write past it."""
+    tiles = [[np.asarray(Image.open(p)) for p in sorted((synthetic_dir / "tumor").iterdir())[:3]]]
+    mosaic_slide(tmp_path / "slides" / "s1.tif", tiles, mpp=0.5)
+    with _slide_service(repository, tmp_path, slide_jobs_disk_quota_mb=1) as c:
+        jobs = c.app.state.service.jobs  # type: ignore[attr-defined]
+        gate = threading.Event()
+        original = jobs._run
+        jobs._run = lambda job_id: (gate.wait(30), original(job_id))
+        job = c.post("/v1/slides", json={"slide": "s1.tif", "model": "tiles"}).json()["id"]
+        (tmp_path / "jobs" / "ballast").write_bytes(b"\0" * (2 * 1024**2))  # filled meanwhile
+        gate.set()
+        state = _wait(c, job)
+    assert state["status"] == "failed" and "MB quota" in state["error"]
+
+
+def test_a_graceful_stop_queues_the_running_job_again_without_an_attempt(
+    repository: Path, tmp_path: Path, synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two deploys while a job ran once failed it as a poison job (stopped its worker twice)."""
+    import histolite.serve.slide_jobs as slide_jobs
+
+    tiles = [[np.asarray(Image.open(p)) for p in sorted((synthetic_dir / "tumor").iterdir())[:3]]]
+    mosaic_slide(tmp_path / "slides" / "s1.tif", tiles, mpp=0.5)
+    entered, release = threading.Event(), threading.Event()
+    real = slide_jobs.classify_slide
+
+    def held(*args: Any, check: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        check()  # its next check after the service began to stop
+        return real(*args, check=check, **kwargs)
+
+    monkeypatch.setattr(slide_jobs, "classify_slide", held)
+    with _slide_service(repository, tmp_path) as c:
+        job = c.post("/v1/slides", json={"slide": "s1.tif", "model": "tiles"}).json()["id"]
+        assert entered.wait(30)
+    release.set()  # the service has stopped (lifespan shutdown)
+    state_file = tmp_path / "jobs" / job / "job.json"
+    for _ in range(100):
+        saved = json.loads(state_file.read_text())
+        if saved["status"] != "running":
+            break
+        time.sleep(0.1)
+    assert saved["status"] == "queued" and saved["attempts"] == 0
+    monkeypatch.setattr(slide_jobs, "classify_slide", real)
+    with _slide_service(repository, tmp_path) as c:
+        state = _wait(c, job)
+    assert state["status"] == "done", state.get("error")
+    assert json.loads(state_file.read_text())["attempts"] == 1
