@@ -426,12 +426,16 @@ def slide_source(prepared: AnnotatedSlide) -> dict[str, Any]:
     }
 
 
+# a progress file's name after the slide stem: unsharded, or shard I of N
+_PROGRESS_SUFFIX = r"(?:\.\d+-of-\d+)?\.json"
+
+
 def _progress_files(dataset: TileDataset, stem: str) -> list[Path]:
     """Every progress record of one slide: unsharded and each shard of any shard count."""
     folder = dataset.root / ".progress"
     if not folder.is_dir():
         return []
-    pattern = re.compile(re.escape(stem) + r"(\.\d+-of-\d+)?\.json")
+    pattern = re.compile(re.escape(stem) + _PROGRESS_SUFFIX)
     return sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name))
 
 
@@ -488,7 +492,7 @@ def _recorded_stems(dataset: TileDataset) -> list[str]:
     if not folder.is_dir():
         return []
     names = (p.name for p in folder.glob("*.json") if p.name != "settings.json")
-    return sorted({re.sub(r"(\.\d+-of-\d+)?\.json$", "", name) for name in names})
+    return sorted({re.sub(_PROGRESS_SUFFIX + "$", "", name) for name in names})
 
 
 def cut_tiles(
