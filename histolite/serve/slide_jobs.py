@@ -352,13 +352,14 @@ class SlideJobs:
                     self._save(job)
         except Exception as exc:  # anything at all: a job must never stay "running"
             reason = self._public(_one_line(exc))
+            ending = {"status": "failed", "finished": _now(), "error": reason}
+            # audited before it is shown: a client that sees "failed" finds it in the log
+            self._audit({**self._snapshot(job_id), **ending}, "failed", reason)
             with self._lock:
                 job = self._jobs[job_id]
-                job.update(status="failed", finished=_now(), error=reason)
+                job.update(ending)
                 with contextlib.suppress(OSError):  # unsaved: a restart runs it again
                     self._save(job)
-                job = dict(job)
-            self._audit(job, "failed", reason)
         finally:
             self.refresh_disk_bytes()  # its results are written: the gauge follows
 
@@ -415,18 +416,23 @@ class SlideJobs:
                 "a job may classify"
             ) from exc
         counts = summary["class_counts"]
-        job = self._update(
-            job_id,
-            status="done",
-            finished=_now(),
-            result={
+        ending = {
+            "status": "done",
+            "finished": _now(),
+            "result": {
                 "tiles": summary["tiles"],
                 "tissue_area_mm2": summary["tissue_area_mm2"],
                 "class_counts": counts,
             },
-        )
+        }
         top = max(counts, key=counts.get) if summary["tiles"] else "no tissue"
-        self._audit(job, "done", f"{summary['tiles']} tiles; most tiles: {top}")
+        # audited before it is shown: a client that sees "done" finds it in the log
+        self._audit(
+            {**self._snapshot(job_id), **ending},
+            "done",
+            f"{summary['tiles']} tiles; most tiles: {top}",
+        )
+        self._update(job_id, **ending)
 
     def get(self, job_id: str) -> dict[str, Any]:
         """A copy of a job's state (the worker keeps updating the stored one).

@@ -81,6 +81,33 @@ def test_an_unexpected_error_fails_the_job_in_one_audited_line(
     )
 
 
+@pytest.mark.parametrize("crashes", [False, True], ids=["done", "failed"])
+def test_a_finished_job_is_in_the_audit_log_before_its_state_says_so(
+    settings: ServeSettings, monkeypatch: pytest.MonkeyPatch, crashes: bool
+) -> None:
+    """CI once read "failed" from the job page before the worker had written its audit row."""
+    if crashes:
+
+        def crash(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("disk full")
+
+        monkeypatch.setattr(slide_jobs, "classify_slide", crash)
+    with TestClient(create_app(settings)) as c:
+        audit = c.app.state.service.jobs.audit  # type: ignore[attr-defined]
+        record = audit.record_job
+
+        def slow_record(**kwargs: Any) -> None:
+            if kwargs["event"] != "submitted":
+                time.sleep(1.0)  # a busy log: the page must not run ahead of it
+            record(**kwargs)
+
+        monkeypatch.setattr(audit, "record_job", slow_record)
+        state = _finish(c, "case/s1.tif")
+        outcomes = [e[1] for e in _events(settings.audit_db) if e[0] == state["id"]]  # type: ignore[arg-type]
+    assert outcomes == ["submitted", state["status"]]
+    assert state["status"] == ("failed" if crashes else "done")
+
+
 def test_a_damaged_job_file_is_skipped_and_reported(
     settings: ServeSettings, caplog: pytest.LogCaptureFixture
 ) -> None:
