@@ -43,6 +43,28 @@ def write_json(target: str | Path, data: Any) -> Path:
     return write_text(target, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
+def write_json_once(target: str | Path, data: Any) -> Any:
+    """Write JSON to ``target`` unless it exists; return what ``target`` holds afterwards.
+
+    For a record several processes may create at once (shards started together): exactly one
+    write wins, the others read the winner's complete file instead of replacing it, so each can
+    compare it with its own.
+    """
+    target = Path(target)
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.link(tmp_name, target)  # atomic create-if-absent of a complete file
+    except FileExistsError:
+        return read_json(target)
+    finally:
+        os.unlink(tmp_name)
+    return data
+
+
 def read_json(path: str | Path) -> Any:
     """Read a JSON file, naming it in the error if it is missing or malformed."""
     from histolite.errors import HistoliteError

@@ -74,10 +74,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
             open_paths += ("/v1/models", "/v1/model", "/metrics", "/docs", "/openapi.json")
         app.add_middleware(RequireKey, key=settings.api_key, open_paths=open_paths)
     app.add_middleware(SecurityHeaders)
+    # every route with its path template, for requests refused before routing reaches them
+    routes = [r for r in app.routes if isinstance(getattr(r, "path", None), str)]
+    routes += [route for router in ROUTERS for route in router.routes]
     # outside the limit and the routes: audits their 413s, unknown-model 404s and 500s
-    app.add_middleware(AuditRejections, write=service.audit_request)
+    app.add_middleware(AuditRejections, write=service.audit_request, routes=routes)
     # outermost: sees every response, the BodyLimit 413s included
-    app.add_middleware(RequestMetrics, metrics=service.metrics)
+    app.add_middleware(RequestMetrics, metrics=service.metrics, routes=routes)
 
     @app.exception_handler(ClientError)
     async def client_error(request: Request, exc: ClientError) -> JSONResponse:

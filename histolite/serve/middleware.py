@@ -9,10 +9,11 @@ import asyncio
 import contextlib
 import hmac
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import anyio.to_thread
 from fastapi.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from histolite.data.images import ImageTooLarge, UnsupportedImage
@@ -90,12 +91,36 @@ class BodyLimit:
             await JSONResponse({"detail": str(exc)}, status_code=exc.status)(scope, receive, send)
 
 
+def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str | None:
+    """The path template of the route a request was, or would have been, routed to.
+
+    A request refused before routing (a 413 from its Content-Length, a 401) has no route in
+    its scope yet; matched here against ``routes`` (the app's, flattened: FastAPI's included
+    routers carry no path), it is counted and audited under its real route, not as an unknown
+    path. None for paths no route serves: their raw text never becomes a label.
+    """
+    route = scope.get("route")
+    if route is None:
+        partial = None  # the path matches but not the method: a 405, as the router picks
+        for candidate in routes:
+            match = candidate.matches(scope)[0]
+            if match is Match.FULL:
+                route = candidate
+                break
+            if match is Match.PARTIAL and partial is None:
+                partial = candidate
+        route = route or partial
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else None
+
+
 class RequestMetrics:
     """Pure ASGI middleware recording status and latency per route (no BaseHTTPMiddleware cost)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -113,8 +138,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, capture)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
+            path = route_template(scope, self.routes) or "unmatched"
             self.metrics.observe_request(
                 scope["method"], path, status, time.perf_counter() - started
             )
@@ -224,9 +248,12 @@ class AuditRejections:
     (random scanning would only grow the log).
     """
 
-    def __init__(self, app: ASGIApp, write: Callable[[Entry], None]) -> None:
+    def __init__(
+        self, app: ASGIApp, write: Callable[[Entry], None], routes: Sequence[BaseRoute] = ()
+    ) -> None:
         self.app = app
         self.write = write
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -245,7 +272,7 @@ class AuditRejections:
         except Exception:
             await self._audit(scope, 500, "unexpected server error")
             raise
-        route = getattr(scope.get("route"), "path", "")
+        route = route_template(scope, self.routes) or ""
         if scope.get(AUDITED):
             return
         refused = status >= 400 and status != 401  # unauthenticated noise is not audited

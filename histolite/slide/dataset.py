@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from histolite.data.registry import SLIDE_TILE_COLUMNS
 from histolite.errors import DataError, HistoliteWarning
-from histolite.fileio import atomic_path, file_sha256, read_json, write_json
+from histolite.fileio import atomic_path, file_sha256, read_json, write_json, write_json_once
 from histolite.slide.annotations import (
     Reason,
     SlideAnnotations,
@@ -393,23 +393,33 @@ def _finished(
     return cut
 
 
-def require_same_settings(dataset: TileDataset, settings: TileCutSettings) -> None:
-    """A dataset folder holds tiles of one setting: refuse to mix in tiles cut otherwise."""
+def claim_folder(dataset: TileDataset, settings: TileCutSettings) -> None:
+    """Record the settings a dataset folder's tiles are cut with, or check them if recorded.
+
+    A folder holds tiles of one setting; tiles cut otherwise are refused, not mixed in. The
+    record is created atomically, so shards started together on a fresh folder agree on it
+    instead of one refusing the folder the other has just begun.
+    """
     recorded = dataset.root / ".progress" / "settings.json"
-    if recorded.is_file():
-        earlier = read_json(recorded)
-        if earlier != settings.fingerprint():
-            differing = sorted(
-                k for k in settings.fingerprint() if earlier.get(k) != settings.fingerprint()[k]
-            )
-            raise DataError(
-                f"{dataset.root}: holds tiles cut with other settings ({', '.join(differing)} "
-                "differ); use a new --out folder, or delete this one to start again"
-            )
-    elif dataset.root.is_dir() and any(dataset.root.iterdir()):
+    # ".progress" alone: a shard started with this one is creating the record
+    if (
+        not recorded.is_file()
+        and dataset.root.is_dir()
+        and any(p.name != ".progress" for p in dataset.root.iterdir())
+    ):
         raise DataError(
             f"{dataset.root}: not empty and not a tile dataset written by `histolite slide "
             "tiles`; choose a new or empty --out folder"
+        )
+    wanted = settings.fingerprint()
+    earlier = write_json_once(recorded, wanted)
+    if earlier != wanted:
+        if not isinstance(earlier, dict):
+            raise DataError(f"{recorded}: damaged (expected a JSON object of tile settings)")
+        differing = sorted(k for k in wanted if earlier.get(k) != wanted[k])
+        raise DataError(
+            f"{dataset.root}: holds tiles cut with other settings ({', '.join(differing)} "
+            "differ); use a new --out folder, or delete this one to start again"
         )
 
 
@@ -510,14 +520,13 @@ def cut_tiles(
     """
     dataset = TileDataset(out)
     prepared = prepare_slides(slides, annotations, settings)
-    require_same_settings(dataset, settings)
+    claim_folder(dataset, settings)
     sources = [slide_source(item) for item in prepared]
     # every name clash is refused before any tile is deleted or written
     stale = [
         _stale_records(dataset, item.path.stem, source)
         for item, source in zip(prepared, sources, strict=True)
     ]
-    write_json(dataset.root / ".progress" / "settings.json", settings.fingerprint())
     for item, source, old in zip(prepared, sources, stale, strict=True):
         if old:
             _delete_stale(dataset, item.path.stem, old)

@@ -418,6 +418,25 @@ def test_refusals_the_routes_cannot_see_are_audited(
     assert not any("/no/such/path" in (detail or "") for _, detail in rows)
 
 
+def test_requests_refused_before_routing_count_under_their_route(
+    repository: Path, tmp_path: Path
+) -> None:
+    """A 413 from Content-Length was counted and audited as path "unmatched", so a dashboard
+    never saw /v1/predict refusing uploads."""
+    settings = ServeSettings(
+        model_dir=repository, audit_db=tmp_path / "audit.db", max_request_bytes=2048
+    )
+    with TestClient(create_app(settings)) as c:
+        assert c.post("/v1/predict", content=b"x" * 5000).status_code == 413
+        assert c.get("/v1/predict").status_code == 405  # the route, with the wrong method
+        assert c.get("/no/such/path").status_code == 404
+        metrics = c.get("/metrics").text
+    assert 'histolite_requests_total{method="POST",path="/v1/predict",status="413"} 1' in metrics
+    assert 'path="/v1/predict",status="405"' in metrics
+    assert 'path="unmatched",status="404"' in metrics and "/no/such/path" not in metrics
+    assert ("rejected 413", "POST /v1/predict") in _audit_rows(tmp_path)
+
+
 def test_a_request_s_images_share_one_pixel_budget(repository: Path, tmp_path: Path) -> None:
     """Each image was bounded alone: 16 of the largest in one request held a slot for minutes."""
     settings = ServeSettings(

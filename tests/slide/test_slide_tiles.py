@@ -19,7 +19,9 @@ from PIL import Image
 from histolite.config import DataConfig
 from histolite.data.split_policy import load_split
 from histolite.errors import DataError, HistoliteWarning
-from histolite.slide.dataset import TileCutSettings, cut_tiles
+from histolite.fileio import write_json_once
+from histolite.slide.dataset import TileCutSettings, claim_folder, cut_tiles
+from histolite.slide.layout import TileDataset
 from histolite.slide.pyramid import write_pyramidal_tiff
 from histolite.slide.reader import SlideError
 
@@ -282,6 +284,39 @@ def test_edited_annotations_recut_and_a_same_named_slide_is_refused(
     with pytest.raises(DataError, match=r"slide named 'case_a' cut from .*another slide"):
         cut_tiles([other], edited, out, settings, progress=False)
     assert {p.relative_to(out).as_posix() for p in out.glob("*/*.png")} == on_disk
+
+
+def test_shards_started_together_on_a_fresh_folder_agree_on_its_settings(
+    annotated: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A shard that found ".progress" just made by its twin refused the folder as foreign; and
+    two runs that both found it fresh could each record their own settings."""
+    slide, notes = annotated
+    out = tmp_path / "ds"
+    (out / ".progress").mkdir(parents=True)  # shard 0/2 has begun its record, nothing more
+    settings = TileCutSettings(tile_um=32.0, tile_px=64, min_tissue=0.0)
+    cut_tiles([slide], notes, out, replace(settings, shard=(1, 2)), progress=False)
+    recorded = json.loads((out / ".progress" / "settings.json").read_text())
+    assert recorded == settings.fingerprint()
+    # a run with other settings that got past the fresh-folder check at the same moment
+    other = replace(settings, tile_um=48.0)
+    with pytest.raises(DataError, match=r"other settings \(tile_um differ"):
+        claim_folder(TileDataset(out), other)
+    assert json.loads((out / ".progress" / "settings.json").read_text()) == recorded
+    # anything besides ".progress" is still another program's folder
+    foreign = tmp_path / "foreign"
+    (foreign / ".progress").mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not a tile dataset"):
+        cut_tiles([slide], notes, foreign, settings, progress=False)
+
+
+def test_write_json_once_keeps_the_first_record(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "record.json"
+    assert write_json_once(target, {"a": 1}) == {"a": 1}
+    assert write_json_once(target, {"a": 2}) == {"a": 1}  # the winner's, unchanged
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["record.json"]  # no temporary left
 
 
 def test_the_listing_keeps_slides_cut_by_earlier_runs(
