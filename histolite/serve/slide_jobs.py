@@ -499,13 +499,27 @@ class SlideJobs:
         return len(old)
 
     def gauges(self) -> list[Gauge]:
-        """Job counts by status, disk use against the quota, results expired (for /metrics)."""
+        """Job counts by status, the longest run, disk use against the quota, results expired
+        (for /metrics)."""
         with self._lock:
             counts = Counter(job["status"] for job in self._jobs.values())
+            running = [j.get("started") for j in self._jobs.values() if j["status"] == "running"]
+        now = _dt.datetime.now(_dt.timezone.utc)
+        ages = [0.0]
+        for started in running:
+            with contextlib.suppress(ValueError):
+                ages.append((now - _parse_time(started, "started")).total_seconds())
         return [
             *(
                 ("histolite_slide_jobs", "Slide jobs by status.", (("status", s),), float(n))
                 for s, n in sorted(counts.items())
+            ),
+            (
+                "histolite_slide_jobs_longest_running_seconds",
+                # past the job budget: stuck in a read the budget cannot interrupt
+                "Seconds since the longest-running slide job started (0: none running).",
+                (),
+                max(ages),
             ),
             (
                 "histolite_slide_jobs_disk_bytes",

@@ -344,3 +344,27 @@ def test_damaged_times_and_counters_are_skipped_not_fatal(
     for job_id in (words, naive, counter):  # kept on disk for someone to look at
         assert (folder / job_id / "job.json").is_file()
     assert queue(retention_hours=24.0).expired == 1  # and retention runs past them
+
+
+def test_a_job_stuck_past_its_budget_shows_in_the_longest_running_gauge(
+    queue: Callable[..., SlideJobs], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget is checked between reads: one read that hangs (a stalled network share) is
+    not interrupted, so the operator needs the job's age to alert on."""
+    gate = threading.Event()
+    monkeypatch.setattr(slide_jobs, "classify_slide", lambda *a, **k: gate.wait(30))
+    two_minutes_ago = datetime.now(timezone.utc) - timedelta(minutes=2)
+    monkeypatch.setattr(slide_jobs, "_now", lambda: two_minutes_ago.isoformat(timespec="seconds"))
+    jobs = queue()
+
+    def longest() -> float:
+        gauges = {g[0]: g[3] for g in jobs.gauges()}
+        return gauges["histolite_slide_jobs_longest_running_seconds"]
+
+    assert longest() == 0.0
+    job = jobs.submit("s.tif", None, None, None)
+    deadline = time.monotonic() + 10
+    while jobs.get(job["id"])["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert 120.0 <= longest() < 180.0
+    gate.set()
