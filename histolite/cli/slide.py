@@ -269,6 +269,12 @@ def slide_tiles(
     mpp: float | None = typer.Option(
         None, "--mpp", help="Microns per pixel, for slides whose files do not record it."
     ),
+    annotation_origin: str = typer.Option(
+        "bounds",
+        "--annotation-origin",
+        help="Where GeoJSON coordinates start on slides with OpenSlide bounds (MIRAX): "
+        "'bounds' (QuPath) or 'level0' (tools that read the full level 0). ASAP XML is level 0.",
+    ),
     shard: str = typer.Option("0/1", "--shard", help="I/N: cut the I-th of N shares."),
     seed: int = typer.Option(0, help="Seed of the per-slide cap's draw."),
     progress: bool = typer.Option(True, help="Show progress bars."),
@@ -300,6 +306,7 @@ def slide_tiles(
         holes=tuple(h.strip() for h in holes.split(",") if h.strip()) if holes else (),
         mpp=mpp,
         seed=seed,
+        annotation_origin=annotation_origin,
         shard=parse_shard(shard),
     )
 
@@ -337,6 +344,12 @@ def slide_evaluate(
     holes: str | None = typer.Option(
         None, "--holes", help="Classes cut out of all others (CAMELYON16 XML: '_2')."
     ),
+    annotation_origin: str = typer.Option(
+        "bounds",
+        "--annotation-origin",
+        help="Where GeoJSON coordinates start on slides with OpenSlide bounds (MIRAX): "
+        "'bounds' (QuPath) or 'level0' (tools that read the full level 0). ASAP XML is level 0.",
+    ),
 ) -> None:
     """Score slide predictions against annotations: tile accuracy, per-class F1, Dice."""
     from histolite.slide.dataset import parse_class_mapping
@@ -349,6 +362,7 @@ def slide_evaluate(
         min_coverage=min_coverage,
         mapping=dict(parse_class_mapping(classes)) if classes else None,
         holes=tuple(h.strip() for h in holes.split(",") if h.strip()) if holes else (),
+        annotation_origin=annotation_origin,
     )
     interval = report["accuracy_ci95"]
     slides = len(report["slides"])

@@ -172,8 +172,10 @@ class SlideAnnotations:
             )
             raise DataError(
                 f"{self.source}: annotations lie entirely outside the {width} x {height} slide "
-                f"({boxes}); is this the annotation file of another slide, or does the slide "
-                "need a bounds offset (MIRAX and other slides with openslide.bounds-x/y)?"
+                f"({boxes}); is this the annotation file of another slide? On a slide with "
+                "OpenSlide bounds (MIRAX), GeoJSON is read as QuPath writes it, from the "
+                "corner of the bounds; GeoJSON measured from the level-0 corner needs "
+                "--annotation-origin level0"
             )
         bounds: dict[str, np.ndarray] = {}
         clipped = 0
@@ -235,6 +237,31 @@ class SlideAnnotations:
 
     def _bounds(self, name: str) -> np.ndarray:
         return self.feature_bounds.get(name, np.zeros((0, 4)))
+
+
+# Where GeoJSON coordinates are measured from on slides with OpenSlide bounds (MIRAX):
+# "bounds" (the corner QuPath shows, the default) or "level0" (the full level-0 corner).
+ANNOTATION_ORIGINS = ("bounds", "level0")
+
+
+def geojson_offset(annotation_origin: str, slide_origin: tuple[int, int]) -> tuple[float, float]:
+    """What to add to GeoJSON coordinates to reach OpenSlide level 0.
+
+    QuPath measures from the corner of the OpenSlide bounds, so "bounds" adds the slide's
+    origin; GeoJSON written by tools that read the full level 0 needs "level0" (nothing added).
+    Slides without bounds have origin (0, 0), where both agree.
+
+    Raises:
+        DataError: ``annotation_origin`` is not one of :data:`ANNOTATION_ORIGINS`.
+    """
+    if annotation_origin not in ANNOTATION_ORIGINS:
+        raise DataError(
+            f"--annotation-origin {annotation_origin!r}: expected one of "
+            f"{', '.join(ANNOTATION_ORIGINS)}"
+        )
+    if annotation_origin == "level0":
+        return (0.0, 0.0)
+    return (float(slide_origin[0]), float(slide_origin[1]))
 
 
 def read_annotations(

@@ -41,6 +41,7 @@ from histolite.slide.annotations import (
     Reason,
     SlideAnnotations,
     annotation_file_for,
+    geojson_offset,
     label_by_coverage,
     read_annotations,
     unmatched_annotation_files,
@@ -72,6 +73,7 @@ class TileCutSettings:
     holes: tuple[str, ...] = ()
     mpp: float | None = None
     seed: int = 0
+    annotation_origin: str = "bounds"  # GeoJSON from the bounds corner (QuPath) or level 0
     shard: tuple[int, int] = field(default=(0, 1), compare=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +92,7 @@ class TileCutSettings:
         cap = self.max_per_class_per_slide
         if cap is not None and cap < 1:
             raise DataError(f"--max-per-class-per-slide {cap}: expected at least 1")
+        geojson_offset(self.annotation_origin, (0, 0))  # refuses an unknown choice
         names = [new for _, new in self.classes or ()]
         for name in [*names, *([self.background] if self.background else [])]:
             require_safe_class(name, "--classes / --background")
@@ -103,6 +106,8 @@ class TileCutSettings:
         """What decides the tiles: a dataset folder holds tiles of one fingerprint only."""
         values = asdict(self)
         values.pop("shard")
+        if values["annotation_origin"] == "bounds":  # folders cut before the choice existed
+            values.pop("annotation_origin")
         values["classes"] = [list(pair) for pair in self.classes] if self.classes else None
         values["holes"] = list(self.holes)
         return values
@@ -178,7 +183,9 @@ def prepare_slides(
         finally:
             slide.close()
         regions = read_annotations(
-            annotation_file_for(annotations, path), offset=info.origin, holes=settings.holes
+            annotation_file_for(annotations, path),
+            offset=geojson_offset(settings.annotation_origin, info.origin),
+            holes=settings.holes,
         ).check_inside(info.width, info.height)
         names = _dataset_names(regions, mapping)
         prepared.append(AnnotatedSlide(path, info, regions, names))
@@ -416,7 +423,7 @@ def claim_folder(dataset: TileDataset, settings: TileCutSettings) -> None:
     if earlier != wanted:
         if not isinstance(earlier, dict):
             raise DataError(f"{recorded}: damaged (expected a JSON object of tile settings)")
-        differing = sorted(k for k in wanted if earlier.get(k) != wanted[k])
+        differing = sorted(k for k in {*wanted, *earlier} if earlier.get(k) != wanted.get(k))
         raise DataError(
             f"{dataset.root}: holds tiles cut with other settings ({', '.join(differing)} "
             "differ); use a new --out folder, or delete this one to start again"

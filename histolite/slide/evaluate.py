@@ -32,6 +32,7 @@ from histolite.slide.annotations import (
     Reason,
     SlideAnnotations,
     annotation_file_for,
+    geojson_offset,
     label_by_coverage,
     read_annotations,
 )
@@ -85,6 +86,7 @@ def score_slide(
     min_coverage: float = 0.9,
     mapping: Mapping[str, str] | None = None,
     holes: Sequence[str] = (),
+    annotation_origin: str = "bounds",
 ) -> SlideScore:
     """Score one ``OUT/<stem>`` folder of ``slide infer`` against its annotation file."""
     outputs = SlideOutputs(slide_dir, slide_dir.name)
@@ -104,7 +106,7 @@ def score_slide(
     origin = summary.get("origin") or (0, 0)
     regions = read_annotations(
         annotation_file_for(annotations, slide),
-        offset=(float(origin[0]), float(origin[1])),
+        offset=geojson_offset(annotation_origin, (int(origin[0]), int(origin[1]))),
         holes=holes,
     ).check_inside(int(summary["width"]), int(summary["height"]))
     regions = _model_regions(regions, classes, mapping)
@@ -191,6 +193,7 @@ def evaluate_slides(
     min_coverage: float = 0.9,
     mapping: Mapping[str, str] | None = None,
     holes: Sequence[str] = (),
+    annotation_origin: str = "bounds",
 ) -> dict[str, Any]:
     """Score every slide folder, then write ``OUT/report.json``, ``classification_report.csv``,
     ``predictions.csv`` (one row per evaluated tile), ``slides.csv`` and
@@ -205,8 +208,16 @@ def evaluate_slides(
     if not slide_dirs:
         raise DataError("no slide folders given (the OUT/<stem> folders of `slide infer`)")
     classes = _shared_classes(slide_dirs)
+    geojson_offset(annotation_origin, (0, 0))  # an unknown choice is refused before any work
     scores = [
-        score_slide(d, annotations, min_coverage=min_coverage, mapping=mapping, holes=holes)
+        score_slide(
+            d,
+            annotations,
+            min_coverage=min_coverage,
+            mapping=mapping,
+            holes=holes,
+            annotation_origin=annotation_origin,
+        )
         for d in slide_dirs
     ]
     truth = np.concatenate([s.truth for s in scores])

@@ -30,7 +30,9 @@ def _polygon(box: tuple[int, int, int, int], name: str) -> dict:
     }
 
 
-def _inferred(out: Path, stem: str, predict: Callable[[int], str]) -> Path:
+def _inferred(
+    out: Path, stem: str, predict: Callable[[int], str], origin: tuple[int, int] = (0, 0)
+) -> Path:
     """An OUT/<stem> folder as `slide infer` writes it: 8 x 8 tiles, class by column."""
     folder = out / stem
     folder.mkdir(parents=True)
@@ -52,7 +54,7 @@ def _inferred(out: Path, stem: str, predict: Callable[[int], str]) -> Path:
         "width": SIDE,
         "height": SIDE,
         "mpp": 0.5,
-        "origin": [0, 0],
+        "origin": list(origin),
         "classes": CLASSES,
         "tile_px_level0": TILE,
         "overlap": 0.0,
@@ -118,6 +120,31 @@ def test_several_slides_pool_tiles_and_areas(tmp_path: Path, run_cli: Callable) 
         report["accuracy_ci95"]["warning"]
     )
     assert "88 tiles in 2 slide(s)" in out and "Dice: A" in out
+
+
+def test_geojson_measured_from_level_0_on_a_bounded_slide(
+    tmp_path: Path, run_cli: Callable
+) -> None:
+    """A slide whose OpenSlide bounds start 64 px in (MIRAX): QuPath's GeoJSON is measured
+    from the bounds corner (the default adds 64); GeoJSON of the full level 0 must not be."""
+    folder = _inferred(tmp_path / "infer", "s1", lambda x: "A" if x < 256 else "B", (64, 0))
+    _notes(tmp_path / "notes", "s1")  # drawn in level-0 coordinates
+    as_qupath = evaluate_slides([folder], tmp_path / "notes", tmp_path / "bounds")
+    # read as QuPath's: A spans x 64..320, so the tiles at x = 256 are truth A, predicted B
+    assert as_qupath["accuracy"] < 1.0
+    code, _, err = run_cli(
+        ["slide", "evaluate", str(folder), "--annotations", str(tmp_path / "notes"),
+         "--out", str(tmp_path / "level0"), "--annotation-origin", "level0"]
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "level0" / "report.json").read_text())
+    assert report["accuracy"] == 1.0 and report["n"] == 32 + 12
+    code, _, err = run_cli(
+        ["slide", "evaluate", str(folder), "--annotations", str(tmp_path / "notes"),
+         "--out", str(tmp_path / "typo"), "--annotation-origin", "level-0"]
+    )  # fmt: skip
+    assert code != 0 and "--annotation-origin 'level-0': expected one of bounds, level0" in err
+    assert not (tmp_path / "typo").exists()
 
 
 def test_annotation_class_not_in_the_model_is_refused(tmp_path: Path) -> None:

@@ -311,6 +311,24 @@ def test_shards_started_together_on_a_fresh_folder_agree_on_its_settings(
         cut_tiles([slide], notes, foreign, settings, progress=False)
 
 
+def test_the_annotation_origin_is_part_of_the_settings_and_old_folders_resume(
+    annotated: tuple[Path, Path], tmp_path: Path
+) -> None:
+    settings = TileCutSettings(tile_um=32.0, tile_px=64, min_tissue=0.0)
+    # folders cut before the choice existed recorded no key: the default must still match them
+    assert "annotation_origin" not in settings.fingerprint()
+    level0 = replace(settings, annotation_origin="level0")
+    assert level0.fingerprint()["annotation_origin"] == "level0"
+    with pytest.raises(DataError, match="--annotation-origin 'qupath': expected one of"):
+        replace(settings, annotation_origin="qupath")
+    slide, notes = annotated
+    for first, second in ((settings, level0), (level0, settings)):
+        out = tmp_path / f"ds_{first.annotation_origin}"
+        cut_tiles([slide], notes, out, first, progress=False)  # no bounds: both cut alike
+        with pytest.raises(DataError, match=r"other settings \(annotation_origin differ"):
+            cut_tiles([slide], notes, out, second, progress=False)
+
+
 def test_write_json_once_keeps_the_first_record(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "record.json"
     assert write_json_once(target, {"a": 1}) == {"a": 1}
