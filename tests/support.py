@@ -4,13 +4,20 @@
 - datasets: ``make_breakhis`` / ``make_idc`` / ``make_bach`` / ``make_nct`` / ``make_kather`` write
   tiny copies of public datasets' exact folder layouts and file names (random pixels);
 - serving: ``train_small_run`` / ``export_small_model`` give a small exported model;
-- real data: ``KATHER_DIR`` / ``kather_available`` for the developers' Kather tiles.
+- real data: ``KATHER_DIR`` / ``kather_available`` for the developers' Kather tiles;
+- live servers: ``running_uvicorn`` serves an app on a real socket in a thread.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -212,3 +219,37 @@ def mosaic_slide(
                 canvas[r * side : (r + 1) * side, c * side : (c + 1) * side] = tile
     level0 = canvas.repeat(upsample, axis=0).repeat(upsample, axis=1)
     return write_pyramidal_tiff(path, level0, mpp / upsample, levels=2, tile=64)
+
+
+@contextmanager
+def running_uvicorn(app: Any, **config: Any) -> Iterator[tuple[str, Any]]:
+    """Serve ``app`` with uvicorn in a thread; yields ``(base_url, server)``.
+
+    The socket is bound here and handed to uvicorn, so no other process can take the port
+    between choosing it and listening on it (xdist workers start servers at once). Start-up
+    and shutdown are waited for and asserted: a server that never started fails here, not in
+    the test's first request, and none keeps running into the next test.
+    """
+    import uvicorn
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config.setdefault("log_level", "warning")
+    config.setdefault("timeout_graceful_shutdown", 1)  # open slow requests: cut, not awaited
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **config))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive(), "uvicorn stopped before it started (see its log)"
+            assert time.monotonic() < deadline, "uvicorn did not start within 60 s"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+    assert not thread.is_alive(), "uvicorn did not stop within 30 s"

@@ -350,18 +350,22 @@ class SlideJobs:
                 job.update(status="queued", attempts=max(int(job.get("attempts", 1)) - 1, 0))
                 with contextlib.suppress(OSError):
                     self._save(job)
+            self.refresh_disk_bytes()
         except Exception as exc:  # anything at all: a job must never stay "running"
             reason = self._public(_one_line(exc))
-            ending = {"status": "failed", "finished": _now(), "error": reason}
-            # audited before it is shown: a client that sees "failed" finds it in the log
-            self._audit({**self._snapshot(job_id), **ending}, "failed", reason)
-            with self._lock:
-                job = self._jobs[job_id]
-                job.update(ending)
-                with contextlib.suppress(OSError):  # unsaved: a restart runs it again
-                    self._save(job)
-        finally:
-            self.refresh_disk_bytes()  # its results are written: the gauge follows
+            self._end(job_id, {"status": "failed", "error": reason}, reason)
+
+    def _end(self, job_id: str, ending: dict[str, Any], detail: str) -> None:
+        """Publish a job's end, logged and measured first: a client that sees "done" or
+        "failed" finds the audit row, and the disk gauge counts the job's files."""
+        ending = {**ending, "finished": _now()}
+        final = {**self._snapshot(job_id), **ending}
+        self._audit(final, ending["status"], detail)
+        with self._lock, contextlib.suppress(OSError):  # unsaved: a restart runs it again
+            self._save(final)
+        self.refresh_disk_bytes()
+        with self._lock:
+            self._jobs[job_id].update(ending)
 
     def _work(self, job_id: str) -> None:
         if self._stopping.is_set():
@@ -416,23 +420,17 @@ class SlideJobs:
                 "a job may classify"
             ) from exc
         counts = summary["class_counts"]
-        ending = {
-            "status": "done",
-            "finished": _now(),
-            "result": {
-                "tiles": summary["tiles"],
-                "tissue_area_mm2": summary["tissue_area_mm2"],
-                "class_counts": counts,
-            },
+        result = {
+            "tiles": summary["tiles"],
+            "tissue_area_mm2": summary["tissue_area_mm2"],
+            "class_counts": counts,
         }
         top = max(counts, key=counts.get) if summary["tiles"] else "no tissue"
-        # audited before it is shown: a client that sees "done" finds it in the log
-        self._audit(
-            {**self._snapshot(job_id), **ending},
-            "done",
+        self._end(
+            job_id,
+            {"status": "done", "result": result},
             f"{summary['tiles']} tiles; most tiles: {top}",
         )
-        self._update(job_id, **ending)
 
     def get(self, job_id: str) -> dict[str, Any]:
         """A copy of a job's state (the worker keeps updating the stored one).

@@ -85,7 +85,8 @@ def test_an_unexpected_error_fails_the_job_in_one_audited_line(
 def test_a_finished_job_is_in_the_audit_log_before_its_state_says_so(
     settings: ServeSettings, monkeypatch: pytest.MonkeyPatch, crashes: bool
 ) -> None:
-    """CI once read "failed" from the job page before the worker had written its audit row."""
+    """CI once read "failed" from the job page before the worker had written its audit row;
+    the disk gauge was walked after the end was shown as well."""
     if crashes:
 
         def crash(*args: object, **kwargs: object) -> None:
@@ -102,8 +103,18 @@ def test_a_finished_job_is_in_the_audit_log_before_its_state_says_so(
             record(**kwargs)
 
         monkeypatch.setattr(audit, "record_job", slow_record)
+        jobs = c.app.state.service.jobs  # type: ignore[attr-defined]
+        walk = jobs.disk_bytes
+
+        def slow_walk() -> int:
+            time.sleep(0.5)  # a big results folder: the page must not run ahead of the gauge
+            return walk()
+
+        monkeypatch.setattr(jobs, "disk_bytes", slow_walk)
         state = _finish(c, "case/s1.tif")
         outcomes = [e[1] for e in _events(settings.audit_db) if e[0] == state["id"]]  # type: ignore[arg-type]
+        gauge = {g[0]: g[3] for g in jobs.gauges()}["histolite_slide_jobs_disk_bytes"]
+        assert gauge == walk()  # every file of the ended job, its final state file included
     assert outcomes == ["submitted", state["status"]]
     assert state["status"] == ("failed" if crashes else "done")
 
@@ -284,7 +295,7 @@ def test_gauges_report_the_last_walk_and_never_walk_themselves(
 
     def work(self: SlideJobs, job_id: str) -> None:  # the job writes its results
         (self.settings.jobs_dir / job_id / "tiles.csv").write_bytes(b"\0" * 5000)
-        self._update(job_id, status="done", finished=slide_jobs._now())
+        self._end(job_id, {"status": "done"}, "fake")
 
     monkeypatch.setattr(SlideJobs, "disk_bytes", counted)
     monkeypatch.setattr(SlideJobs, "_work", work)
