@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from support import running_uvicorn
 
 from histolite.serve.app import ServeSettings, create_app
 
@@ -49,31 +47,10 @@ CHROMIUM_ARGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve(model_dir: Path, root: Path) -> Iterator[str]:
-    import uvicorn
-
     app = create_app(ServeSettings(model_dir=model_dir, audit_db=root / "audit.sqlite"))
-    port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield url
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with running_uvicorn(app) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
