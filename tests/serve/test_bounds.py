@@ -11,18 +11,22 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import select
 import socket
 import sqlite3
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from support import mosaic_slide
+from support import mosaic_slide, running_uvicorn
 
 from histolite.serve.app import ServeSettings, create_app
 from histolite.serve.fetch import is_public_address
@@ -73,7 +77,29 @@ def test_deeply_nested_json_is_a_422_not_a_500(repository: Path, tmp_path: Path)
     assert outcomes == ["rejected 422", "rejected 422"]
 
 
-def test_names_are_checked_first_and_never_echoed_whole(repository: Path, tmp_path: Path) -> None:
+def test_names_are_checked_first_and_never_echoed_whole(
+    repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 600 KB name of "a/a/a/..." spent 18.5 s in Path.resolve: a refused name must never
+    reach the file system (spied, not timed), and the refusal never echoes it whole."""
+    deep_name, long_name, no_suffix_name, control_name = (
+        "a/" * 7000 + "x.tif",
+        "a" * 256 + ".tif",
+        "b" * 10_000,
+        "a\x01.tif",
+    )
+    refused = (deep_name, long_name, no_suffix_name, control_name)
+    resolved: list[str] = []  # every path resolved while the requests ran
+    real_resolve, real_realpath = Path.resolve, os.path.realpath
+
+    def resolve(self: Path, *args: Any, **kwargs: Any) -> Path:
+        resolved.append(str(self))
+        return real_resolve(self, *args, **kwargs)
+
+    def realpath(path: Any, *args: Any, **kwargs: Any) -> Any:
+        resolved.append(os.fsdecode(path) if isinstance(path, (str, bytes)) else str(path))
+        return real_realpath(path, *args, **kwargs)
+
     settings = ServeSettings(
         model_dir=repository,
         audit_db=tmp_path / "audit.db",
@@ -82,16 +108,18 @@ def test_names_are_checked_first_and_never_echoed_whole(repository: Path, tmp_pa
     )
     (tmp_path / "slides").mkdir()
     with TestClient(create_app(settings)) as c:
-        started = time.perf_counter()
-        deep = c.post("/v1/slides", json={"slide": "a/" * 7000 + "x.tif", "model": "tiles"})
+        monkeypatch.setattr(Path, "resolve", resolve)  # after start-up: its own paths resolve
+        monkeypatch.setattr(os.path, "realpath", realpath)  # what Path.resolve spends time in
+        deep = c.post("/v1/slides", json={"slide": deep_name, "model": "tiles"})
         assert deep.status_code == 422 and len(deep.text) < 400
-        assert time.perf_counter() - started < 2.0  # 18.5 s in Path.resolve before
-        long = c.post("/v1/slides", json={"slide": "a" * 256 + ".tif", "model": "tiles"})
+        long = c.post("/v1/slides", json={"slide": long_name, "model": "tiles"})
         assert long.status_code == 422  # was a 500: ENAMETOOLONG
-        no_suffix = c.post("/v1/slides", json={"slide": "b" * 10_000, "model": "tiles"})
+        no_suffix = c.post("/v1/slides", json={"slide": no_suffix_name, "model": "tiles"})
         assert no_suffix.status_code == 422 and len(no_suffix.text) < 400
-        control = c.post("/v1/slides", json={"slide": "a\x01.tif", "model": "tiles"})
+        control = c.post("/v1/slides", json={"slide": control_name, "model": "tiles"})
         assert control.status_code == 422
+        touched = [name[:40] for name in refused if any(name in path for path in resolved)]
+        assert touched == [], "refused slide names reached Path.resolve (18.5 s before)"
         model = c.post("/v1/models/" + "m" * 7_000 + "/predict", files={"files": ("a", b"x")})
         assert model.status_code == 404 and len(model.text) < 400
 
@@ -160,17 +188,28 @@ def test_a_stalled_body_is_a_408(repository: Path, tmp_path: Path) -> None:
         responses.append(message)
 
     limited = BodyLimit(app, limit=1000, read_timeout=0.2)  # type: ignore[arg-type]
-    started = time.perf_counter()
     asyncio.run(limited({"type": "http", "headers": []}, receive, send))  # type: ignore[arg-type]
-    assert responses[0]["status"] == 408 and time.perf_counter() - started < 2.0
+    # without the stall timeout the body would end after 10 s, and the app answer 200
+    assert responses[0]["status"] == 408
+    assert b"stalled for more than 0.2 s" in responses[1]["body"]
 
 
 def test_a_body_trickling_under_the_stall_timeout_is_cut_off_in_all(
-    repository: Path, tmp_path: Path
+    repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Review finding I: a byte every 29 s never tripped the 30 s stall timeout, so the
-    request was held for as long as the client liked; the body now has a deadline in all."""
+    request was held for as long as the client liked; the body now has a deadline in all.
+
+    The middleware's clock is a fake one that each chunk advances by 1 s (3 s is a stall), so
+    the cut comes after exactly 5 chunks, whatever the machine's load.
+    """
+    import histolite.serve.middleware as middleware
     from histolite.serve.middleware import BodyLimit
+
+    clock = 0.0  # only BodyLimit's deadlines read it; asyncio keeps the real clock
+    monkeypatch.setattr(
+        middleware, "time", SimpleNamespace(monotonic=lambda: clock, perf_counter=time.perf_counter)
+    )
 
     async def app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
         while (await receive()).get("more_body"):
@@ -181,21 +220,22 @@ def test_a_body_trickling_under_the_stall_timeout_is_cut_off_in_all(
     chunks = 0
 
     async def receive() -> dict:
-        nonlocal chunks
-        await asyncio.sleep(0.05)  # well within the stall timeout, and never done
+        nonlocal chunks, clock
+        clock += 1.0  # a byte a second: well within the 3 s stall timeout
         chunks += 1
-        return {"type": "http.request", "body": b"x", "more_body": True}
+        # done only after 50 s: without the deadline in all the app answers 200
+        return {"type": "http.request", "body": b"x", "more_body": chunks < 50}
 
     responses: list[dict] = []
 
     async def send(message: dict) -> None:
         responses.append(message)
 
-    limited = BodyLimit(app, limit=10**6, read_timeout=1.0, total_timeout=0.5)  # type: ignore[arg-type]
-    started = time.perf_counter()
+    limited = BodyLimit(app, limit=10**6, read_timeout=3.0, total_timeout=5.0)  # type: ignore[arg-type]
     asyncio.run(limited({"type": "http", "headers": []}, receive, send))  # type: ignore[arg-type]
-    assert responses[0]["status"] == 408 and time.perf_counter() - started < 1.5
-    assert b"more than 0.5 s in all" in responses[1]["body"] and chunks >= 5
+    assert responses[0]["status"] == 408
+    assert b"more than 5 s in all (5 bytes received)" in responses[1]["body"]
+    assert chunks == 5  # 5 s of chunks, then the deadline: not one more asked for
     # the setting reaches the middleware
     settings = ServeSettings(model_dir=repository, audit_db=None, body_total_timeout=7.5)
     wired = [m.kwargs for m in create_app(settings).user_middleware if m.cls is BodyLimit]
@@ -205,49 +245,49 @@ def test_a_body_trickling_under_the_stall_timeout_is_cut_off_in_all(
 def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(
     repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Slowloris: uvicorn held a connection that dribbled its headers for as long as it liked."""
-    import uvicorn
+    """Slowloris: uvicorn held a connection that dribbled its headers for as long as it liked.
 
-    from histolite.serve.protocol import PROTOCOL_PATH
+    The head goes a byte every 0.05 s at least, so all of it takes 8 s or more, 16 times the
+    0.5 s head timeout set here: the server must close the connection before the head is
+    complete, which no wall-clock bound needs to say. 8 s is less than the 10 s default, so
+    a server that ignored the setting would read the whole head too.
+    """
+    from histolite.serve.protocol import HEAD_TIMEOUT_S, PROTOCOL_PATH
 
     settings = ServeSettings(model_dir=repository, audit_db=None, head_timeout=0.5)
     for name, value in settings.to_env().items():  # as `histolite serve` hands them on
         monkeypatch.setenv(name, value)
-    app = create_app(settings)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, http=PROTOCOL_PATH, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.05)
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
-            started, closed = time.perf_counter(), False
-            for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200:
+    pause = 0.05  # s, at least, between two bytes of the head
+    size = int(0.8 * HEAD_TIMEOUT_S / pause)  # 160 bytes: 8 s or more
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: "
+    head += b"a" * (size - len(head) - 4) + b"\r\n\r\n"
+    assert len(head) * pause >= 16 * settings.head_timeout
+    with running_uvicorn(create_app(settings), http=PROTOCOL_PATH) as (base_url, _):
+        address = ("127.0.0.1", urlsplit(base_url).port)
+        with socket.create_connection(address, timeout=5) as slow:
+            sent, closed, answer = 0, False, b""
+            while sent < len(head):
                 try:
-                    slow.send(bytes([byte]))
-                except OSError:
+                    slow.send(head[sent : sent + 1])
+                except OSError:  # the reset from the closed end
                     closed = True
                     break
-                time.sleep(0.05)
-                if time.perf_counter() - started > 3:
+                sent += 1
+                # the pause between bytes, cut short by anything from the server
+                if select.select([slow], [], [], pause)[0]:
+                    try:
+                        answer = slow.recv(1000)
+                    except OSError:  # reset
+                        answer = b""
+                    closed = answer == b""  # end of stream; else the server answered
                     break
-            if not closed:
-                slow.settimeout(2)
-                closed = slow.recv(1) == b""
-            assert closed and time.perf_counter() - started < 3
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as quick:
+            assert closed and sent < len(head), (
+                f"after {sent} of the head's {len(head)} bytes the connection was "
+                f"{'closed' if closed else 'open'}; the server sent {answer[:60]!r}"
+            )
+        with socket.create_connection(address, timeout=5) as quick:
             quick.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert b"200 OK" in quick.recv(1000)  # a normal request is not affected
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_the_service_config_pickles_for_worker_processes() -> None:
