@@ -20,7 +20,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\\]")  # control characters, backslashe
 PENDING = ("queued", "running")
 JOB_KEYS = ("id", "slide", "model", "version", "status", "created")
 EXPIRE_EVERY_S = 60.0  # lookups run retention at most this often (it lists every job)
+CLOSE_WAIT_S = 10.0  # how long a stop waits for the running job to reach its next check
 LOG = logging.getLogger(__name__)
 
 
@@ -170,6 +172,7 @@ class SlideJobs:
         self._pool = ThreadPoolExecutor(
             max_workers=settings.max_running, thread_name_prefix="slide-job"
         )
+        self._futures: set[Future[None]] = set()  # submitted and not ended: close waits for them
         self._jobs: dict[str, dict[str, Any]] = {}
         self.broken: dict[str, str] = {}  # job folder -> why its state was not loaded
         for path in sorted(settings.jobs_dir.glob("*/job.json")):
@@ -205,7 +208,17 @@ class SlideJobs:
                 continue
             job["status"], job["restarted"] = "queued", job.get("restarted", 0) + 1
             self._save(job)
-            self._pool.submit(self._run, job["id"])
+            self._start(job["id"])
+
+    def _start(self, job_id: str) -> None:
+        future = self._pool.submit(self._run, job_id)
+        with self._lock:
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+
+    def _forget(self, future: Future[None]) -> None:
+        with self._lock:
+            self._futures.discard(future)
 
     def _save(self, job: dict[str, Any]) -> None:
         write_json(self.settings.jobs_dir / job["id"] / "job.json", job)
@@ -305,7 +318,7 @@ class SlideJobs:
             # route turns this one into JSON
             view = dict(job)
         self._audit(view, "submitted")
-        self._pool.submit(self._run, view["id"])
+        self._start(view["id"])
         return view
 
     def _audit(self, job: dict[str, Any], event: str, detail: str | None = None) -> None:
@@ -545,7 +558,15 @@ class SlideJobs:
             ),
         ]
 
-    def close(self) -> None:
-        """Stop: queued jobs stay queued on disk, a running one stops at its next check."""
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Stop: queued jobs stay queued on disk, a running one stops at its next check.
+
+        Waits up to ``wait_s`` for the running job to get there and save its state, so the
+        audit log closed after this is not written to any more; a job stuck in one read is
+        not waited for longer (a restart queues it again).
+        """
         self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            running = list(self._futures)
+        wait_for(running, timeout=wait_s)

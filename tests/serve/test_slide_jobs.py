@@ -379,3 +379,26 @@ def test_a_job_stuck_past_its_budget_shows_in_the_longest_running_gauge(
         time.sleep(0.02)
     assert 120.0 <= longest() < 180.0
     gate.set()
+
+
+def test_a_stop_waits_for_the_running_job_to_save_its_state(
+    settings: ServeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() returned at once: the audit log was closed under a job still running, and
+    job.json said "running" after the service had stopped (so the restart counted an attempt
+    against a job that a deploy, not a crash, had interrupted)."""
+    started = threading.Event()
+
+    def classify(*args: Any, check: Callable[[], None], **kwargs: Any) -> None:
+        started.set()
+        while True:  # a long slide: the budget and the stop are checked between batches
+            time.sleep(0.3)
+            check()
+
+    monkeypatch.setattr(slide_jobs, "classify_slide", classify)
+    with TestClient(create_app(settings)) as c:
+        job = c.post("/v1/slides", json={"slide": "case/s1.tif", "model": "tiles"}).json()["id"]
+        assert started.wait(30)
+    assert settings.jobs_dir is not None
+    state = json.loads((settings.jobs_dir / job / "job.json").read_text())
+    assert state["status"] == "queued" and state["attempts"] == 0
