@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,8 +77,10 @@ def test_upload_shows_class_bars_and_heatmap(
         try:
             page = browser.new_page()
             page.goto(server)
-            page.wait_for_function(
-                "document.getElementById('model-line').textContent.startsWith('Model')"
+            # locator waits, not wait_for_function: a string predicate that has to be polled
+            # is eval'd in the page, which the page's CSP (no 'unsafe-eval') refuses
+            playwright_api.expect(page.locator("#model-line")).to_have_text(
+                re.compile(r"^Model"), timeout=20_000
             )
             page.set_input_files("#file-input", str(tile))
             result = page.wait_for_selector("article.result", timeout=20_000)
@@ -122,7 +125,7 @@ def test_model_picker_and_attention_heatmap_of_a_bag_model(
         try:
             page = browser.new_page()
             page.goto(repository_server)
-            page.wait_for_function("document.querySelectorAll('#model-select option').length > 0")
+            page.locator("#model-select option").first.wait_for(state="attached", timeout=20_000)
             options = page.eval_on_selector_all(
                 "#model-select option", "els => els.map(e => e.value)"
             )
