@@ -558,15 +558,15 @@ class SlideJobs:
             ),
         ]
 
-    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+    def close(self, wait_s: float | None = None) -> None:
         """Stop: queued jobs stay queued on disk, a running one stops at its next check.
 
-        Waits up to ``wait_s`` for the running job to get there and save its state, so the
-        audit log closed after this is not written to any more; a job stuck in one read is
-        not waited for longer (a restart queues it again).
+        Waits up to ``wait_s`` (default :data:`CLOSE_WAIT_S`) for the running job to get
+        there and save its state, so the audit log closed after this is not written to any
+        more; a job stuck in one read is not waited for longer (a restart queues it again).
         """
         self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             running = list(self._futures)
-        wait_for(running, timeout=wait_s)
+        wait_for(running, timeout=CLOSE_WAIT_S if wait_s is None else wait_s)

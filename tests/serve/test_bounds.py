@@ -546,6 +546,8 @@ def test_a_graceful_stop_queues_the_running_job_again_without_an_attempt(
         return real(*args, check=check, **kwargs)
 
     monkeypatch.setattr(slide_jobs, "classify_slide", held)
+    # held past the stop's wait: the stop gives up on it, and it re-queues when it gets there
+    monkeypatch.setattr(slide_jobs, "CLOSE_WAIT_S", 0.2)
     with _slide_service(repository, tmp_path) as c:
         job = c.post("/v1/slides", json={"slide": "s1.tif", "model": "tiles"}).json()["id"]
         assert entered.wait(30)
